@@ -1,0 +1,101 @@
+"""Tensor codec between numpy arrays (torch tensors accepted) and the wire `Tensor` message."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from cosserve.v1 import cosserve_pb2 as pb
+
+__all__ = [
+    "NUMPY_DTYPES",
+    "as_numpy",
+    "chunks",
+    "from_wire",
+    "nbytes_of",
+    "to_wire",
+]
+
+# Wire dtype enum -> numpy dtype (little-endian); bfloat16 comes from ml_dtypes.
+NUMPY_DTYPES: dict[int, np.dtype] = {
+    pb.BOOL: np.dtype(np.bool_),
+    pb.UINT8: np.dtype("<u1"),
+    pb.INT8: np.dtype("<i1"),
+    pb.INT16: np.dtype("<i2"),
+    pb.INT32: np.dtype("<i4"),
+    pb.INT64: np.dtype("<i8"),
+    pb.FLOAT16: np.dtype("<f2"),
+    pb.BFLOAT16: np.dtype(ml_dtypes.bfloat16),
+    pb.FLOAT32: np.dtype("<f4"),
+    pb.FLOAT64: np.dtype("<f8"),
+}
+_WIRE_DTYPES: dict[np.dtype, int] = {dt: code for code, dt in NUMPY_DTYPES.items()}
+
+
+def as_numpy(value: Any) -> np.ndarray:
+    """Return `value` (numpy array, torch tensor, or array-like) as a C-ordered little-endian array."""
+    if type(value).__module__.startswith("torch"):
+        value = _torch_to_numpy(value)
+    array = np.asarray(value)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    if array.dtype not in _WIRE_DTYPES:
+        supported = ", ".join(sorted(str(d) for d in _WIRE_DTYPES))
+        raise TypeError(f"dtype {array.dtype} is not supported; use one of {supported}")
+    return np.ascontiguousarray(array)
+
+
+def _torch_to_numpy(tensor: Any) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    if str(tensor.dtype) == "torch.bfloat16":
+        # numpy has no bfloat16: reinterpret the bits (int16 view keeps shape and strides).
+        import torch  # only reached when the caller already uses torch
+
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def wire_dtype(dtype: np.dtype) -> int:
+    return _WIRE_DTYPES[np.dtype(dtype)]
+
+
+def nbytes_of(dtype_code: int, shape: Sequence[int]) -> int:
+    """Byte size of a tensor; ValueError for an unknown dtype or a negative dimension."""
+    if dtype_code not in NUMPY_DTYPES:
+        raise ValueError(f"unknown dtype code {dtype_code}")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"shape {tuple(shape)} has a negative dimension")
+    return math.prod(shape) * NUMPY_DTYPES[dtype_code].itemsize
+
+
+def to_wire(value: Any, out: pb.Tensor | None = None) -> pb.Tensor:
+    """Encode an array (or tensor) as a wire Tensor (into `out` when given)."""
+    array = as_numpy(value)
+    message = pb.Tensor() if out is None else out
+    message.dtype = wire_dtype(array.dtype)
+    message.shape[:] = array.shape
+    message.data = array.tobytes()
+    return message
+
+
+def from_wire(message: pb.Tensor) -> np.ndarray:
+    """Decode a wire Tensor into a numpy array (ValueError if the byte length is wrong)."""
+    return decode(message.dtype, message.shape, message.data)
+
+
+def decode(dtype_code: int, shape: Sequence[int], data: bytes | bytearray | memoryview) -> np.ndarray:
+    expected = nbytes_of(dtype_code, shape)
+    if len(data) != expected:
+        raise ValueError(f"tensor data has {len(data)} bytes, shape {tuple(shape)} needs {expected}")
+    return np.frombuffer(data, dtype=NUMPY_DTYPES[dtype_code]).reshape(tuple(shape))
+
+
+def chunks(array: np.ndarray, chunk_bytes: int) -> Iterator[memoryview]:
+    """Yield the array's bytes in slices of at most chunk_bytes (none for a zero-size array)."""
+    view = memoryview(array.reshape(-1).view(np.uint8))
+    for start in range(0, len(view), chunk_bytes):
+        yield view[start : start + chunk_bytes]

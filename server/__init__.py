@@ -1,0 +1,1 @@
+"""The cosserve server: session store, operator registry and the gRPC servicer (needs torch)."""

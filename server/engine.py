@@ -1,0 +1,225 @@
+"""Running operators: validation against the registry, all-or-nothing nets, one-shot compute
+and the finite-difference gradient check. No gRPC here."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from cosserve.server import ops as _ops  # noqa: F401  (fills the registry)
+from cosserve.server.codec import dtype_name
+from cosserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
+from cosserve.server.registry import REGISTRY, ArgType, InputKind, Operator
+from cosserve.server.workspace import Workspace
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "LABEL_DTYPES",
+    "OpCall",
+    "bind",
+    "check_gradient",
+    "compute",
+    "execute",
+    "run_net",
+]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LABEL_DTYPES = (torch.int32, torch.int64)
+ACCEPTED_DTYPES = {InputKind.FLOAT: FLOAT_DTYPES, InputKind.LABEL: LABEL_DTYPES}
+
+# The finite-difference check evaluates the op twice per input element.
+MAX_GRADIENT_CHECK_ELEMENTS = 20_000
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCall:
+    """One operator invocation, as the client sent it."""
+
+    type: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def bind(call: OpCall) -> tuple[Operator, dict[str, Any]]:
+    """Look the op up and check its input/output counts and arguments; return it with resolved args."""
+    op = REGISTRY.get(call.type)
+    if op is None:
+        close = difflib.get_close_matches(call.type, REGISTRY, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "; ListOperators lists the known ones"
+        raise InvalidArgument(f"unknown operator type {call.type!r}{hint}")
+    schema = op.schema
+    expected_inputs = [i.name for i in schema.inputs]
+    if len(call.inputs) != len(expected_inputs):
+        raise InvalidArgument(
+            f"{schema.name} takes {_plural(len(expected_inputs), 'input')} ({', '.join(expected_inputs)}), "
+            f"got {len(call.inputs)}: {list(call.inputs)}"
+        )
+    if len(call.outputs) != len(schema.outputs):
+        raise InvalidArgument(
+            f"{schema.name} takes {_plural(len(schema.outputs), 'output')} ({', '.join(schema.outputs)}), "
+            f"got {len(call.outputs)}: {list(call.outputs)}"
+        )
+    for name in (*call.inputs, *call.outputs):
+        if not name:
+            raise InvalidArgument(f"{schema.name}: blob names must not be empty")
+    resolved = {a.name: a.default for a in schema.args}
+    for name, value in call.args.items():
+        spec = schema.arg(name)
+        if spec is None:
+            known = ", ".join(a.name for a in schema.args) or "none"
+            raise InvalidArgument(f"{schema.name} has no argument {name!r} (its arguments: {known})")
+        resolved[name] = _coerce(schema.name, spec.name, spec.type, value)
+    return op, resolved
+
+
+def _coerce(op: str, name: str, kind: ArgType, value: Any) -> Any:
+    ok = {
+        ArgType.FLOAT: isinstance(value, (int, float)) and not isinstance(value, bool),
+        ArgType.INT: isinstance(value, int) and not isinstance(value, bool),
+        ArgType.BOOL: isinstance(value, bool),
+        ArgType.STRING: isinstance(value, str),
+    }[kind]
+    if not ok:
+        raise InvalidArgument(f"{op}: argument {name!r} must be {kind.value}, got {type(value).__name__} {value!r}")
+    return float(value) if kind is ArgType.FLOAT else value
+
+
+def check_inputs(op: Operator, names: Sequence[str], inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> None:
+    """Check input dtypes against the schema (floating inputs share one dtype), then shapes."""
+    schema = op.schema
+    float_dtype: tuple[str, torch.dtype] | None = None
+    for spec, name, tensor in zip(schema.inputs, names, inputs):
+        accepted = ACCEPTED_DTYPES[spec.kind]
+        if tensor.dtype not in accepted:
+            raise InvalidArgument(
+                f"{schema.name}: input {spec.name} (blob {name!r}) must be "
+                f"{' or '.join(dtype_name(d) for d in accepted)}, got {dtype_name(tensor.dtype)}"
+            )
+        if spec.kind is InputKind.FLOAT:
+            if float_dtype is None:
+                float_dtype = (name, tensor.dtype)
+            elif tensor.dtype != float_dtype[1]:
+                raise InvalidArgument(
+                    f"{schema.name}: input {spec.name} (blob {name!r}) is {dtype_name(tensor.dtype)}, but blob "
+                    f"{float_dtype[0]!r} is {dtype_name(float_dtype[1])}; floating inputs must share a dtype"
+                )
+    try:
+        op.check_shapes(inputs, args)
+    except InvalidArgument as err:
+        blobs = ", ".join(f"{s.name}={n!r} {tuple(t.shape)}" for s, n, t in zip(schema.inputs, names, inputs))
+        raise InvalidArgument(f"{err} (blobs: {blobs})") from None
+
+
+def _apply(op: Operator, names: Sequence[str], inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
+    check_inputs(op, names, inputs, args)
+    try:
+        outputs = list(op.impl(inputs, args))
+    except torch.OutOfMemoryError as err:
+        raise ResourceExhausted(f"{op.schema.name}: out of device memory: {err}") from None
+    except MemoryError:
+        raise ResourceExhausted(f"{op.schema.name}: out of host memory") from None
+    return outputs
+
+
+def execute(calls: Sequence[OpCall], blobs: dict[str, torch.Tensor], lookup: Any) -> dict[str, torch.Tensor]:
+    """Run `calls` in order on a copy of `blobs`; return the new mapping (the input is untouched)."""
+    staged = dict(blobs)
+    for position, call in enumerate(calls):
+        try:
+            op, args = bind(call)
+            inputs = [lookup(staged, name) for name in call.inputs]
+            outputs = _apply(op, call.inputs, inputs, args)
+        except (InvalidArgument, NotFound, ResourceExhausted) as err:
+            if len(calls) == 1:
+                raise
+            raise type(err)(f"op #{position} ({call.type}): {err}; nothing was changed") from None
+        staged.update(zip(call.outputs, outputs))
+    return staged
+
+
+def run_net(workspace: Workspace, calls: Sequence[OpCall]) -> None:
+    """Run operators on a session, all or nothing."""
+    with workspace.lock:
+        workspace.ensure_open()
+        workspace.commit(execute(calls, workspace.blobs, workspace.lookup))
+
+
+def compute(call: OpCall, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Run one operator on tensors given with the call; return its outputs in order."""
+
+    def lookup(blobs: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+        if name not in blobs:
+            raise NotFound(f"input blob {name!r} was not sent with the call")
+        return blobs[name]
+
+    staged = execute([call], dict(inputs), lookup)
+    return [staged[name] for name in call.outputs]
+
+
+def check_gradient(
+    workspace: Workspace, call: OpCall, step_size: float, output_index: int
+) -> list[tuple[str, float, float]]:
+    """Compare the gradient op of `call` with central differences, in float64.
+
+    Loss = sum(output[output_index] * G) for a fixed pseudo-random G, so the analytic gradient
+    is the gradient op fed with dOutput = G. Returns (input name, max abs, max rel error) per
+    floating input.
+    """
+    op = REGISTRY.get(call.type)
+    if op is not None and not call.outputs:
+        call = dataclasses.replace(call, outputs=tuple(f"_out{i}" for i in range(len(op.schema.outputs))))
+    op, args = bind(call)
+    schema = op.schema
+    if schema.gradient is None:
+        raise InvalidArgument(f"{schema.name} has no gradient operator to check")
+    if not 0 <= output_index < len(schema.outputs):
+        raise InvalidArgument(f"{schema.name}: output_index {output_index} is not in [0, {len(schema.outputs)})")
+    step = step_size if step_size > 0 else 1e-6
+    with workspace.lock:
+        stored = [workspace.lookup(workspace.blobs, name) for name in call.inputs]
+    check_inputs(op, call.inputs, stored, args)
+    inputs = [t.to(torch.float64) if t.dtype in FLOAT_DTYPES else t for t in stored]
+    floating = [i for i, spec in enumerate(schema.inputs) if spec.kind is InputKind.FLOAT]
+    elements = sum(inputs[i].numel() for i in floating)
+    if elements > MAX_GRADIENT_CHECK_ELEMENTS:
+        raise ResourceExhausted(
+            f"{schema.name}: {elements} input elements is above the {MAX_GRADIENT_CHECK_ELEMENTS} a "
+            "finite-difference check evaluates; check a smaller sample"
+        )
+    output = op.impl(inputs, args)[output_index]
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(output.shape, generator=generator, dtype=torch.float64).to(output.device)
+    grad_op = REGISTRY[schema.gradient]
+    grad_inputs = [*inputs, weights]
+    analytic = list(grad_op.impl(grad_inputs, args))
+
+    def loss(values: list[torch.Tensor]) -> float:
+        return float((op.impl(values, args)[output_index] * weights).sum())
+
+    results = []
+    for slot, i in enumerate(floating):
+        base = inputs[i].clone()
+        numeric = torch.zeros_like(base).reshape(-1)
+        flat = base.reshape(-1)
+        for j in range(flat.numel()):
+            original = flat[j].item()
+            flat[j] = original + step
+            plus = loss([*inputs[:i], base, *inputs[i + 1 :]])
+            flat[j] = original - step
+            minus = loss([*inputs[:i], base, *inputs[i + 1 :]])
+            flat[j] = original
+            numeric[j] = (plus - minus) / (2 * step)
+        diff = (analytic[slot].reshape(-1).to(torch.float64) - numeric).abs()
+        abs_err = float(diff.max()) if diff.numel() else 0.0
+        rel_err = float((diff / numeric.abs().clamp(min=1.0)).max()) if diff.numel() else 0.0
+        results.append((call.inputs[i], abs_err, rel_err))
+    return results

@@ -1,0 +1,41 @@
+"""Domain errors of the cosserve core; the servicer maps each to one gRPC status code."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CosserveError",
+    "InvalidArgument",
+    "NotFound",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "PermissionDenied",
+    "Unauthenticated",
+]
+
+
+class CosserveError(Exception):
+    """Base of every error the core raises on purpose; its message is shown to the client."""
+
+
+class InvalidArgument(CosserveError):
+    """The request itself is wrong: unknown op, bad dtype, shape or argument."""
+
+
+class NotFound(CosserveError):
+    """A named session or blob does not exist."""
+
+
+class ResourceExhausted(CosserveError):
+    """A configured limit (bytes, sessions, message size) would be exceeded."""
+
+
+class FailedPrecondition(CosserveError):
+    """The request is well formed but the server is not in a state to serve it."""
+
+
+class PermissionDenied(CosserveError):
+    """The caller may not do this (for example shared memory from a remote peer)."""
+
+
+class Unauthenticated(CosserveError):
+    """The call carries no valid credentials."""

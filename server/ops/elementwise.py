@@ -1,0 +1,53 @@
+"""Element-wise operators: Cos and its gradient."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from cosserve.server.errors import InvalidArgument
+from cosserve.server.registry import InputSpec, OpSchema, register
+
+
+def _same_shape(op: str, names: tuple[str, str]) -> Any:
+    def check(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> None:
+        a, b = inputs
+        if a.shape != b.shape:
+            raise InvalidArgument(
+                f"{op}: input {names[1]} must have the shape of {names[0]} "
+                f"{tuple(a.shape)}, got {tuple(b.shape)}"
+            )
+
+    return check
+
+
+@register(
+    OpSchema(
+        name="Cos",
+        inputs=(InputSpec("X"),),
+        outputs=("Y",),
+        doc="Y = cos(X), element-wise; Y has the shape of X.",
+        gradient="CosGradient",
+    )
+)
+def cos(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
+    # Y = cos(X)
+    (x,) = inputs
+    return [torch.cos(x)]
+
+
+@register(
+    OpSchema(
+        name="CosGradient",
+        inputs=(InputSpec("X"), InputSpec("dY")),
+        outputs=("dX",),
+        doc="dX = -dY * sin(X), element-wise; X and dY have the same shape.",
+    ),
+    check_shapes=_same_shape("CosGradient", ("X", "dY")),
+)
+def cos_gradient(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
+    # dX = -dY * sin(X)
+    x, dy = inputs
+    return [-dy * torch.sin(x)]

@@ -1,0 +1,181 @@
+"""The gRPC servicer: translates messages to core calls and back, nothing more."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from cosserve import limits
+from cosserve.server import codec, engine
+from cosserve.server.errors import InvalidArgument, ResourceExhausted
+from cosserve.server.registry import REGISTRY, ArgType, InputKind, OpSchema
+from cosserve.server.settings import Settings
+from cosserve.server.workspace import SessionStore, resolve_device
+from cosserve.v1 import cosserve_pb2 as pb
+from cosserve.v1 import cosserve_pb2_grpc as pb_grpc
+
+__all__ = ["CosserveServicer", "op_call", "schema_message"]
+
+_ARG_TYPES = {
+    ArgType.FLOAT: pb.ARG_FLOAT,
+    ArgType.INT: pb.ARG_INT,
+    ArgType.BOOL: pb.ARG_BOOL,
+    ArgType.STRING: pb.ARG_STRING,
+}
+
+
+def op_call(message: pb.OperatorDef) -> engine.OpCall:
+    args: dict[str, Any] = {}
+    for arg in message.arg:
+        kind = arg.WhichOneof("value")
+        if kind is None:
+            raise InvalidArgument(f"{message.type}: argument {arg.name!r} has no value")
+        if arg.name in args:
+            raise InvalidArgument(f"{message.type}: argument {arg.name!r} is given twice")
+        args[arg.name] = getattr(arg, kind)
+    return engine.OpCall(message.type, tuple(message.input), tuple(message.output), args)
+
+
+def _argument(name: str, kind: ArgType, value: Any) -> pb.Argument:
+    field = {ArgType.FLOAT: "f", ArgType.INT: "i", ArgType.BOOL: "b", ArgType.STRING: "s"}[kind]
+    return pb.Argument(name=name, **{field: value})
+
+
+def schema_message(schema: OpSchema) -> pb.OpSchema:
+    return pb.OpSchema(
+        name=schema.name,
+        inputs=[
+            pb.InputSchema(
+                name=i.name,
+                dtypes=[codec.WIRE_DTYPES[d] for d in engine.ACCEPTED_DTYPES[i.kind]],
+                doc=i.doc or ("labels" if i.kind is InputKind.LABEL else ""),
+            )
+            for i in schema.inputs
+        ],
+        outputs=list(schema.outputs),
+        args=[
+            pb.ArgSchema(name=a.name, type=_ARG_TYPES[a.type], default=_argument(a.name, a.type, a.default), doc=a.doc)
+            for a in schema.args
+        ],
+        doc=schema.doc,
+        gradient=schema.gradient or "",
+        caffe2=schema.caffe2,
+    )
+
+
+class CosserveServicer(pb_grpc.CosserveServicer):
+    """Every RPC of cosserve.v1.Cosserve; domain errors are mapped by status.ErrorInterceptor."""
+
+    def __init__(self, store: SessionStore, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        # Built once: the registry does not change while serving.
+        self._operators = pb.ListOperatorsResponse(
+            operators=[schema_message(REGISTRY[name].schema) for name in sorted(REGISTRY)]
+        )
+
+    # ---- sessions ------------------------------------------------------------------------
+
+    def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.ServicerContext) -> pb.CreateSessionResponse:
+        workspace = self.store.create(request.device)
+        return pb.CreateSessionResponse(session_id=workspace.id, device=str(workspace.device))
+
+    def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> pb.CloseSessionResponse:
+        self.store.close(request.session_id)
+        return pb.CloseSessionResponse()
+
+    # ---- blobs ---------------------------------------------------------------------------
+
+    def FeedBlob(self, request: pb.FeedBlobRequest, context: grpc.ServicerContext) -> pb.FeedBlobResponse:
+        workspace = self.store.get(request.session_id)
+        what = f"blob {request.name!r}"
+        codec.check_header(what, request.tensor.dtype, request.tensor.shape, workspace.max_bytes)
+        workspace.put(request.name, codec.tensor_from_wire(what, request.tensor, workspace.device))
+        return pb.FeedBlobResponse()
+
+    def FeedBlobStream(self, request_iterator: Iterator[pb.FeedBlobChunk], context: grpc.ServicerContext) -> pb.FeedBlobResponse:
+        first = next(request_iterator, None)
+        if first is None:
+            raise InvalidArgument("FeedBlobStream: the stream was empty; the first message carries the header")
+        workspace = self.store.get(first.session_id)
+        what = f"blob {first.name!r}"
+        assembler = codec.ChunkAssembler(what, first.dtype, first.shape, workspace.max_bytes)
+        with workspace.lock:  # fail before receiving gigabytes that cannot be stored
+            workspace.check_room(first.name, assembler.nbytes)
+        assembler.add(first.data)
+        for chunk in request_iterator:
+            assembler.add(chunk.data)
+        workspace.put(first.name, assembler.finish(workspace.device))
+        return pb.FeedBlobResponse()
+
+    def FetchBlob(self, request: pb.FetchBlobRequest, context: grpc.ServicerContext) -> pb.FetchBlobResponse:
+        tensor = self.store.get(request.session_id).get(request.name)
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes > limits.INLINE_BYTES:
+            raise ResourceExhausted(
+                f"blob {request.name!r} is {nbytes} bytes, above the {limits.INLINE_BYTES} of one message; "
+                "use FetchBlobStream"
+            )
+        response = pb.FetchBlobResponse()
+        codec.tensor_to_wire(tensor, response.tensor)
+        return response
+
+    def FetchBlobStream(self, request: pb.FetchBlobRequest, context: grpc.ServicerContext) -> Iterator[pb.FetchBlobChunk]:
+        tensor = self.store.get(request.session_id).get(request.name)
+        header = pb.FetchBlobChunk(dtype=codec.WIRE_DTYPES[tensor.dtype], shape=tensor.shape)
+        pieces = codec.stream_chunks(tensor, limits.CHUNK_BYTES)
+        first = next(pieces, None)
+        if first is not None:
+            header.data = first.tobytes()
+        yield header
+        for piece in pieces:
+            yield pb.FetchBlobChunk(data=piece.tobytes())
+
+    def HasBlob(self, request: pb.HasBlobRequest, context: grpc.ServicerContext) -> pb.HasBlobResponse:
+        return pb.HasBlobResponse(exists=self.store.get(request.session_id).has(request.name))
+
+    def ListBlobs(self, request: pb.ListBlobsRequest, context: grpc.ServicerContext) -> pb.ListBlobsResponse:
+        return pb.ListBlobsResponse(names=self.store.get(request.session_id).names())
+
+    def RemoveBlob(self, request: pb.RemoveBlobRequest, context: grpc.ServicerContext) -> pb.RemoveBlobResponse:
+        self.store.get(request.session_id).remove(request.name)
+        return pb.RemoveBlobResponse()
+
+    def ResetWorkspace(self, request: pb.ResetWorkspaceRequest, context: grpc.ServicerContext) -> pb.ResetWorkspaceResponse:
+        self.store.get(request.session_id).reset()
+        return pb.ResetWorkspaceResponse()
+
+    # ---- operators -----------------------------------------------------------------------
+
+    def RunOperator(self, request: pb.RunOperatorRequest, context: grpc.ServicerContext) -> pb.RunOperatorResponse:
+        engine.run_net(self.store.get(request.session_id), [op_call(request.op)])
+        return pb.RunOperatorResponse()
+
+    def RunNet(self, request: pb.RunNetRequest, context: grpc.ServicerContext) -> pb.RunNetResponse:
+        engine.run_net(self.store.get(request.session_id), [op_call(op) for op in request.ops])
+        return pb.RunNetResponse()
+
+    def Compute(self, request: pb.ComputeRequest, context: grpc.ServicerContext) -> pb.ComputeResponse:
+        device = resolve_device(request.device, self.settings.device)
+        inputs = {
+            item.name: codec.tensor_from_wire(f"input {item.name!r}", item.tensor, device) for item in request.inputs
+        }
+        call = op_call(request.op)
+        outputs = engine.compute(call, inputs)
+        response = pb.ComputeResponse()
+        for name, tensor in zip(call.outputs, outputs):
+            codec.tensor_to_wire(tensor, response.outputs.add(name=name).tensor)
+        return response
+
+    def ListOperators(self, request: pb.ListOperatorsRequest, context: grpc.ServicerContext) -> pb.ListOperatorsResponse:
+        return self._operators
+
+    def CheckGradient(self, request: pb.CheckGradientRequest, context: grpc.ServicerContext) -> pb.CheckGradientResponse:
+        workspace = self.store.get(request.session_id)
+        rows = engine.check_gradient(workspace, op_call(request.op), request.step_size, request.output_index)
+        return pb.CheckGradientResponse(
+            inputs=[pb.InputGradientError(input=n, max_abs_error=a, max_rel_error=r) for n, a, r in rows],
+            max_abs_error=max((a for _, a, _ in rows), default=0.0),
+        )
