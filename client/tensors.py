@@ -46,7 +46,8 @@ def as_numpy(value: Any) -> np.ndarray:
     if array.dtype not in _WIRE_DTYPES:
         supported = ", ".join(sorted(str(d) for d in _WIRE_DTYPES))
         raise TypeError(f"dtype {array.dtype} is not supported; use one of {supported}")
-    return np.ascontiguousarray(array)
+    # Not np.ascontiguousarray: it turns a 0-D array into shape (1,).
+    return array if array.flags.c_contiguous else array.copy(order="C")
 
 
 def _torch_to_numpy(tensor: Any) -> np.ndarray:
