@@ -51,7 +51,9 @@ def check_header(what: str, dtype_code: int, shape: Sequence[int], max_bytes: in
         raise InvalidArgument(f"{what}: shape {tuple(shape)} has a negative dimension")
     nbytes = math.prod(shape) * TORCH_DTYPES[dtype_code].itemsize
     if max_bytes is not None and nbytes > max_bytes:
-        raise ResourceExhausted(f"{what}: {nbytes} bytes is more than the {max_bytes} allowed")
+        raise ResourceExhausted(
+            f"{what}: {nbytes} bytes is more than the {max_bytes} a session may hold (--max-session-bytes)"
+        )
     return nbytes
 
 
