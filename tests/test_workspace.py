@@ -1,0 +1,234 @@
+"""Workspace RPCs against a real server: round trips, names, isolation, limits, status codes."""
+
+from __future__ import annotations
+
+import grpc
+import ml_dtypes
+import numpy as np
+import pytest
+
+from cosserve import Client, CosserveRpcError
+from cosserve.v1 import cosserve_pb2 as pb
+from tests.conftest import start_server
+
+torch = pytest.importorskip("torch")
+
+DTYPES = [np.bool_, np.uint8, np.int8, np.int16, np.int32, np.int64,
+          np.float16, ml_dtypes.bfloat16, np.float32, np.float64]
+SHAPES = [(), (0,), (3, 0, 2), (7,), (2, 3, 4)]
+
+
+def sample(dtype: type, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """Random values covering the dtype's bit patterns (NaNs and infinities for floats too)."""
+    rng = np.random.default_rng(seed)
+    itemsize = np.dtype(dtype).itemsize
+    raw = rng.integers(0, 256, size=int(np.prod(shape)) * itemsize, dtype=np.uint8)
+    if dtype is np.bool_:
+        return (raw % 2).astype(np.bool_).reshape(shape)
+    return raw.view(dtype).reshape(shape)
+
+
+def assert_bit_exact(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.dtype == want.dtype
+    assert got.shape == want.shape
+    assert got.tobytes() == np.ascontiguousarray(want).tobytes()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_every_dtype_round_trips_bit_exactly(ws, dtype, shape):
+    value = sample(dtype, shape)
+    ws.feed_blob("x", value)
+    assert_bit_exact(ws.fetch_blob("x"), value)
+
+
+def test_non_contiguous_and_big_endian_inputs_round_trip(cpu_ws):
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    view = base[::2, ::3]  # strided view
+    cpu_ws.feed_blob("v", view)
+    np.testing.assert_array_equal(cpu_ws.fetch_blob("v"), view)
+    big_endian = np.arange(5, dtype=">i4")
+    cpu_ws.feed_blob("b", big_endian)
+    got = cpu_ws.fetch_blob("b")
+    assert got.dtype == np.dtype("<i4")
+    np.testing.assert_array_equal(got, big_endian)
+
+
+def test_torch_tensors_are_accepted(cpu_ws):
+    t = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3).t()  # non-contiguous bfloat16
+    cpu_ws.feed_blob("t", t)
+    got = cpu_ws.fetch_blob("t")
+    assert got.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(got.astype(np.float32), t.float().numpy())
+
+
+def test_64_mib_blob_round_trips_through_the_stream(ws):
+    value = np.random.default_rng(1).standard_normal(16 * 1024 * 1024 + 3, dtype=np.float32)
+    assert value.nbytes > 64 * 1024 * 1024
+    ws.feed_blob("big", value)
+    got = ws.fetch_blob("big")
+    assert_bit_exact(got, value)
+
+
+def test_blob_names_has_list_remove_reset(cpu_ws):
+    for name in ["b", "a", "c"]:
+        cpu_ws.feed_blob(name, np.zeros(1, np.float32))
+    assert cpu_ws.blobs() == ["a", "b", "c"]
+    assert cpu_ws.has_blob("a") and not cpu_ws.has_blob("z")
+    cpu_ws.remove_blob("b")
+    assert cpu_ws.blobs() == ["a", "c"]
+    cpu_ws.feed_blob("a", np.ones((2, 2), np.int64))  # overwrite with another dtype/shape
+    assert_bit_exact(cpu_ws.fetch_blob("a"), np.ones((2, 2), np.int64))
+    cpu_ws.reset()
+    assert cpu_ws.blobs() == []
+    cpu_ws.feed_blob("again", np.ones(1))  # still usable after a reset
+    assert cpu_ws.blobs() == ["again"]
+
+
+def test_missing_blob_is_not_found(cpu_ws):
+    for call in (lambda: cpu_ws.fetch_blob("nope"), lambda: cpu_ws.remove_blob("nope")):
+        with pytest.raises(CosserveRpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "'nope'" in err.value.details()
+
+
+def test_sessions_are_isolated(client):
+    with client.session("cpu") as a, client.session("cpu") as b:
+        a.feed_blob("x", np.ones(2, np.float32))
+        assert b.blobs() == [] and not b.has_blob("x")
+        with pytest.raises(CosserveRpcError) as err:
+            b.fetch_blob("x")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        b.feed_blob("x", np.zeros(3, np.int8))
+        b.reset()
+        np.testing.assert_array_equal(a.fetch_blob("x"), np.ones(2, np.float32))
+
+
+def test_closed_session_answers_not_found(client):
+    session = client.session("cpu")
+    session.feed_blob("x", np.ones(2))
+    session_id = session.id
+    session.close()
+    session.close()  # closing twice is harmless
+    with pytest.raises(CosserveRpcError) as wrapped:
+        session.fetch_blob("x")
+    assert wrapped.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.ListBlobs(pb.ListBlobsRequest(session_id=session_id))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert session_id in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    "tensor, needle",
+    [
+        (pb.Tensor(dtype=pb.FLOAT32, shape=[2], data=b"\0" * 7), "needs 8"),
+        (pb.Tensor(dtype=pb.DTYPE_UNSPECIFIED, shape=[1], data=b"\0"), "dtype"),
+        (pb.Tensor(dtype=99, shape=[1], data=b"\0"), "dtype"),
+        (pb.Tensor(dtype=pb.INT8, shape=[-1], data=b""), "negative"),
+    ],
+    ids=["short-data", "unspecified-dtype", "unknown-dtype", "negative-dim"],
+)
+def test_malformed_tensor_is_invalid_argument_and_keeps_the_old_blob(client, cpu_ws, tensor, needle):
+    cpu_ws.feed_blob("x", np.arange(3, dtype=np.int16))
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.FeedBlob(pb.FeedBlobRequest(session_id=cpu_ws.id, name="x", tensor=tensor))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in err.value.details()
+    assert_bit_exact(cpu_ws.fetch_blob("x"), np.arange(3, dtype=np.int16))
+
+
+def test_truncated_stream_is_invalid_argument_and_keeps_the_old_blob(client, cpu_ws):
+    cpu_ws.feed_blob("x", np.arange(3, dtype=np.int16))
+    chunks = [
+        pb.FeedBlobChunk(session_id=cpu_ws.id, name="x", dtype=pb.FLOAT32, shape=[1000]),
+        pb.FeedBlobChunk(data=b"\0" * 100),
+    ]
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.FeedBlobStream(iter(chunks))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "100 of 4000 bytes" in err.value.details()
+    assert_bit_exact(cpu_ws.fetch_blob("x"), np.arange(3, dtype=np.int16))
+
+
+def test_empty_blob_name_is_invalid_argument(cpu_ws):
+    with pytest.raises(CosserveRpcError) as err:
+        cpu_ws.feed_blob("", np.ones(1))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_session_byte_limit_is_resource_exhausted_and_keeps_blobs():
+    running = start_server(max_session_bytes=1024 * 1024)
+    try:
+        with Client(running.address) as c, c.session("cpu") as s:
+            s.feed_blob("small", np.ones(1000, np.float32))
+            for size in (2 * 1024 * 1024, 8 * 1024 * 1024):  # inline and streamed
+                with pytest.raises(CosserveRpcError) as err:
+                    s.feed_blob("huge", np.ones(size // 4, np.float32))
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "--max-session-bytes" in err.value.details()
+            assert s.blobs() == ["small"]
+            np.testing.assert_array_equal(s.fetch_blob("small"), np.ones(1000, np.float32))
+    finally:
+        running.stop(0)
+
+
+def test_session_count_limit_is_resource_exhausted():
+    running = start_server(max_sessions=2)
+    try:
+        with Client(running.address) as c:
+            first, second = c.session("cpu"), c.session("cpu")
+            with pytest.raises(CosserveRpcError) as err:
+                c.session("cpu")
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            first.close()
+            c.session("cpu").close()  # room again
+            second.close()
+    finally:
+        running.stop(0)
+
+
+def test_idle_sessions_expire():
+    running = start_server(session_idle_timeout_s=0.05)
+    try:
+        with Client(running.address) as c:
+            s = c.session("cpu")
+            import time
+
+            time.sleep(0.1)
+            assert running.store.expire_idle() == 1
+            with pytest.raises(CosserveRpcError) as err:
+                s.blobs()
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        running.stop(0)
+
+
+@pytest.mark.parametrize(
+    "device, code",
+    [("tpu", grpc.StatusCode.INVALID_ARGUMENT), ("banana:3", grpc.StatusCode.INVALID_ARGUMENT)],
+)
+def test_bad_device_is_refused(client, device, code):
+    with pytest.raises(CosserveRpcError) as err:
+        client.session(device)
+    assert err.value.code() == code
+    assert device in err.value.details()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a host without CUDA")
+def test_cuda_session_without_cuda_is_failed_precondition(client):
+    with pytest.raises(CosserveRpcError) as err:
+        client.session("cuda")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "no CUDA device" in err.value.details()
+
+
+def test_session_reports_its_device(client):
+    with client.session("cpu") as s:
+        assert s.device == "cpu"
+    with client.session("auto") as s:
+        assert s.device == ("cuda:0" if torch.cuda.is_available() else "cpu")
