@@ -206,3 +206,12 @@ def test_wire_dtype_enum_matches_the_codecs():
     assert sorted(tensors.NUMPY_DTYPES) == sorted(codec.TORCH_DTYPES) == sorted(codes)
     for code in codes:
         assert tensors.NUMPY_DTYPES[code].itemsize == codec.TORCH_DTYPES[code].itemsize
+
+
+def test_health_command_exits_zero_when_serving_and_one_when_down(server):
+    ok = subprocess.run([sys.executable, "-m", "cosserve.cli", "health", "--server", server.address],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "SERVING" in ok.stdout
+    down = subprocess.run([sys.executable, "-m", "cosserve.cli", "health", "--server", "127.0.0.1:1",
+                           "--timeout", "1"], capture_output=True, text=True, timeout=60)
+    assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
