@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cosserve import limits
 from cosserve.server import settings as settings_mod
+from cosserve.server.metrics import Metrics
 from cosserve.server.servicer import CosserveServicer
 from cosserve.server.settings import Settings
 from cosserve.server.status import ErrorInterceptor
@@ -40,11 +41,15 @@ class RunningServer:
     address: str
     health: health.HealthServicer
     store: SessionStore
+    metrics: Metrics | None = None
+    metrics_port: int = 0
 
     def stop(self, grace: float | None = None) -> None:
         """Mark NOT_SERVING, let in-flight calls finish within `grace` seconds, then stop."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.metrics is not None:
+            self.metrics.stop()
 
 
 def build_server(settings: Settings) -> RunningServer:
@@ -52,9 +57,10 @@ def build_server(settings: Settings) -> RunningServer:
     # Inputs are decoded as read-only views of the request bytes; ops never write in place.
     warnings.filterwarnings("ignore", message="The given buffer is not writable")
     store = SessionStore(settings)
+    metrics = Metrics(store) if settings.metrics_port else None
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="cosserve"),
-        interceptors=[ErrorInterceptor(settings.auth_token)],
+        interceptors=[ErrorInterceptor(settings.auth_token, metrics.observe if metrics else None)],
         options=list(limits.GRPC_OPTIONS),
     )
     pb_grpc.add_CosserveServicer_to_server(CosserveServicer(store, settings), server)
@@ -73,13 +79,16 @@ def build_server(settings: Settings) -> RunningServer:
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return RunningServer(server, port, address, health_servicer, store)
+    metrics_port = metrics.start(host, settings.metrics_port) if metrics else 0
+    return RunningServer(server, port, address, health_servicer, store, metrics, metrics_port)
 
 
 def serve(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT, then drain in-flight calls and return 0."""
     running = build_server(settings)
     log.info("cosserve listening on %s (default device %s)", running.address, settings.device)
+    if running.metrics_port:
+        log.info("metrics at http://%s:%d/metrics", settings.host, running.metrics_port)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

@@ -22,6 +22,7 @@ class Settings:
     grace_s: float = 10.0  # on SIGTERM, in-flight calls get this long to finish
     allow_shm: bool = False  # same-host clients may pass blobs through shared memory
     auth_token: str = ""  # if set, calls must send "authorization: Bearer <token>"
+    metrics_port: int = 0  # serve Prometheus metrics at http://host:port/metrics; 0 = off
     log_level: str = "INFO"
 
 
@@ -37,6 +38,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "grace_s": (float, "seconds in-flight calls get to finish on SIGTERM"),
     "allow_shm": (bool, "let same-host clients feed and fetch blobs through shared memory"),
     "auth_token": (str, "require 'authorization: Bearer TOKEN' metadata on every call"),
+    "metrics_port": (int, "serve Prometheus metrics on this port at /metrics (0: off)"),
     "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
 }
 

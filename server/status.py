@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,6 +25,9 @@ STATUS_CODES: dict[type[errors.CosserveError], grpc.StatusCode] = {
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
+# Called with (method, status code name, seconds) after every call, e.g. by Metrics.observe.
+Observer = Callable[[str, str, float], None]
+
 # Paths every caller may use without a token: Kubernetes probes and reflection tooling.
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -36,12 +40,22 @@ def _abort(context: grpc.ServicerContext, method: str, err: BaseException) -> No
     context.abort(grpc.StatusCode.INTERNAL, f"internal error {error_id}; the server log has the details")
 
 
+def _code_of(err: BaseException | None, context: grpc.ServicerContext) -> str:
+    if err is None:
+        return "OK"
+    if isinstance(err, errors.CosserveError):
+        return STATUS_CODES[type(err)].name
+    code = context.code() if hasattr(context, "code") else None  # set by abort()
+    return code.name if isinstance(code, grpc.StatusCode) else "INTERNAL"
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Turns domain errors into their status codes and anything else into an opaque INTERNAL;
     with a token configured, refuses calls without it (UNAUTHENTICATED)."""
 
-    def __init__(self, auth_token: str = "") -> None:
+    def __init__(self, auth_token: str = "", observe: Observer | None = None) -> None:
         self._expected = f"Bearer {auth_token}" if auth_token else ""
+        self._observe = observe or (lambda method, code, seconds: None)
 
     def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
@@ -52,38 +66,47 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         if check_token:
             sent = dict(details.invocation_metadata or ()).get("authorization", "")
             if not secrets.compare_digest(str(sent), self._expected):
+                self._observe(method, "UNAUTHENTICATED", 0.0)
                 return _refuse(handler, "missing or wrong bearer token in 'authorization' metadata")
         if handler.response_streaming:
             behavior = handler.unary_stream or handler.stream_stream
-            wrapped = _wrap_stream(method, behavior)
+            wrapped = _wrap_stream(method, behavior, self._observe)
             field = "unary_stream" if handler.unary_stream else "stream_stream"
         else:
             behavior = handler.unary_unary or handler.stream_unary
-            wrapped = _wrap_unary(method, behavior)
+            wrapped = _wrap_unary(method, behavior, self._observe)
             field = "unary_unary" if handler.unary_unary else "stream_unary"
         return handler._replace(**{field: wrapped})
 
 
-def _wrap_unary(method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+def _wrap_unary(method: str, behavior: Callable[..., Any], observe: Observer) -> Callable[..., Any]:
     def call(request: Any, context: grpc.ServicerContext) -> Any:
+        start, failure = time.perf_counter(), None
         try:
             return behavior(request, context)
         except Exception as err:  # noqa: BLE001  (every error leaves as a status code)
+            failure = err
             if _is_abort(context):
                 raise
             _abort(context, method, err)
+        finally:
+            observe(method, _code_of(failure, context), time.perf_counter() - start)
 
     return call
 
 
-def _wrap_stream(method: str, behavior: Callable[..., Any]) -> Callable[..., Iterator[Any]]:
+def _wrap_stream(method: str, behavior: Callable[..., Any], observe: Observer) -> Callable[..., Iterator[Any]]:
     def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        start, failure = time.perf_counter(), None
         try:
             yield from behavior(request, context)
         except Exception as err:  # noqa: BLE001
+            failure = err
             if _is_abort(context):
                 raise
             _abort(context, method, err)
+        finally:
+            observe(method, _code_of(failure, context), time.perf_counter() - start)
 
     return call
 

@@ -215,3 +215,26 @@ def test_health_command_exits_zero_when_serving_and_one_when_down(server):
     down = subprocess.run([sys.executable, "-m", "cosserve.cli", "health", "--server", "127.0.0.1:1",
                            "--timeout", "1"], capture_output=True, text=True, timeout=60)
     assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
+
+
+def test_metrics_count_calls_by_method_and_code():
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:  # a free port for the metrics endpoint
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    running = start_server(metrics_port=free)
+    try:
+        with Client(running.address) as c, c.session("cpu") as s:
+            s.feed_blob("x", np.ones(3, np.float32))
+            with pytest.raises(CosserveRpcError):
+                s.fetch_blob("missing")
+            url = f"http://127.0.0.1:{running.metrics_port}/metrics"
+            text = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert 'cosserve_rpcs_total{code="OK",method="FeedBlob"} 1.0' in text
+        assert 'cosserve_rpcs_total{code="NOT_FOUND",method="FetchBlob"} 1.0' in text
+        assert "cosserve_sessions 1.0" in text
+        assert "cosserve_session_bytes 12.0" in text
+    finally:
+        running.stop(0)
