@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from typing import Any, TypeVar
 
 import grpc
@@ -24,6 +24,8 @@ OpSpec = tuple[Any, ...] | Mapping[str, Any]
 
 # Seconds of deadline added per byte streamed, on top of the call's timeout (10 MB/s floor).
 _SECONDS_PER_BYTE = 1e-7
+# Deadline of a ScoreTopK stream whose number of batches is unknown up front.
+_UNSIZED_STREAM_TIMEOUT = 24 * 3600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,6 +327,90 @@ class Session:
         result = {item.input: item.max_abs_error for item in reply.inputs}
         result["max_abs_error"] = reply.max_abs_error
         return result
+
+    # ---- scoring -------------------------------------------------------------------------
+
+    def top_k(
+        self,
+        queries: Any,
+        corpus: str = "C",
+        k: int = 10,
+        *,
+        batch_size: int = 256,
+        timeout: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact cosine top-k of each query row among the rows of blob `corpus`.
+
+        `queries` is an (N, D) array (numpy, torch or memory-mapped), sent in batches of
+        `batch_size` rows, or an iterable of (n, D) batches whose results are concatenated. All
+        batches go over one ScoreTopK stream, several in flight. Queries must have the corpus
+        dtype. Returns (scores (N, k) in the corpus dtype, int64 indices (N, k)), best first,
+        ties broken by the lower index. `timeout` bounds the whole call; by default it is the
+        client's timeout per batch (a day for an iterator of unknown length).
+        """
+        scores, indices = [], []
+        for batch_scores, batch_indices in self.iter_top_k(queries, corpus, k, batch_size=batch_size, timeout=timeout):
+            scores.append(batch_scores)
+            indices.append(batch_indices)
+        if not scores:
+            return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
+        return np.concatenate(scores), np.concatenate(indices)
+
+    def iter_top_k(
+        self,
+        queries: Any,
+        corpus: str = "C",
+        k: int = 10,
+        *,
+        batch_size: int = 256,
+        timeout: float | None = None,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Like `top_k`, but yields (scores, indices) of each message's queries as they arrive, in order."""
+        batches, count = _query_batches(queries, batch_size)
+        # Rows per message: the reply (k scores of at most 8 bytes and k int64 indices a row) must
+        # fit in one message too.
+        reply_rows = max(1, limits.INLINE_BYTES // (16 * max(1, k)))
+        failure: list[BaseException] = []
+
+        def requests() -> Iterator[pb.TopKRequest]:
+            try:
+                for batch in batches:
+                    rows = max(1, min(reply_rows, limits.INLINE_BYTES // max(1, batch[:1].nbytes)))
+                    for start in range(0, max(1, batch.shape[0]), rows):
+                        request = pb.TopKRequest(session_id=self.id, corpus=corpus, k=k)
+                        tensors.to_wire(batch[start : start + rows], request.queries)
+                        yield request
+            except Exception as err:  # grpc would only report CANCELLED; keep the real cause
+                failure.append(err)
+                raise
+
+        if timeout is None:
+            timeout = self.client.timeout * (1 + count) if count is not None else _UNSIZED_STREAM_TIMEOUT
+        try:
+            for reply in self.client._stream("ScoreTopK", requests(), timeout=timeout):
+                yield tensors.from_wire(reply.scores), tensors.from_wire(reply.indices)
+        except CosserveRpcError:
+            if failure:
+                raise failure[0] from None
+            raise
+
+
+def _query_batches(queries: Any, batch_size: int) -> tuple[Iterator[np.ndarray], int | None]:
+    """Query batches as 2-D arrays, and how many there are (None when unknown)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if isinstance(queries, np.ndarray) or hasattr(queries, "__array__") or type(queries).__module__.startswith("torch"):
+        array = _two_d(tensors.as_numpy(queries))
+        starts = range(0, max(1, array.shape[0]), batch_size)  # an empty array still goes once, to be checked
+        return (array[s : s + batch_size] for s in starts), len(starts)
+    count = len(queries) if isinstance(queries, Sized) else None
+    return (_two_d(tensors.as_numpy(batch)) for batch in queries), count
+
+
+def _two_d(array: np.ndarray) -> np.ndarray:
+    if array.ndim != 2:
+        raise ValueError(f"queries must be 2-D (N, D), got shape {array.shape}")
+    return array
 
 
 def _chain_first(first: T, rest: Iterator[T]) -> Iterator[T]:

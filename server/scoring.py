@@ -11,7 +11,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from cosserve.server.codec import dtype_name
-from cosserve.server.errors import InvalidArgument
+from cosserve.server.errors import InvalidArgument, ResourceExhausted
 
 __all__ = [
     "CORPUS_CHUNK_BYTES",
@@ -24,6 +24,7 @@ __all__ = [
     "compute_dtype",
     "inverse_norms",
     "prefetch",
+    "score_blob",
     "similarity_matrix",
     "to_device",
     "top_k",
@@ -241,6 +242,31 @@ def top_k(
             scores[rows] = pending[0][0]
             indices[rows] = pending[0][1]
     return scores, indices
+
+
+def score_blob(
+    corpus_name: str,
+    corpus: torch.Tensor,
+    queries: torch.Tensor,
+    k: int,
+    norms: NormCache,
+    max_result_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ScoreTopK's work for one batch: checks that name the corpus blob, then top_k with the
+    corpus norms from the session's cache. The result must fit in max_result_bytes (one message)."""
+    what = f"corpus blob {corpus_name!r}"
+    check_dtypes("ScoreTopK", queries, corpus, what)
+    check_shapes("ScoreTopK", queries, corpus, k, queries_name="queries", corpus_name=what)
+    result_bytes = queries.shape[0] * k * (corpus.element_size() + 8)
+    if result_bytes > max_result_bytes:
+        raise ResourceExhausted(
+            f"ScoreTopK: {queries.shape[0]} queries with k={k} give a {result_bytes}-byte reply, above the "
+            f"{max_result_bytes} of one message; send fewer queries per message"
+        )
+    try:
+        return top_k(queries, corpus, k, norms.get(corpus))
+    except torch.OutOfMemoryError as err:
+        raise ResourceExhausted(f"ScoreTopK: out of device memory: {err}") from None
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

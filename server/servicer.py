@@ -6,17 +6,22 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import torch
 
 from cosserve import limits
-from cosserve.server import codec, engine
+from cosserve.server import codec, engine, scoring
 from cosserve.server.errors import InvalidArgument, ResourceExhausted
 from cosserve.server.registry import REGISTRY, ArgType, InputKind, OpSchema
 from cosserve.server.settings import Settings
-from cosserve.server.workspace import SessionStore, resolve_device
+from cosserve.server.workspace import SessionStore, Workspace, resolve_device
 from cosserve.v1 import cosserve_pb2 as pb
 from cosserve.v1 import cosserve_pb2_grpc as pb_grpc
 
 __all__ = ["CosserveServicer", "op_call", "schema_message"]
+
+# ScoreTopK batches decoded ahead of the one being scored: enough to hide receiving and decoding
+# behind compute, few enough that a fast client cannot make the server hold many.
+_PREFETCH_DEPTH = 2
 
 _ARG_TYPES = {
     ArgType.FLOAT: pb.ARG_FLOAT,
@@ -179,3 +184,24 @@ class CosserveServicer(pb_grpc.CosserveServicer):
             inputs=[pb.InputGradientError(input=n, max_abs_error=a, max_rel_error=r) for n, a, r in rows],
             max_abs_error=max((a for _, a, _ in rows), default=0.0),
         )
+
+    # ---- scoring -------------------------------------------------------------------------
+
+    def ScoreTopK(self, request_iterator: Iterator[pb.TopKRequest], context: grpc.ServicerContext) -> Iterator[pb.TopKResponse]:
+        # A reader thread receives, decodes and stages (on CUDA: copies) the next batches while
+        # this thread scores the current one, so network and decoding time overlap with compute
+        # instead of adding to it; replies still leave one per request, in order.
+        cpu = torch.device("cpu")
+
+        def receive(request: pb.TopKRequest) -> tuple[Workspace, str, torch.Tensor, torch.Tensor, int]:
+            workspace = self.store.get(request.session_id)
+            corpus = workspace.get(request.corpus)
+            queries = codec.tensor_from_wire("ScoreTopK queries", request.queries, cpu)
+            return workspace, request.corpus, corpus, scoring.to_device(queries, workspace.device), request.k
+
+        for workspace, name, corpus, queries, k in scoring.prefetch(map(receive, request_iterator), _PREFETCH_DEPTH):
+            scores, indices = scoring.score_blob(name, corpus, queries, k, workspace.norms, limits.INLINE_BYTES)
+            response = pb.TopKResponse()
+            codec.tensor_to_wire(scores, response.scores)
+            codec.tensor_to_wire(indices, response.indices)
+            yield response

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from cosserve.server.scoring import NormCache
 from cosserve.server.settings import Settings
 
 __all__ = ["SessionStore", "Workspace", "resolve_device"]
@@ -55,6 +56,9 @@ class Workspace:
         self.blobs: dict[str, torch.Tensor] = {}
         self.last_used = time.monotonic()
         self.closed = False
+        # Corpus row norms for ScoreTopK, keyed weakly by tensor: an entry goes with its blob's tensor
+        # when the blob is overwritten or removed (blobs are replaced, never changed in place).
+        self.norms = NormCache()
 
     @staticmethod
     def bytes_of(blobs: Mapping[str, torch.Tensor]) -> int:
