@@ -31,6 +31,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     health.add_argument("--server", default="127.0.0.1:50051", help="host:port [default 127.0.0.1:50051]")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait [default 3]")
+    score = commands.add_parser(
+        "score",
+        help="exact cosine top-k of a .npy query file against a .npy corpus",
+        description="Exact cosine top-k of each query row among the corpus rows, written to an .npz "
+        "('scores' and 'indices', best first). Uses --server, or starts a server in this process.",
+    )
+    from cosserve import score as score_command
+
+    score_command.add_arguments(score)
     return parser
 
 
@@ -62,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return app.run(ns)
     if ns.command == "health":
         return _health(ns.server, ns.timeout)
+    if ns.command == "score":
+        from cosserve import score as score_command
+
+        return score_command.run(ns)
     raise AssertionError(ns.command)
 
 
