@@ -218,6 +218,18 @@ def ref_cosine_embedding_criterion_gradient(
     return (np.where(same, -g, np.where(s >= margin, g, 0.0)),)
 
 
+def ref_cosine_similarity_matrix(q: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, ...]:
+    qn = np.sqrt(np.maximum(np.einsum("nd,nd->n", q, q), EPS))
+    cn = np.sqrt(np.maximum(np.einsum("md,md->m", c, c), EPS))
+    return ((q @ c.T) / np.outer(qn, cn),)
+
+
+def ref_cosine_top_k(q: np.ndarray, c: np.ndarray, k: int = 10) -> tuple[np.ndarray, ...]:
+    (s,) = ref_cosine_similarity_matrix(q, c)
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k].astype(np.int64)  # stable: ties to the lower index
+    return np.take_along_axis(s, order, 1), order
+
+
 # ---- forward formulas in torch, for autograd ---------------------------------------------
 
 
@@ -347,6 +359,35 @@ def cos_samples(rng: np.random.Generator) -> list[Sample]:
     return [Sample((rng.uniform(-4, 4, s),), desc=f"shape {s}") for s in [(3, 4), (), (0, 2), (7,)]]
 
 
+def cosine_similarity_matrix_samples(rng: np.random.Generator) -> list[Sample]:
+    floor_q = np.array([[1e-7, 0.0], [0.0, 0.0], [3.0, -4.0]])
+    floor_c = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [-1.0, 1.0]])
+    return [
+        Sample((rng.uniform(-2, 2, (4, 6)), rng.uniform(-2, 2, (7, 6))), desc="Q (4, 6) C (7, 6)"),
+        Sample((rng.uniform(-2, 2, (1, 5)), rng.uniform(-2, 2, (1, 5))), desc="one row each"),
+        Sample((floor_q, floor_c), desc="norm floor, zero rows", smooth=False),
+        Sample((np.zeros((0, 3)), rng.uniform(-2, 2, (4, 3))), desc="no queries"),
+        Sample((rng.uniform(-2, 2, (2, 3)), np.zeros((0, 3))), desc="empty corpus"),
+        Sample((np.zeros((3, 0)), np.zeros((2, 0))), desc="width 0"),
+    ]
+
+
+def cosine_top_k_samples(rng: np.random.Generator) -> list[Sample]:
+    # Small integers: scores are exact in every dtype, so equal scores tie exactly.
+    patterns = np.array([[1, 1, 1, 1], [2, 0, 0, 0], [0, 0, 0, 0], [1, -1, 1, -1], [0, 2, 0, 0]], np.float64)
+    ties_c = patterns[[0, 1, 2, 3, 4, 1, 0, 2, 4, 3, 1, 0]]
+    ties_q = np.array([[1.0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0], [1, 1, 1, 1]])
+    return [
+        Sample((rng.uniform(-2, 2, (5, 8)), rng.uniform(-2, 2, (20, 8))), {"k": 4}, "Q (5, 8) C (20, 8) k 4"),
+        Sample((rng.uniform(-2, 2, (3, 4)), rng.uniform(-2, 2, (6, 4))), {"k": 6}, "k = M"),
+        Sample((rng.uniform(-2, 2, (2, 3)), rng.uniform(-2, 2, (12, 3))), {}, "default k 10"),
+        Sample((ties_q, ties_c), {"k": 7}, "ties go to the lower index", smooth=False),
+        Sample((np.array([[0.0, 0.0], [1.0, 0.0]]), np.array([[0.0, 0.0], [1.0, 1.0], [0.0, 0.0], [2.0, 0.0]])),
+               {"k": 3}, "norm floor, zero rows", smooth=False),
+        Sample((np.zeros((0, 4)), rng.uniform(-2, 2, (3, 4))), {"k": 2}, "no queries"),
+    ]
+
+
 def gradient_samples(
     forward_ref: Callable[..., tuple[np.ndarray, ...]], forward_samples: Callable[[np.random.Generator], list[Sample]]
 ) -> Callable[[np.random.Generator], list[Sample]]:
@@ -417,7 +458,8 @@ def _padding_errors(op: str, gradient: bool) -> Callable[[], list[ErrorCase]]:
         ]
         if gradient:
             x = np.zeros((2, 3), F)
-            cases.append(ErrorCase("dP length", (x, np.zeros((2, 5), F), np.zeros(3, F)), (op, "dP", blob("dP"), "length 2")))
+            bad = (x, np.zeros((2, 5), F), np.zeros(3, F))
+            cases.append(ErrorCase("dP length", bad, (op, "dP", blob("dP"), "length 2")))
         return cases
 
     return errors
@@ -443,6 +485,27 @@ def _criterion_errors(gradient: bool) -> Callable[[], list[ErrorCase]]:
 
 def cos_gradient_errors() -> list[ErrorCase]:
     return [ErrorCase("dY shape", (np.zeros(3, F), np.zeros(4, F)), ("CosGradient", "dY", "(4,)"))]
+
+
+def cosine_similarity_matrix_errors() -> list[ErrorCase]:
+    op = "CosineSimilarityMatrix"
+    return [
+        ErrorCase("widths", (np.zeros((2, 3), F), np.zeros((4, 5), F)), (op, "width 3", "width 5", blob("C"))),
+        ErrorCase("Q 1-D", (np.zeros(3, F), np.zeros((4, 3), F)), (op, "Q", "2-D", blob("Q"), "(3,)")),
+        ErrorCase("C 3-D", (np.zeros((2, 3), F), np.zeros((4, 3, 1), F)), (op, "C", "2-D", blob("C"), "(4, 3, 1)")),
+    ]
+
+
+def cosine_top_k_errors() -> list[ErrorCase]:
+    op = "CosineTopK"
+    q, c = np.zeros((2, 3), F), np.zeros((4, 3), F)
+    return [
+        ErrorCase("widths", (q, np.zeros((4, 5), F)), (op, "width 3", "width 5", blob("C")), {"k": 2}),
+        ErrorCase("k 0", (q, c), (op, "k must be between 1 and the 4", "got 0"), {"k": 0}),
+        ErrorCase("k > M", (q, c), (op, "k must be between 1 and the 4", "got 5"), {"k": 5}),
+        ErrorCase("default k > M", (q, c), (op, "got 10", blob("C"))),
+        ErrorCase("Q 3-D", (np.zeros((2, 3, 1), F), c), (op, "2-D", blob("Q")), {"k": 2}),
+    ]
 
 
 def generic_error_cases(entry: OpEntry, schema: OpSchema) -> list[ErrorCase]:
@@ -493,7 +556,9 @@ OP_DB: dict[str, OpEntry] = {
             gradient_samples(ref_cosine_similarity, cosine_similarity_samples),
             _same_shape_gradient_errors("CosineSimilarityGradient", "dS"),
         ),
-        OpEntry("DotProduct", ref_dot_product, dot_product_samples, _same_shape_errors("DotProduct"), torch_dot_product),
+        OpEntry(
+            "DotProduct", ref_dot_product, dot_product_samples, _same_shape_errors("DotProduct"), torch_dot_product
+        ),
         OpEntry(
             "DotProductGradient",
             ref_dot_product_gradient,
@@ -526,7 +591,9 @@ OP_DB: dict[str, OpEntry] = {
             gradient_samples(ref_squared_l2_distance, squared_l2_distance_samples),
             _same_shape_gradient_errors("SquaredL2DistanceGradient", "dL"),
         ),
-        OpEntry("L1Distance", ref_l1_distance, l1_distance_samples, _same_shape_errors("L1Distance"), torch_l1_distance),
+        OpEntry(
+            "L1Distance", ref_l1_distance, l1_distance_samples, _same_shape_errors("L1Distance"), torch_l1_distance
+        ),
         OpEntry(
             "L1DistanceGradient",
             ref_l1_distance_gradient,
@@ -546,5 +613,12 @@ OP_DB: dict[str, OpEntry] = {
             gradient_samples(ref_cosine_embedding_criterion, cosine_embedding_criterion_samples),
             _criterion_errors(gradient=True),
         ),
+        OpEntry(
+            "CosineSimilarityMatrix",
+            ref_cosine_similarity_matrix,
+            cosine_similarity_matrix_samples,
+            cosine_similarity_matrix_errors,
+        ),
+        OpEntry("CosineTopK", ref_cosine_top_k, cosine_top_k_samples, cosine_top_k_errors),
     ]
 }

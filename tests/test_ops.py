@@ -53,7 +53,9 @@ def input_blobs(op: str, count: int) -> list[str]:
     return (names + [blob(f"extra{i}") for i in range(count)])[:count]
 
 
-def run(ws: Any, op: str, inputs: Sequence[np.ndarray], args: Mapping[str, Any] = {}, n_outputs: int | None = None) -> list[np.ndarray]:
+def run(
+    ws: Any, op: str, inputs: Sequence[np.ndarray], args: Mapping[str, Any] | None = None, n_outputs: int | None = None
+) -> list[np.ndarray]:
     """Feed `inputs` under blob(input name), run `op` through the server, fetch its outputs."""
     names = input_blobs(op, len(inputs))
     for name, value in zip(names, inputs):
@@ -61,7 +63,7 @@ def run(ws: Any, op: str, inputs: Sequence[np.ndarray], args: Mapping[str, Any] 
     outputs = [out_blob(o) for o in schema(op).outputs]
     if n_outputs is not None:
         outputs = (outputs + [out_blob(f"extra{i}") for i in range(n_outputs)])[:n_outputs]
-    ws.run_operator(op, names, outputs, **args)
+    ws.run_operator(op, names, outputs, **(args or {}))
     return [ws.fetch_blob(name) for name in outputs]
 
 
@@ -170,9 +172,8 @@ def test_gradient_matches_autograd_and_finite_differences(ws, grad_op):
         assert len(got) == len(slots)
         tensors = [torch.tensor(a, requires_grad=i in slots) for i, a in enumerate(sample.inputs)]
         out = e.autograd_ref(*tensors, **sample.args)
-        autograd = torch.autograd.grad(
-            (out * torch.from_numpy(weights)).sum(), [tensors[i] for i in slots], allow_unused=True, materialize_grads=True
-        )
+        loss = (out * torch.from_numpy(weights)).sum()
+        autograd = torch.autograd.grad(loss, [tensors[i] for i in slots], allow_unused=True, materialize_grads=True)
         for slot, i in enumerate(slots):
             where = f"{grad_op} output {slot}, sample {sample.desc!r}"
             torch.testing.assert_close(f64(got[slot]), autograd[slot], msg=lambda m: f"{where} vs autograd: {m}")

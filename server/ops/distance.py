@@ -1,13 +1,9 @@
-"""Row-wise operators on pairs of tensors: cosine similarity, dot products, L2 and L1 distances.
-
-A tensor of shape (N, d1, d2, ...) is N rows of width d1*d2*...; a 1-D tensor of length n is n
-rows of width 1 and a 0-D tensor is one row of width 1. Each forward op returns shape (N,).
-"""
+"""Row-wise operators on pairs of tensors: cosine similarity, dot products, L2 and L1 distances."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -36,7 +32,8 @@ def row_width(t: torch.Tensor) -> int:
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
-    """`t` as an (N, D) matrix in its compute dtype."""
+    """`t` as an (N, D) matrix in its compute dtype: (N, d1, d2, ...) is N rows of width d1·d2·...,
+    a 1-D tensor of length n is n rows of width 1, a 0-D tensor is one row of width 1."""
     return t.reshape(row_count(t), row_width(t)).to(compute_dtype(t.dtype))
 
 
@@ -46,10 +43,14 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
 
 def _check_gradient_input(op: str, name: str, g: torch.Tensor, n: int, of: str) -> None:
     if g.dim() != 1 or g.shape[0] != n:
-        raise InvalidArgument(f"{op}: input {name} must be 1-D of length {n} (one per row of {of}), got shape {_shape(g)}")
+        raise InvalidArgument(
+            f"{op}: input {name} must be 1-D of length {n} (one per row of {of}), got shape {_shape(g)}"
+        )
 
 
-def _check_same_shape(op: str, gradient_input: str | None = None, n_rows: Any = row_count) -> ShapeCheck:
+def _check_same_shape(
+    op: str, gradient_input: str | None = None, n_rows: Callable[[torch.Tensor], int] = row_count
+) -> ShapeCheck:
     """X and Y of equal shape; for a gradient op, the third input 1-D of length n_rows(X)."""
 
     def check(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> None:
@@ -92,7 +93,8 @@ def cosine_similarity(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -
         name="CosineSimilarityGradient",
         inputs=(InputSpec("X"), InputSpec("Y"), InputSpec("dS")),
         outputs=("dX", "dY"),
-        doc="dX = g·y/(xn·yn) − g·(x·y)·x/(xn³·yn), dY symmetric, with xn = sqrt(max(x·x, 1e-12)); dS is (N,).",
+        doc="dX = g·y/(xn·yn) − g·(x·y)·x/(xn³·yn), dY symmetric, with xn = sqrt(max(x·x, 1e-12)); "
+        "dS is (N,).",
     ),
     check_shapes=_check_same_shape("CosineSimilarityGradient", "dS"),
 )
