@@ -42,7 +42,10 @@ NORM_FLOOR = 1e-12
 CPU_BLOCK_BYTES = 4 * 1024**2
 CUDA_BLOCK_BYTES = 64 * 1024**2
 # Bound of one corpus chunk converted to the compute dtype (float16/bfloat16 corpora).
-CORPUS_CHUNK_BYTES = 16 * 1024**2
+CORPUS_CHUNK_BYTES = 8 * 1024**2
+# Rows of one step of the norm computation. Small: glibc keeps freed blocks of up to 32 MiB for
+# reuse, so larger temporaries would stay in the server's resident memory after the first corpus.
+NORM_CHUNK_BYTES = 1024**2
 # Queries scored together; rows are independent, so larger N only adds blocks.
 QUERY_BLOCK_ROWS = 1024
 # Per-chunk candidates are merged into the running top-k once this many k-widths pile up.
@@ -94,7 +97,7 @@ def inverse_norms(x: torch.Tensor) -> torch.Tensor:
     """1 / sqrt(max(x·x, 1e-12)) per row of an (M, D) tensor, in the compute dtype, chunk by chunk."""
     ct = compute_dtype(x.dtype)
     out = torch.empty(x.shape[0], dtype=ct, device=x.device)
-    rows = max(1, CORPUS_CHUNK_BYTES // max(1, x.shape[1] * ct.itemsize))
+    rows = max(1, NORM_CHUNK_BYTES // max(1, x.shape[1] * ct.itemsize))
     for start in range(0, x.shape[0], rows):
         part = x[start : start + rows].to(ct)
         # sqrt, then reciprocal: the CosineSimilarity formula, not an approximate rsqrt
@@ -141,17 +144,32 @@ def _normalized(queries: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
     return queries.to(ct) * inverse_norms(queries).unsqueeze(1)
 
 
+def _shaped(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A contiguous (rows, cols) view of the start of a buffer holding at least rows * cols."""
+    return buffer.view(-1)[: rows * cols].view(rows, cols)
+
+
 def _tiles(
     queries: torch.Tensor, corpus: torch.Tensor, inv_norms: torch.Tensor, query_rows: int, corpus_rows: int
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """(query start, corpus start, tile of scores) for every tile, query blocks outermost."""
+    """(query start, corpus start, tile of scores) for every tile, query blocks outermost.
+
+    Every tile is written into one buffer, overwritten by the next tile: a fresh block per tile
+    would leave the allocator's freed blocks resident, growing the server's memory for nothing.
+    """
     ct = compute_dtype(corpus.dtype)
+    m, d = corpus.shape
+    tiles = torch.empty(min(query_rows, queries.shape[0]) * min(corpus_rows, m), dtype=ct, device=corpus.device)
+    converted = None if corpus.dtype == ct else torch.empty(min(corpus_rows, m) * d, dtype=ct, device=corpus.device)
     for qs in range(0, queries.shape[0], query_rows):
         qn = _normalized(queries[qs : qs + query_rows], ct)
-        for cs in range(0, corpus.shape[0], corpus_rows):
+        for cs in range(0, m, corpus_rows):
             chunk = corpus[cs : cs + corpus_rows]
+            if converted is not None:
+                chunk = _shaped(converted, chunk.shape[0], d).copy_(chunk)
+            tile = _shaped(tiles, qn.shape[0], chunk.shape[0])
             # S = (q / |q|) · c * (1 / |c|): the corpus is never copied normalized, only its norms are kept
-            tile = torch.matmul(qn, chunk.to(ct).T)
+            torch.matmul(qn, chunk.T, out=tile)
             tile.mul_(inv_norms[cs : cs + corpus_rows])
             yield qs, cs, tile
 
@@ -200,8 +218,8 @@ def _best_k(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.
 def _tile_candidates(tile: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidates of one tile (values, column) that surely hold its best k by (-score, index)."""
     n, width = tile.shape
-    if width <= k + 1:
-        return tile, torch.arange(width, device=tile.device).expand(n, width)
+    if width <= k + 1:  # the tile's buffer is reused for the next tile: keep a copy
+        return tile.clone(), torch.arange(width, device=tile.device).expand(n, width)
     values, columns = tile.topk(k + 1, dim=1)
     # topk orders equal values arbitrarily, so when the k-th and (k+1)-th best are equal it may
     # have kept a higher index of the tie; such rows are redone with a stable sort (lower first).

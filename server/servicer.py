@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent import futures
 from typing import Any
 
 import grpc
@@ -80,6 +81,10 @@ class CosserveServicer(pb_grpc.CosserveServicer):
         self._operators = pb.ListOperatorsResponse(
             operators=[schema_message(REGISTRY[name].schema) for name in sorted(REGISTRY)]
         )
+        # ScoreTopK batches of every stream are scored on this one thread: each batch already uses
+        # every core, and one long-lived thread keeps one OpenMP team and one set of allocator
+        # pools instead of one per gRPC worker that happens to serve a stream.
+        self._scorer = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cosserve-score")
 
     # ---- sessions ------------------------------------------------------------------------
 
@@ -200,7 +205,9 @@ class CosserveServicer(pb_grpc.CosserveServicer):
             return workspace, request.corpus, corpus, scoring.to_device(queries, workspace.device), request.k
 
         for workspace, name, corpus, queries, k in scoring.prefetch(map(receive, request_iterator), _PREFETCH_DEPTH):
-            scores, indices = scoring.score_blob(name, corpus, queries, k, workspace.norms, limits.INLINE_BYTES)
+            scores, indices = self._scorer.submit(
+                scoring.score_blob, name, corpus, queries, k, workspace.norms, limits.INLINE_BYTES
+            ).result()
             response = pb.TopKResponse()
             codec.tensor_to_wire(scores, response.scores)
             codec.tensor_to_wire(indices, response.indices)
