@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
+from multiprocessing import shared_memory
 from typing import Any, TypeVar
 
 import grpc
@@ -24,6 +25,8 @@ OpSpec = tuple[Any, ...] | Mapping[str, Any]
 
 # Seconds of deadline added per byte streamed, on top of the call's timeout (10 MB/s floor).
 _SECONDS_PER_BYTE = 1e-7
+# The same through shared memory (100 MB/s floor).
+_SHM_SECONDS_PER_BYTE = 1e-8
 # Deadline of a ScoreTopK stream whose number of batches is unknown up front.
 _UNSIZED_STREAM_TIMEOUT = 24 * 3600.0
 
@@ -127,6 +130,21 @@ class Client:
             (("authorization", f"Bearer {token}"),) if token else ()
         )
         self.stub = pb_grpc.CosserveStub(self._channel)
+        # The hot calls with tensor data skip the protobuf runtime on the data: requests are
+        # bytes we frame ourselves (tensors.tensor_pieces), responses raw bytes we read in place.
+        path = f"/{pb.DESCRIPTOR.services_by_name['Cosserve'].full_name}/"
+        ch = self._channel
+        self._framed: dict[str, Any] = {
+            "Compute": ch.unary_unary(path + "Compute", response_deserializer=pb.ComputeResponse.FromString),
+            "FeedBlob": ch.unary_unary(path + "FeedBlob", response_deserializer=pb.FeedBlobResponse.FromString),
+            "FeedBlobStream": ch.stream_unary(
+                path + "FeedBlobStream", response_deserializer=pb.FeedBlobResponse.FromString
+            ),
+            "FetchBlob": ch.unary_unary(path + "FetchBlob", request_serializer=pb.FetchBlobRequest.SerializeToString),
+            "FetchBlobStream": ch.unary_stream(
+                path + "FetchBlobStream", request_serializer=pb.FetchBlobRequest.SerializeToString
+            ),
+        }
 
     def __enter__(self) -> Client:
         return self
@@ -137,17 +155,22 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
-        """Call a unary or request-streaming RPC; raise CosserveRpcError on failure."""
-        rpc = getattr(self.stub, method)
+    def _call(self, method: str, request: Any, *, timeout: float | None = None, framed: bool = False) -> Any:
+        """Call a unary or request-streaming RPC; raise CosserveRpcError on failure.
+
+        With `framed`, the call is the bytes variant of `_framed` (see `__init__`).
+        """
+        rpc = self._framed[method] if framed else getattr(self.stub, method)
         try:
             return rpc(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise CosserveRpcError(err.code(), err.details() or "", method) from err
 
-    def _stream(self, method: str, request: Any, *, timeout: float | None = None) -> Iterator[Any]:
+    def _stream(
+        self, method: str, request: Any, *, timeout: float | None = None, framed: bool = False
+    ) -> Iterator[Any]:
         """Call a response-streaming RPC and yield its messages; raise CosserveRpcError on failure."""
-        rpc = getattr(self.stub, method)
+        rpc = self._framed[method] if framed else getattr(self.stub, method)
         try:
             yield from rpc(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
@@ -193,12 +216,14 @@ class Client:
 
         For small tensors: everything travels in one request and one response.
         """
-        request = pb.ComputeRequest(
-            op=operator_def(op_type, list(inputs), outputs, args), device=device
-        )
-        for name, value in inputs.items():
-            tensors.to_wire(value, request.inputs.add(name=name).tensor)
-        reply = self._call("Compute", request)
+        head = pb.ComputeRequest(op=operator_def(op_type, list(inputs), outputs, args), device=device)
+        pieces: list[bytes | memoryview] = [head.SerializeToString()]
+        for name, value in inputs.items():  # ComputeRequest.inputs (2): NamedTensor{name (1), tensor (2)}
+            tensor = tensors.tensor_pieces(tensors.as_numpy(value))
+            tensor_size = sum(map(len, tensor))
+            named = pb.NamedTensor(name=name).SerializeToString() + tensors.field_header(2, tensor_size)
+            pieces += [tensors.field_header(2, len(named) + tensor_size), named, *tensor]
+        reply = self._call("Compute", b"".join(pieces), framed=True)
         return {item.name: tensors.from_wire(item.tensor) for item in reply.outputs}
 
 
@@ -228,50 +253,123 @@ class Session:
 
     # ---- blobs ---------------------------------------------------------------------------
 
-    def feed_blob(self, name: str, value: Any) -> None:
-        """Create or overwrite blob `name` with an array (numpy, torch or array-like)."""
-        array = tensors.as_numpy(value)
-        if array.nbytes <= limits.INLINE_BYTES:
-            request = pb.FeedBlobRequest(session_id=self.id, name=name)
-            tensors.to_wire(array, request.tensor)
-            self.client._call("FeedBlob", request)
-            return
-        self.client._call(
-            "FeedBlobStream",
-            self._feed_chunks(name, array),
-            timeout=self.client.timeout + array.nbytes * _SECONDS_PER_BYTE,
-        )
+    def feed_blob(self, name: str, value: Any, *, shm: bool = False) -> None:
+        """Create or overwrite blob `name` with an array (numpy, torch or array-like).
 
-    def _feed_chunks(self, name: str, array: np.ndarray) -> Iterator[pb.FeedBlobChunk]:
+        With `shm=True` the bytes go through a shared-memory region this call creates and
+        removes; the server must be on this host and started with --allow-shm.
+        """
+        array = tensors.as_numpy(value)
+        if shm:
+            self._feed_shm(name, array)
+        elif array.nbytes <= limits.INLINE_BYTES:
+            # FeedBlobRequest: session_id (1), name (2), tensor (3)
+            head = pb.FeedBlobRequest(session_id=self.id, name=name).SerializeToString()
+            tensor = tensors.tensor_pieces(array)
+            request = b"".join([head, tensors.field_header(3, sum(map(len, tensor))), *tensor])
+            self.client._call("FeedBlob", request, framed=True)
+        else:
+            self.client._call(
+                "FeedBlobStream",
+                self._feed_chunks(name, array),
+                timeout=self.client.timeout + array.nbytes * _SECONDS_PER_BYTE,
+                framed=True,
+            )
+
+    def _feed_chunks(self, name: str, array: np.ndarray) -> Iterator[bytes]:
+        # FeedBlobChunk: first the header, then messages of data (5) alone, each copied once
+        # from the array into the bytes grpc sends.
         yield pb.FeedBlobChunk(
             session_id=self.id, name=name, dtype=tensors.wire_dtype(array.dtype), shape=array.shape
-        )
+        ).SerializeToString()
         for piece in tensors.chunks(array, limits.CHUNK_BYTES):
-            yield pb.FeedBlobChunk(data=bytes(piece))
+            yield b"".join((tensors.field_header(5, len(piece)), piece))
 
-    def fetch_blob(self, name: str) -> np.ndarray:
-        """Return blob `name` as a numpy array of the server's dtype and shape."""
+    def _feed_shm(self, name: str, array: np.ndarray) -> None:
+        region = shared_memory.SharedMemory(create=True, size=max(array.nbytes, 1))
+        try:
+            assert region.buf is not None
+            region.buf[: array.nbytes] = tensors.byte_view(array)
+            request = pb.FeedBlobShmRequest(
+                session_id=self.id,
+                name=name,
+                dtype=tensors.wire_dtype(array.dtype),
+                shape=array.shape,
+                shm_name=region.name,
+                offset=0,
+            )
+            self.client._call("FeedBlobShm", request, timeout=self.client.timeout + array.nbytes * _SHM_SECONDS_PER_BYTE)
+        finally:
+            region.close()
+            region.unlink()
+
+    def fetch_blob(self, name: str, *, shm: bool = False) -> np.ndarray:
+        """Return blob `name` as a numpy array of the server's dtype and shape.
+
+        With `shm=True` the bytes come through a shared-memory region this call creates and
+        removes; the server must be on this host and started with --allow-shm.
+        """
+        if shm:
+            return self._fetch_shm(name)
         request = pb.FetchBlobRequest(session_id=self.id, name=name)
         try:
-            return tensors.from_wire(self.client._call("FetchBlob", request).tensor)
+            reply = self.client._call("FetchBlob", request, framed=True)
         except CosserveRpcError as err:
             if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise
-        return self._fetch_streamed(request)
+            return self._fetch_streamed(request)
+        # FetchBlobResponse: tensor (1); the array is a view of the received bytes.
+        span = (0, 0)
+        for number, _, start, end in tensors.fields(reply):
+            if number == 1:
+                span = (start, end)
+        dtype, shape, start, end = tensors.read_tensor(reply, *span)
+        return tensors.array_at(dtype, shape, reply, start, end)
 
     def _fetch_streamed(self, request: pb.FetchBlobRequest) -> np.ndarray:
-        messages = self.client._stream("FetchBlobStream", request, timeout=None)
+        # FetchBlobChunk has Tensor's field numbers: dtype and shape in the first message, data in each.
+        messages = self.client._stream("FetchBlobStream", request, timeout=None, framed=True)
         first = next(messages)
-        nbytes = tensors.nbytes_of(first.dtype, first.shape)
+        dtype, shape, _, _ = tensors.read_tensor(first)
+        nbytes = tensors.nbytes_of(dtype, shape)
         buffer = np.empty(nbytes, np.uint8)
         filled = 0
         for message in _chain_first(first, messages):
-            size = len(message.data)
+            _, _, start, end = tensors.read_tensor(message)
+            size = end - start
             if filled + size > nbytes:
                 raise ValueError(f"server sent more than the {nbytes} bytes of blob {request.name!r}")
-            buffer[filled : filled + size] = np.frombuffer(message.data, np.uint8)
+            if size:
+                buffer[filled : filled + size] = np.frombuffer(message, np.uint8, size, start)
             filled += size
-        return tensors.decode(first.dtype, first.shape, buffer[:filled])
+        return tensors.decode(dtype, shape, buffer[:filled])
+
+    def _fetch_shm(self, name: str) -> np.ndarray:
+        request = pb.FetchBlobShmRequest(session_id=self.id, name=name)
+        info = self.client._call("FetchBlobShm", request)  # no region named: dtype and shape only
+        for attempt in range(3):
+            nbytes = tensors.nbytes_of(info.dtype, info.shape)
+            region = shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
+            try:
+                into = pb.FetchBlobShmRequest(session_id=self.id, name=name, shm_name=region.name, offset=0)
+                reply = self.client._call("FetchBlobShm", into, timeout=self.client.timeout + nbytes * _SHM_SECONDS_PER_BYTE)
+                size = tensors.nbytes_of(reply.dtype, reply.shape)
+                buffer = np.empty(size, np.uint8)
+                assert region.buf is not None
+                buffer.data[:] = region.buf[:size]
+                return tensors.decode(reply.dtype, reply.shape, buffer)
+            except CosserveRpcError as err:
+                # The blob may have grown between the two calls: size the region again.
+                if err.code() != grpc.StatusCode.INVALID_ARGUMENT or attempt == 2:
+                    raise
+                now = self.client._call("FetchBlobShm", request)
+                if tensors.nbytes_of(now.dtype, now.shape) <= nbytes:
+                    raise
+                info = now
+            finally:
+                region.close()
+                region.unlink()
+        raise AssertionError("unreachable")
 
     def has_blob(self, name: str) -> bool:
         reply = self.client._call("HasBlob", pb.HasBlobRequest(session_id=self.id, name=name))

@@ -6,17 +6,23 @@ import math
 import sys
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
+from cosserve import tensors as wire
 from cosserve.server.errors import InvalidArgument, ResourceExhausted
 from cosserve.v1 import cosserve_pb2 as pb
 
 __all__ = [
     "TORCH_DTYPES",
     "ChunkAssembler",
+    "byte_view",
     "dtype_name",
+    "empty",
     "check_header",
+    "tensor_from_frame",
     "tensor_from_wire",
+    "tensor_pieces",
     "tensor_to_wire",
     "tensor_bytes",
 ]
@@ -69,18 +75,63 @@ def tensor_from_wire(what: str, message: pb.Tensor, device: torch.device) -> tor
     dtype = TORCH_DTYPES[message.dtype]
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype, device=device)
-    # `data` is an immutable bytes object we own; the tensor views it and is never written in place.
-    flat = torch.frombuffer(bytearray(data) if device.type != "cpu" else memoryview(data), dtype=torch.uint8)
-    tensor = flat.view(dtype).reshape(shape)
-    return tensor.to(device, non_blocking=False)
+    # `data` is an immutable bytes object we own: on CPU the tensor views it (ops never write in
+    # place); for another device it is the source of the one copy there.
+    tensor = torch.frombuffer(data, dtype=dtype).reshape(shape)
+    return tensor if device.type == "cpu" else tensor.to(device)
+
+
+def empty(dtype: torch.dtype, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """An uninitialized tensor. Host memory comes from numpy, which asks the kernel for huge pages
+    on large arrays: first writes into fresh memory fault far less (4x faster here for 1 GiB)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or not nbytes:
+        return torch.empty(tuple(shape), dtype=dtype, device=device)
+    return torch.from_numpy(np.empty(nbytes, np.uint8)).view(dtype).reshape(tuple(shape))
+
+
+def byte_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes, C-ordered, as a flat uint8 tensor on its device (a view when contiguous)."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes, C-ordered, in host memory (a view when it is already contiguous on CPU)."""
-    host = tensor.detach().to("cpu").contiguous()
+    host = tensor.detach()
+    if host.device.type != "cpu" or not host.is_contiguous():
+        host = host.to("cpu").contiguous()
     if host.numel() == 0:
         return memoryview(b"")
-    return memoryview(host.reshape(-1).view(torch.uint8).numpy())
+    # Through numpy: fewer torch calls than view(uint8), which counts on a server's hot path.
+    array = host.view(torch.int16).numpy() if host.dtype is torch.bfloat16 else host.numpy()
+    return array.reshape(-1).view(np.uint8).data
+
+
+def tensor_from_frame(
+    what: str, buffer: bytes, start: int, end: int, device: torch.device, max_bytes: int | None = None
+) -> torch.Tensor:
+    """Decode the wire Tensor in buffer[start:end] onto `device`; on CPU the tensor views `buffer`."""
+    try:
+        dtype_code, shape, data_start, data_end = wire.read_tensor(buffer, start, end)
+    except ValueError as err:
+        raise InvalidArgument(f"{what}: {err}") from None
+    nbytes = check_header(what, dtype_code, shape, max_bytes)
+    if data_end - data_start != nbytes:
+        raise InvalidArgument(
+            f"{what}: data has {data_end - data_start} bytes, but {pb.DType.Name(dtype_code)} {shape} needs {nbytes}"
+        )
+    dtype = TORCH_DTYPES[dtype_code]
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype, device=device)
+    flat = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=data_start)
+    return flat.view(dtype).reshape(shape).to(device)
+
+
+def tensor_pieces(tensor: torch.Tensor) -> list[bytes | memoryview]:
+    """The wire Tensor message of `tensor` as pieces to join (see cosserve.tensors.tensor_pieces)."""
+    head = pb.Tensor(dtype=WIRE_DTYPES[tensor.dtype], shape=tensor.shape).SerializeToString()
+    data = tensor_bytes(tensor)
+    return [head, wire.field_header(3, len(data)), data] if len(data) else [head]
 
 
 def tensor_to_wire(tensor: torch.Tensor, out: pb.Tensor) -> pb.Tensor:
@@ -91,34 +142,104 @@ def tensor_to_wire(tensor: torch.Tensor, out: pb.Tensor) -> pb.Tensor:
 
 
 def stream_chunks(tensor: torch.Tensor, chunk_bytes: int) -> Iterator[memoryview]:
-    """The tensor's bytes in slices of at most chunk_bytes."""
-    data = tensor_bytes(tensor)
-    for start in range(0, len(data), chunk_bytes):
-        yield data[start : start + chunk_bytes]
+    """The tensor's bytes in slices of at most chunk_bytes, as host memory views.
+
+    On CPU these are views of the tensor. On CUDA each slice is copied into one of two pinned
+    staging buffers while the previous one is being sent, so a slice is only valid until the
+    next one is asked for: copy it first.
+    """
+    if tensor.device.type != "cuda":
+        data = tensor_bytes(tensor)
+        for start in range(0, len(data), chunk_bytes):
+            yield data[start : start + chunk_bytes]
+        return
+    flat = byte_view(tensor)
+    total = flat.numel()
+    stream = torch.cuda.current_stream(tensor.device)
+    staging = [torch.empty(min(chunk_bytes, total), dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    done: list[torch.cuda.Event | None] = [None, None]
+
+    def start_copy(index: int) -> None:
+        begin = index * chunk_bytes
+        size = min(chunk_bytes, total - begin)
+        with torch.cuda.device(tensor.device):
+            staging[index % 2][:size].copy_(flat[begin : begin + size], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        done[index % 2] = event
+
+    count = -(-total // chunk_bytes)
+    if count:
+        start_copy(0)
+    for index in range(count):
+        if index + 1 < count:
+            start_copy(index + 1)  # overlaps with sending this one
+        event = done[index % 2]
+        assert event is not None
+        event.synchronize()
+        size = min(chunk_bytes, total - index * chunk_bytes)
+        yield staging[index % 2][:size].numpy().data
 
 
 class ChunkAssembler:
-    """Collects streamed chunks into one preallocated buffer, then becomes a tensor."""
+    """Collects streamed chunks into one preallocated buffer, then becomes a tensor.
 
-    def __init__(self, what: str, dtype_code: int, shape: Sequence[int], max_bytes: int) -> None:
+    For a CUDA `device` the buffer is on the device: each chunk goes through one of two pinned
+    staging buffers and is copied asynchronously while the next chunk is received, so host
+    memory stays at two chunks however big the tensor.
+    """
+
+    def __init__(
+        self, what: str, dtype_code: int, shape: Sequence[int], max_bytes: int, device: torch.device | None = None
+    ) -> None:
         self.what = what
         self.shape = tuple(shape)
         self.nbytes = check_header(what, dtype_code, self.shape, max_bytes)
         self.dtype = TORCH_DTYPES[dtype_code]
-        self.buffer = torch.empty(self.nbytes, dtype=torch.uint8)
-        self.view = self.buffer.numpy()
+        self.device = device if device is not None and device.type == "cuda" else torch.device("cpu")
+        self.tensor = empty(self.dtype, self.shape, self.device)
+        self.buffer = byte_view(self.tensor)
+        self.view = self.buffer.numpy() if self.device.type == "cpu" else None
+        self._staging: list[torch.Tensor | None] = [None, None]
+        self._done: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
         self.filled = 0
 
-    def add(self, data: bytes) -> None:
+    def add(self, data: bytes | memoryview) -> None:
         end = self.filled + len(data)
         if end > self.nbytes:
             raise InvalidArgument(f"{self.what}: more data than the {self.nbytes} bytes of shape {self.shape}")
-        self.view[self.filled : end] = memoryview(data)
+        if not len(data):
+            return
+        if self.view is not None:
+            self.view[self.filled : end] = np.frombuffer(data, np.uint8)
+        else:
+            self._add_cuda(data, end)
         self.filled = end
+
+    def _add_cuda(self, data: bytes | memoryview, end: int) -> None:
+        slot = self._turn
+        self._turn ^= 1
+        event = self._done[slot]
+        if event is not None:
+            event.synchronize()  # the copy that last used this staging buffer is done
+        staging = self._staging[slot]
+        if staging is None or staging.numel() < len(data):
+            staging = self._staging[slot] = torch.empty(len(data), dtype=torch.uint8, pin_memory=True)
+        staging.numpy()[: len(data)] = np.frombuffer(data, np.uint8)
+        with torch.cuda.device(self.device):
+            self.buffer[self.filled : end].copy_(staging[: len(data)], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+        self._done[slot] = done
 
     def finish(self, device: torch.device) -> torch.Tensor:
         if self.filled != self.nbytes:
             raise InvalidArgument(
                 f"{self.what}: stream ended after {self.filled} of {self.nbytes} bytes of shape {self.shape}"
             )
-        return self.buffer.view(self.dtype).reshape(self.shape).to(device)
+        if self.device.type == "cuda":
+            for event in self._done:
+                if event is not None:
+                    event.synchronize()
+        return self.tensor.to(device)

@@ -10,7 +10,8 @@ import grpc
 import torch
 
 from cosserve import limits
-from cosserve.server import codec, engine, scoring
+from cosserve import tensors as wire
+from cosserve.server import codec, engine, scoring, shm
 from cosserve.server.errors import InvalidArgument, ResourceExhausted
 from cosserve.server.registry import REGISTRY, ArgType, InputKind, OpSchema
 from cosserve.server.settings import Settings
@@ -18,7 +19,9 @@ from cosserve.server.workspace import SessionStore, Workspace, resolve_device
 from cosserve.v1 import cosserve_pb2 as pb
 from cosserve.v1 import cosserve_pb2_grpc as pb_grpc
 
-__all__ = ["CosserveServicer", "op_call", "schema_message"]
+__all__ = ["CosserveServicer", "add_framed_handlers", "add_to_server", "op_call", "schema_message"]
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Cosserve"].full_name
 
 # ScoreTopK batches decoded ahead of the one being scored: enough to hide receiving and decoding
 # behind compute, few enough that a fast client cannot make the server hold many.
@@ -98,29 +101,41 @@ class CosserveServicer(pb_grpc.CosserveServicer):
 
     # ---- blobs ---------------------------------------------------------------------------
 
-    def FeedBlob(self, request: pb.FeedBlobRequest, context: grpc.ServicerContext) -> pb.FeedBlobResponse:
+    # FeedBlob and FeedBlobStream also take their requests as framed bytes, and FetchBlob and
+    # FetchBlobStream have framed twins: see add_framed_handlers.
+
+    def FeedBlob(self, request: pb.FeedBlobRequest | bytes, context: grpc.ServicerContext) -> pb.FeedBlobResponse:
+        if isinstance(request, bytes):
+            session_id, name, span = _framed_feed_request(request)
+            workspace = self.store.get(session_id)
+            tensor = codec.tensor_from_frame(f"blob {name!r}", request, *span, workspace.device, workspace.max_bytes)
+            workspace.put(name, tensor)
+            return pb.FeedBlobResponse()
         workspace = self.store.get(request.session_id)
         what = f"blob {request.name!r}"
         codec.check_header(what, request.tensor.dtype, request.tensor.shape, workspace.max_bytes)
         workspace.put(request.name, codec.tensor_from_wire(what, request.tensor, workspace.device))
         return pb.FeedBlobResponse()
 
-    def FeedBlobStream(self, request_iterator: Iterator[pb.FeedBlobChunk], context: grpc.ServicerContext) -> pb.FeedBlobResponse:
-        first = next(request_iterator, None)
-        if first is None:
+    def FeedBlobStream(
+        self, request_iterator: Iterator[pb.FeedBlobChunk | bytes], context: grpc.ServicerContext
+    ) -> pb.FeedBlobResponse:
+        raw = next(request_iterator, None)
+        if raw is None:
             raise InvalidArgument("FeedBlobStream: the stream was empty; the first message carries the header")
+        first = pb.FeedBlobChunk.FromString(raw) if isinstance(raw, bytes) else raw
         workspace = self.store.get(first.session_id)
         what = f"blob {first.name!r}"
-        assembler = codec.ChunkAssembler(what, first.dtype, first.shape, workspace.max_bytes)
+        assembler = codec.ChunkAssembler(what, first.dtype, first.shape, workspace.max_bytes, workspace.device)
         with workspace.lock:  # fail before receiving gigabytes that cannot be stored
             workspace.check_room(first.name, assembler.nbytes)
-        assembler.add(first.data)
+        assembler.add(_chunk_data(raw))
         for chunk in request_iterator:
-            assembler.add(chunk.data)
+            assembler.add(_chunk_data(chunk))
         workspace.put(first.name, assembler.finish(workspace.device))
         return pb.FeedBlobResponse()
 
-    def FetchBlob(self, request: pb.FetchBlobRequest, context: grpc.ServicerContext) -> pb.FetchBlobResponse:
+    def _inline_blob(self, request: pb.FetchBlobRequest) -> torch.Tensor:
         tensor = self.store.get(request.session_id).get(request.name)
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes > limits.INLINE_BYTES:
@@ -128,9 +143,17 @@ class CosserveServicer(pb_grpc.CosserveServicer):
                 f"blob {request.name!r} is {nbytes} bytes, above the {limits.INLINE_BYTES} of one message; "
                 "use FetchBlobStream"
             )
+        return tensor
+
+    def FetchBlob(self, request: pb.FetchBlobRequest, context: grpc.ServicerContext) -> pb.FetchBlobResponse:
         response = pb.FetchBlobResponse()
-        codec.tensor_to_wire(tensor, response.tensor)
+        codec.tensor_to_wire(self._inline_blob(request), response.tensor)
         return response
+
+    def fetch_blob_framed(self, request: pb.FetchBlobRequest, context: grpc.ServicerContext) -> bytes:
+        """FetchBlob answering the FetchBlobResponse bytes, framed with one copy of the data."""
+        tensor = codec.tensor_pieces(self._inline_blob(request))
+        return b"".join([wire.field_header(1, sum(map(len, tensor))), *tensor])  # tensor (1)
 
     def FetchBlobStream(self, request: pb.FetchBlobRequest, context: grpc.ServicerContext) -> Iterator[pb.FetchBlobChunk]:
         tensor = self.store.get(request.session_id).get(request.name)
@@ -142,6 +165,28 @@ class CosserveServicer(pb_grpc.CosserveServicer):
         yield header
         for piece in pieces:
             yield pb.FetchBlobChunk(data=piece.tobytes())
+
+    def fetch_blob_stream_framed(self, request: pb.FetchBlobRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """FetchBlobStream yielding FetchBlobChunk bytes, each framed with one copy of its data."""
+        tensor = self.store.get(request.session_id).get(request.name)
+        head = pb.FetchBlobChunk(dtype=codec.WIRE_DTYPES[tensor.dtype], shape=tensor.shape).SerializeToString()
+        pieces = codec.stream_chunks(tensor, limits.CHUNK_BYTES)
+        first = next(pieces, None)
+        yield head if first is None else b"".join((head, wire.field_header(3, len(first)), first))
+        for piece in pieces:
+            yield b"".join((wire.field_header(3, len(piece)), piece))  # data (3)
+
+    def FeedBlobShm(self, request: pb.FeedBlobShmRequest, context: grpc.ServicerContext) -> pb.FeedBlobResponse:
+        shm.check_access(self.settings.allow_shm, context.peer())
+        workspace = self.store.get(request.session_id)
+        shm.feed(workspace, request.name, request.dtype, request.shape, request.shm_name, request.offset)
+        return pb.FeedBlobResponse()
+
+    def FetchBlobShm(self, request: pb.FetchBlobShmRequest, context: grpc.ServicerContext) -> pb.FetchBlobShmResponse:
+        # An empty shm_name asks for dtype and shape only, so the client can size its region.
+        shm.check_access(self.settings.allow_shm, context.peer())
+        tensor = shm.fetch(self.store.get(request.session_id), request.name, request.shm_name, request.offset)
+        return pb.FetchBlobShmResponse(dtype=codec.WIRE_DTYPES[tensor.dtype], shape=tensor.shape)
 
     def HasBlob(self, request: pb.HasBlobRequest, context: grpc.ServicerContext) -> pb.HasBlobResponse:
         return pb.HasBlobResponse(exists=self.store.get(request.session_id).has(request.name))
@@ -212,3 +257,59 @@ class CosserveServicer(pb_grpc.CosserveServicer):
             codec.tensor_to_wire(scores, response.scores)
             codec.tensor_to_wire(indices, response.indices)
             yield response
+
+
+def _framed_feed_request(raw: bytes) -> tuple[str, str, tuple[int, int]]:
+    """Session id, blob name and the span of the tensor of an encoded FeedBlobRequest."""
+    session_id, name, span = b"", b"", (0, 0)
+    try:
+        for number, kind, start, end in wire.fields(raw):
+            if kind == 2 and number == 1:
+                session_id = raw[start:end]
+            elif kind == 2 and number == 2:
+                name = raw[start:end]
+            elif kind == 2 and number == 3:
+                span = (start, end)
+        return session_id.decode(), name.decode(), span
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InvalidArgument(f"FeedBlob: malformed request: {err}") from None
+
+
+def _chunk_data(chunk: pb.FeedBlobChunk | bytes) -> bytes | memoryview:
+    """The data of a FeedBlobChunk; of an encoded one, a view of its bytes (no copy)."""
+    if not isinstance(chunk, bytes):
+        return chunk.data
+    data: bytes | memoryview = b""
+    try:
+        for number, kind, start, end in wire.fields(chunk):
+            if kind == 2 and number == 5:
+                data = memoryview(chunk)[start:end]
+    except ValueError as err:
+        raise InvalidArgument(f"FeedBlobStream: malformed chunk: {err}") from None
+    return data
+
+
+def add_framed_handlers(servicer: CosserveServicer, server: grpc.Server) -> None:
+    """Serve the four RPCs that carry blob data on bytes instead of protobuf objects.
+
+    Same wire format; the data is read in place and written with one copy, where the protobuf
+    runtime copies it three times (parse, field read, assembly; or field set, serialize). Call
+    after the generated registration: registered handlers replace those of the same name.
+    """
+    raw_response = {"response_serializer": pb.FeedBlobResponse.SerializeToString}
+    raw_request = {"request_deserializer": pb.FetchBlobRequest.FromString}
+    server.add_registered_method_handlers(
+        SERVICE_NAME,
+        {
+            "FeedBlob": grpc.unary_unary_rpc_method_handler(servicer.FeedBlob, **raw_response),
+            "FeedBlobStream": grpc.stream_unary_rpc_method_handler(servicer.FeedBlobStream, **raw_response),
+            "FetchBlob": grpc.unary_unary_rpc_method_handler(servicer.fetch_blob_framed, **raw_request),
+            "FetchBlobStream": grpc.unary_stream_rpc_method_handler(servicer.fetch_blob_stream_framed, **raw_request),
+        },
+    )
+
+
+def add_to_server(servicer: CosserveServicer, server: grpc.Server) -> None:
+    """Register every RPC of `servicer` on `server`, the blob-data ones framed (add_framed_handlers)."""
+    pb_grpc.add_CosserveServicer_to_server(servicer, server)
+    add_framed_handlers(servicer, server)
