@@ -182,7 +182,13 @@ def similarity_matrix(
     m = corpus.shape[0]
     ct = compute_dtype(corpus.dtype)
     norms = inverse_norms(corpus) if inv_norms is None else inv_norms
-    out = torch.empty((n, m), dtype=corpus.dtype, device=corpus.device)
+    try:
+        out = torch.empty((n, m), dtype=corpus.dtype, device=corpus.device)
+    except RuntimeError as err:  # the CPU allocator raises a bare RuntimeError
+        raise ResourceExhausted(
+            f"CosineSimilarityMatrix: the ({n}, {m}) output does not fit in memory; CosineTopK keeps only "
+            f"the best k per query ({err.__class__.__name__})"
+        ) from None
     query_rows, corpus_rows = _plan(n, d, corpus.device, ct)
     for qs, cs, tile in _tiles(queries, corpus, norms, query_rows, corpus_rows):
         out[qs : qs + tile.shape[0], cs : cs + tile.shape[1]] = tile
