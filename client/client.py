@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import mmap
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from multiprocessing import shared_memory
 from typing import Any, TypeVar
@@ -353,11 +354,7 @@ class Session:
             try:
                 into = pb.FetchBlobShmRequest(session_id=self.id, name=name, shm_name=region.name, offset=0)
                 reply = self.client._call("FetchBlobShm", into, timeout=self.client.timeout + nbytes * _SHM_SECONDS_PER_BYTE)
-                size = tensors.nbytes_of(reply.dtype, reply.shape)
-                buffer = np.empty(size, np.uint8)
-                assert region.buf is not None
-                buffer.data[:] = region.buf[:size]
-                return tensors.decode(reply.dtype, reply.shape, buffer)
+                return _array_in(region, reply.dtype, tuple(reply.shape))
             except CosserveRpcError as err:
                 # The blob may have grown between the two calls: size the region again.
                 if err.code() != grpc.StatusCode.INVALID_ARGUMENT or attempt == 2:
@@ -509,6 +506,19 @@ def _two_d(array: np.ndarray) -> np.ndarray:
     if array.ndim != 2:
         raise ValueError(f"queries must be 2-D (N, D), got shape {array.shape}")
     return array
+
+
+def _array_in(region: shared_memory.SharedMemory, dtype: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The array the server wrote at the start of `region`, valid after the region is removed."""
+    size = tensors.nbytes_of(dtype, shape)
+    fd = getattr(region, "_fd", -1)  # POSIX: a second mapping outlives the region's name and object
+    if size and fd >= 0:
+        # The server's one copy is the array's memory: no copy here, and no fresh pages to fill.
+        return tensors.decode(dtype, shape, memoryview(mmap.mmap(fd, size)))
+    buffer = np.empty(size, np.uint8)
+    assert region.buf is not None
+    buffer.data[:] = region.buf[:size]
+    return tensors.decode(dtype, shape, buffer)
 
 
 def _chain_first(first: T, rest: Iterator[T]) -> Iterator[T]:
