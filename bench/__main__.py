@@ -58,7 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.table(rows))
     for note in notes:
         print(note)
-    print(f"({time.perf_counter() - started:.0f} s; {machine['nproc']} x {machine['cpu']}, {machine['ram_gib']} GiB)")
+    print(
+        f"({time.perf_counter() - started:.0f} s; {machine['nproc']} x {machine['cpu']}, {machine['ram_gib']} GiB; "
+        f"load average {machine['loadavg']})"
+    )
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump(

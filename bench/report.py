@@ -98,4 +98,7 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "platform": platform.platform(),
+        # Other work on the machine while the bench ran (1, 5, 15 minutes): numbers taken on a
+        # loaded machine are slower and noisier, the floor's as well as cosserve's.
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
     }

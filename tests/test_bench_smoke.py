@@ -19,7 +19,7 @@ def test_tiny_run_writes_every_workload(tmp_path: Path, capsys: pytest.CaptureFi
     workloads = {row["workload"] for row in result["rows"]} | {n.split(":")[0].split()[0] for n in result["notes"]}
     assert workloads == {"W1", "W2", "W3", "W4"}
     for row in result["rows"]:
-        assert row["cosserve"] > 0, row
-        assert row["ratio"] > 0 and row["ratio_of"], row  # every row is compared with something
+        assert row["cosserve"] >= 0, row  # a server's memory may not grow at all for a small blob
+        assert row["ratio"] is not None and row["ratio_of"], row  # every row is compared with something
     assert {"nproc", "cpu", "python", "grpcio", "torch"} <= set(result["machine"])
     assert "| W1" in capsys.readouterr().out
