@@ -144,6 +144,23 @@ def _normalized(queries: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
     return queries.to(ct) * inverse_norms(queries).unsqueeze(1)
 
 
+# oneDNN's float32 inner product (what torch's inductor calls for linear layers on CPU); on AMD
+# CPUs it runs 2-3x faster than the MKL sgemm behind torch.matmul, at the same float32 accuracy.
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+USE_ONEDNN = True
+
+
+def _onednn_usable(device: torch.device, ct: torch.dtype, d: int) -> bool:
+    return (
+        USE_ONEDNN
+        and _ONEDNN_LINEAR is not None
+        and device.type == "cpu"
+        and ct == torch.float32
+        and d > 0
+        and torch.backends.mkldnn.is_available()
+    )
+
+
 def _shaped(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """A contiguous (rows, cols) view of the start of a buffer holding at least rows * cols."""
     return buffer.view(-1)[: rows * cols].view(rows, cols)
@@ -161,15 +178,18 @@ def _tiles(
     m, d = corpus.shape
     tiles = torch.empty(min(query_rows, queries.shape[0]) * min(corpus_rows, m), dtype=ct, device=corpus.device)
     converted = None if corpus.dtype == ct else torch.empty(min(corpus_rows, m) * d, dtype=ct, device=corpus.device)
+    onednn = _onednn_usable(corpus.device, ct, d)
     for qs in range(0, queries.shape[0], query_rows):
         qn = _normalized(queries[qs : qs + query_rows], ct)
         for cs in range(0, m, corpus_rows):
             chunk = corpus[cs : cs + corpus_rows]
             if converted is not None:
                 chunk = _shaped(converted, chunk.shape[0], d).copy_(chunk)
-            tile = _shaped(tiles, qn.shape[0], chunk.shape[0])
             # S = (q / |q|) · c * (1 / |c|): the corpus is never copied normalized, only its norms are kept
-            torch.matmul(qn, chunk.T, out=tile)
+            if onednn:
+                tile = _ONEDNN_LINEAR(qn, chunk, None, "none", [], "")
+            else:
+                tile = torch.matmul(qn, chunk.T, out=_shaped(tiles, qn.shape[0], chunk.shape[0]))
             tile.mul_(inv_norms[cs : cs + corpus_rows])
             yield qs, cs, tile
 

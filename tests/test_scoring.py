@@ -188,6 +188,20 @@ def test_chunked_result_equals_unchunked(ws, small_tiles):
     assert_top_k(chunked, q, c, 4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_onednn_and_matmul_paths_agree(cpu_ws, monkeypatch, dtype_name):
+    dtype, atol = FLOATS[dtype_name]
+    rng = np.random.default_rng(10)
+    q, c = sample(rng, 9, 32, dtype), sample(rng, 400, 32, dtype)
+    cpu_ws.feed_blob("C", c)
+    fast = cpu_ws.top_k(q, "C", k=5)
+    monkeypatch.setattr(scoring, "USE_ONEDNN", False)
+    plain = cpu_ws.top_k(q, "C", k=5)
+    np.testing.assert_array_equal(fast[1], plain[1])
+    np.testing.assert_allclose(fast[0].astype(np.float64), plain[0].astype(np.float64), rtol=0, atol=atol)
+    assert_top_k(fast, q, c, 5, atol)
+
+
 def test_corpus_norms_are_cached_and_dropped_with_the_blob(cpu_ws, server, monkeypatch):
     rng = np.random.default_rng(5)
     q = sample(rng, 6, 8, np.float32)
