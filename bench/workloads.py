@@ -31,19 +31,19 @@ class Params:
 
     w1_calls: int = 2000
     w1_warmup: int = 200
-    w1_repeats: int = 3
+    w1_repeats: int = 5
     w2_clients: int = 8
     w2_seconds: float = 10.0
-    w2_repeats: int = 2
+    w2_repeats: int = 3
     w2_max_calls: int = 1_000_000  # per client thread: the loop also stops by count
     w3_sizes: tuple[int, ...] = (64 * MiB, 1 * GiB)
-    w3_repeats: tuple[int, ...] = (5, 3)  # per size
+    w3_repeats: tuple[int, ...] = (7, 5)  # per size, after an untimed warm-up
     w4_corpus: int = 100_000
     w4_dim: int = 384
     w4_batch: int = 256
     w4_k: int = 10
     w4_queries: int = 2048
-    w4_repeats: int = 3
+    w4_repeats: int = 5
 
     @classmethod
     def quick(cls) -> Params:
