@@ -18,12 +18,12 @@ from grpc_reflection.v1alpha import reflection
 from cosserve import limits
 from cosserve.server import settings as settings_mod
 from cosserve.server.metrics import Metrics
+from cosserve.server import servicer
 from cosserve.server.servicer import CosserveServicer
 from cosserve.server.settings import Settings
 from cosserve.server.status import ErrorInterceptor
 from cosserve.server.workspace import SessionStore
 from cosserve.v1 import cosserve_pb2 as pb
-from cosserve.v1 import cosserve_pb2_grpc as pb_grpc
 
 __all__ = ["RunningServer", "build_server", "main", "serve"]
 
@@ -63,7 +63,7 @@ def build_server(settings: Settings) -> RunningServer:
         interceptors=[ErrorInterceptor(settings.auth_token, metrics.observe if metrics else None)],
         options=list(limits.GRPC_OPTIONS),
     )
-    pb_grpc.add_CosserveServicer_to_server(CosserveServicer(store, settings), server)
+    servicer.add_to_server(CosserveServicer(store, settings), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

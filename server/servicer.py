@@ -101,29 +101,21 @@ class CosserveServicer(pb_grpc.CosserveServicer):
 
     # ---- blobs ---------------------------------------------------------------------------
 
-    # FeedBlob and FeedBlobStream also take their requests as framed bytes, and FetchBlob and
-    # FetchBlobStream have framed twins: see add_framed_handlers.
+    # The four RPCs that carry blob data take and return encoded bytes, not protobuf objects:
+    # add_to_server registers them so (see add_framed_handlers).
 
-    def FeedBlob(self, request: pb.FeedBlobRequest | bytes, context: grpc.ServicerContext) -> pb.FeedBlobResponse:
-        if isinstance(request, bytes):
-            session_id, name, span = _framed_feed_request(request)
-            workspace = self.store.get(session_id)
-            tensor = codec.tensor_from_frame(f"blob {name!r}", request, *span, workspace.device, workspace.max_bytes)
-            workspace.put(name, tensor)
-            return pb.FeedBlobResponse()
-        workspace = self.store.get(request.session_id)
-        what = f"blob {request.name!r}"
-        codec.check_header(what, request.tensor.dtype, request.tensor.shape, workspace.max_bytes)
-        workspace.put(request.name, codec.tensor_from_wire(what, request.tensor, workspace.device))
+    def FeedBlob(self, request: bytes, context: grpc.ServicerContext) -> pb.FeedBlobResponse:
+        session_id, name, span = _framed_feed_request(request)
+        workspace = self.store.get(session_id)
+        tensor = codec.tensor_from_frame(f"blob {name!r}", request, *span, workspace.device, workspace.max_bytes)
+        workspace.put(name, tensor)
         return pb.FeedBlobResponse()
 
-    def FeedBlobStream(
-        self, request_iterator: Iterator[pb.FeedBlobChunk | bytes], context: grpc.ServicerContext
-    ) -> pb.FeedBlobResponse:
+    def FeedBlobStream(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.FeedBlobResponse:
         raw = next(request_iterator, None)
         if raw is None:
             raise InvalidArgument("FeedBlobStream: the stream was empty; the first message carries the header")
-        first = pb.FeedBlobChunk.FromString(raw) if isinstance(raw, bytes) else raw
+        first = pb.FeedBlobChunk.FromString(raw)
         workspace = self.store.get(first.session_id)
         what = f"blob {first.name!r}"
         assembler = codec.ChunkAssembler(what, first.dtype, first.shape, workspace.max_bytes, workspace.device)
@@ -145,29 +137,13 @@ class CosserveServicer(pb_grpc.CosserveServicer):
             )
         return tensor
 
-    def FetchBlob(self, request: pb.FetchBlobRequest, context: grpc.ServicerContext) -> pb.FetchBlobResponse:
-        response = pb.FetchBlobResponse()
-        codec.tensor_to_wire(self._inline_blob(request), response.tensor)
-        return response
-
-    def fetch_blob_framed(self, request: pb.FetchBlobRequest, context: grpc.ServicerContext) -> bytes:
-        """FetchBlob answering the FetchBlobResponse bytes, framed with one copy of the data."""
+    def FetchBlob(self, request: pb.FetchBlobRequest, context: grpc.ServicerContext) -> bytes:
+        """The encoded FetchBlobResponse, framed with one copy of the data."""
         tensor = codec.tensor_pieces(self._inline_blob(request))
         return b"".join([wire.field_header(1, sum(map(len, tensor))), *tensor])  # tensor (1)
 
-    def FetchBlobStream(self, request: pb.FetchBlobRequest, context: grpc.ServicerContext) -> Iterator[pb.FetchBlobChunk]:
-        tensor = self.store.get(request.session_id).get(request.name)
-        header = pb.FetchBlobChunk(dtype=codec.WIRE_DTYPES[tensor.dtype], shape=tensor.shape)
-        pieces = codec.stream_chunks(tensor, limits.CHUNK_BYTES)
-        first = next(pieces, None)
-        if first is not None:
-            header.data = first.tobytes()
-        yield header
-        for piece in pieces:
-            yield pb.FetchBlobChunk(data=piece.tobytes())
-
-    def fetch_blob_stream_framed(self, request: pb.FetchBlobRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
-        """FetchBlobStream yielding FetchBlobChunk bytes, each framed with one copy of its data."""
+    def FetchBlobStream(self, request: pb.FetchBlobRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Encoded FetchBlobChunks, each framed with one copy of its data."""
         tensor = self.store.get(request.session_id).get(request.name)
         head = pb.FetchBlobChunk(dtype=codec.WIRE_DTYPES[tensor.dtype], shape=tensor.shape).SerializeToString()
         pieces = codec.stream_chunks(tensor, limits.CHUNK_BYTES)
@@ -275,10 +251,8 @@ def _framed_feed_request(raw: bytes) -> tuple[str, str, tuple[int, int]]:
         raise InvalidArgument(f"FeedBlob: malformed request: {err}") from None
 
 
-def _chunk_data(chunk: pb.FeedBlobChunk | bytes) -> bytes | memoryview:
-    """The data of a FeedBlobChunk; of an encoded one, a view of its bytes (no copy)."""
-    if not isinstance(chunk, bytes):
-        return chunk.data
+def _chunk_data(chunk: bytes) -> bytes | memoryview:
+    """The data of an encoded FeedBlobChunk: a view of its bytes (no copy)."""
     data: bytes | memoryview = b""
     try:
         for number, kind, start, end in wire.fields(chunk):
@@ -303,8 +277,8 @@ def add_framed_handlers(servicer: CosserveServicer, server: grpc.Server) -> None
         {
             "FeedBlob": grpc.unary_unary_rpc_method_handler(servicer.FeedBlob, **raw_response),
             "FeedBlobStream": grpc.stream_unary_rpc_method_handler(servicer.FeedBlobStream, **raw_response),
-            "FetchBlob": grpc.unary_unary_rpc_method_handler(servicer.fetch_blob_framed, **raw_request),
-            "FetchBlobStream": grpc.unary_stream_rpc_method_handler(servicer.fetch_blob_stream_framed, **raw_request),
+            "FetchBlob": grpc.unary_unary_rpc_method_handler(servicer.FetchBlob, **raw_request),
+            "FetchBlobStream": grpc.unary_stream_rpc_method_handler(servicer.FetchBlobStream, **raw_request),
         },
     )
 
