@@ -35,3 +35,18 @@ def test_python_example_runs_against_a_server(server):
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102  (our own README)
     y = namespace["y"]
     assert y.dtype.name == "float32" and y.shape == (2, 3)
+
+
+def test_scoring_example_runs_against_a_server(server):
+    import numpy as np
+
+    (_, scoring, *_) = _blocks("python")
+    rng = np.random.default_rng(0)
+    corpus = rng.standard_normal((500, 16)).astype(np.float32)
+    queries = rng.standard_normal((7, 16)).astype(np.float32)
+    namespace: dict[str, object] = {"Client": __import__("cosserve").Client, "corpus": corpus, "queries": queries}
+    exec(compile(scoring.replace('"127.0.0.1:50051"', repr(server.address)), "README.md", "exec"), namespace)  # noqa: S102
+    sims = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ (
+        corpus / np.linalg.norm(corpus, axis=1, keepdims=True)
+    ).T
+    np.testing.assert_array_equal(namespace["indices"], np.argsort(-sims, axis=1, kind="stable")[:, :10])
