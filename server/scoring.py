@@ -187,7 +187,7 @@ def _tiles(
             if converted is not None:
                 chunk = _shaped(converted, chunk.shape[0], d).copy_(chunk)
             # S = (q / |q|) · c * (1 / |c|): the corpus is never copied normalized, only its norms are kept
-            if onednn:
+            if onednn and _ONEDNN_LINEAR is not None:
                 tile = _ONEDNN_LINEAR(qn, chunk, None, "none", [], "")
             else:
                 tile = torch.matmul(qn, chunk.T, out=_shaped(tiles, qn.shape[0], chunk.shape[0]))
