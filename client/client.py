@@ -319,13 +319,14 @@ class Session:
             if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise
             return self._fetch_streamed(request)
-        # FetchBlobResponse: tensor (1); the array is a view of the received bytes.
+        # FetchBlobResponse: tensor (1). One copy (at most INLINE_BYTES): a view of the received
+        # bytes would be read-only, unlike every other array this client returns.
         span = (0, 0)
         for number, _, start, end in tensors.fields(reply):
             if number == 1:
                 span = (start, end)
         dtype, shape, start, end = tensors.read_tensor(reply, *span)
-        return tensors.array_at(dtype, shape, reply, start, end)
+        return tensors.array_at(dtype, shape, reply, start, end).copy()
 
     def _fetch_streamed(self, request: pb.FetchBlobRequest) -> np.ndarray:
         # FetchBlobChunk has Tensor's field numbers: dtype and shape in the first message, data in each.

@@ -90,8 +90,9 @@ def to_wire(value: Any, out: pb.Tensor | None = None) -> pb.Tensor:
 
 
 def from_wire(message: pb.Tensor) -> np.ndarray:
-    """Decode a wire Tensor into a numpy array (ValueError if the byte length is wrong)."""
-    return decode(message.dtype, message.shape, message.data)
+    """Decode a wire Tensor into a writable numpy array (ValueError if the byte length is wrong)."""
+    # A copy: a view of the message's immutable bytes would be read-only, a trap for callers.
+    return decode(message.dtype, message.shape, message.data).copy()
 
 
 def decode(dtype_code: int, shape: Sequence[int], data: bytes | bytearray | memoryview) -> np.ndarray:
@@ -212,7 +213,10 @@ def read_tensor(
 
 
 def array_at(dtype_code: int, shape: Sequence[int], buffer: bytes, start: int, end: int) -> np.ndarray:
-    """The array whose bytes are buffer[start:end], as a read-only view (ValueError if the size is wrong)."""
+    """The array whose bytes are buffer[start:end], as a read-only view (ValueError if the size is wrong).
+
+    Callers that hand the array to users copy it (see Session.fetch_blob).
+    """
     expected = nbytes_of(dtype_code, shape)
     if end - start != expected:
         raise ValueError(f"tensor data has {end - start} bytes, shape {tuple(shape)} needs {expected}")

@@ -232,3 +232,16 @@ def test_session_reports_its_device(client):
         assert s.device == "cpu"
     with client.session("auto") as s:
         assert s.device == ("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+def test_returned_arrays_are_writable(client, cpu_ws):
+    small, large = np.arange(6, dtype=np.float32), np.zeros(3 * 1024 * 1024, np.float32)  # inline, streamed
+    cpu_ws.feed_blob("small", small)
+    cpu_ws.feed_blob("large", large)
+    results = [cpu_ws.fetch_blob("small"), cpu_ws.fetch_blob("large"),
+               client.compute("Cos", {"X": small}, ["Y"], device="cpu")["Y"]]  # fmt: skip
+    cpu_ws.feed_blob("C", np.eye(4, dtype=np.float32))
+    results += list(cpu_ws.top_k(np.eye(4, dtype=np.float32)[:2], corpus="C", k=2))
+    for array in results:
+        assert array.flags.writeable
+        array.reshape(-1)[0] = 1  # would raise on a read-only view
