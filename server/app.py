@@ -6,9 +6,9 @@ import argparse
 import dataclasses
 import logging
 import signal
+import sys
 import threading
 import warnings
-from collections.abc import Sequence
 from concurrent import futures
 
 import grpc
@@ -16,20 +16,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cosserve import limits
-from cosserve.server import settings as settings_mod
-from cosserve.server.metrics import Metrics
 from cosserve.server import servicer
-from cosserve.server.servicer import CosserveServicer
+from cosserve.server import settings as settings_mod
+from cosserve.server.errors import CosserveError
+from cosserve.server.metrics import Metrics
+from cosserve.server.servicer import SERVICE_NAME, CosserveServicer
 from cosserve.server.settings import Settings
 from cosserve.server.status import ErrorInterceptor
-from cosserve.server.workspace import SessionStore
-from cosserve.v1 import cosserve_pb2 as pb
+from cosserve.server.workspace import SessionStore, resolve_device
 
-__all__ = ["RunningServer", "build_server", "main", "serve"]
+__all__ = ["RunningServer", "build_server", "run", "serve"]
 
 log = logging.getLogger("cosserve.server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Cosserve"].full_name
 
 
 @dataclasses.dataclass
@@ -56,6 +55,7 @@ def build_server(settings: Settings) -> RunningServer:
     """Create, bind and start a server (port 0 binds a free port; see `.port`)."""
     # Inputs are decoded as read-only views of the request bytes; ops never write in place.
     warnings.filterwarnings("ignore", message="The given buffer is not writable")
+    resolve_device(settings.device)  # a bad --device fails here, not in every client's call
     store = SessionStore(settings)
     metrics = Metrics(store) if settings.metrics_port else None
     server = grpc.server(
@@ -109,18 +109,14 @@ def serve(settings: Settings) -> int:
     return 0
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    settings_mod.add_arguments(parser)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cosserve serve", description="Run the cosserve gRPC server.")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
 def run(ns: argparse.Namespace) -> int:
-    settings = settings_mod.from_args(ns)
+    """`cosserve serve` with parsed flags: 2 with a one-line message for a bad setting."""
+    try:
+        settings = settings_mod.from_args(ns)
+        resolve_device(settings.device)
+    except (ValueError, CosserveError) as err:
+        print(f"cosserve serve: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=getattr(logging, settings.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

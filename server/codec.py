@@ -43,6 +43,8 @@ TORCH_DTYPES: dict[int, torch.dtype] = {
     pb.FLOAT64: torch.float64,
 }
 WIRE_DTYPES: dict[torch.dtype, int] = {dt: code for code, dt in TORCH_DTYPES.items()}
+# The floating dtypes operators accept (Caffe2: float32 only; the rest is cosserve's extension).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -55,6 +57,9 @@ def check_header(what: str, dtype_code: int, shape: Sequence[int], max_bytes: in
         raise InvalidArgument(f"{what}: dtype must be one of {', '.join(pb.DType.keys()[1:])}, got code {dtype_code}")
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{what}: shape {tuple(shape)} has a negative dimension")
+    # Even a zero-size tensor needs its strides, the product of the other dimensions, to fit int64.
+    if math.prod(d for d in shape if d) * TORCH_DTYPES[dtype_code].itemsize >= 2**63:
+        raise InvalidArgument(f"{what}: shape {tuple(shape)} is too large to index (its size passes 2**63 bytes)")
     nbytes = math.prod(shape) * TORCH_DTYPES[dtype_code].itemsize
     if max_bytes is not None and nbytes > max_bytes:
         raise ResourceExhausted(

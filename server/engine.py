@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from cosserve.server import ops as _ops  # noqa: F401  (fills the registry)
-from cosserve.server.codec import dtype_name
+from cosserve.server.codec import FLOAT_DTYPES, dtype_name
 from cosserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from cosserve.server.registry import REGISTRY, ArgType, InputKind, Operator
 from cosserve.server.workspace import Workspace
@@ -27,7 +28,6 @@ __all__ = [
     "run_net",
 ]
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LABEL_DTYPES = (torch.int32, torch.int64)
 ACCEPTED_DTYPES = {InputKind.FLOAT: FLOAT_DTYPES, InputKind.LABEL: LABEL_DTYPES}
 
@@ -71,6 +71,8 @@ def bind(call: OpCall) -> tuple[Operator, dict[str, Any]]:
     for name in (*call.inputs, *call.outputs):
         if not name:
             raise InvalidArgument(f"{schema.name}: blob names must not be empty")
+    if len(set(call.outputs)) != len(call.outputs):
+        raise InvalidArgument(f"{schema.name}: output names must differ, got {list(call.outputs)}")
     resolved = {a.name: a.default for a in schema.args}
     for name, value in call.args.items():
         spec = schema.arg(name)
@@ -119,25 +121,49 @@ def check_inputs(op: Operator, names: Sequence[str], inputs: Sequence[torch.Tens
         raise InvalidArgument(f"{err} (blobs: {blobs})") from None
 
 
-def _apply(op: Operator, names: Sequence[str], inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether torch or Python failed to allocate (CPU allocation failures are plain RuntimeErrors)."""
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+
+
+def _apply(
+    op: Operator, names: Sequence[str], inputs: Sequence[torch.Tensor], args: Mapping[str, Any], room: int | None
+) -> list[torch.Tensor]:
     check_inputs(op, names, inputs, args)
+    if room is not None and op.output_bytes is not None:
+        needed = op.output_bytes(inputs, args)
+        if needed > room:
+            raise ResourceExhausted(
+                f"{op.schema.name}: its outputs would take {needed} bytes, more than the {room} left "
+                "(session limit --max-session-bytes, or one message for Compute)"
+            )
     try:
-        outputs = list(op.impl(inputs, args))
-    except torch.OutOfMemoryError as err:
-        raise ResourceExhausted(f"{op.schema.name}: out of device memory: {err}") from None
-    except MemoryError:
-        raise ResourceExhausted(f"{op.schema.name}: out of host memory") from None
-    return outputs
+        return list(op.impl(inputs, args))
+    except Exception as err:
+        if is_out_of_memory(err):
+            raise ResourceExhausted(f"{op.schema.name}: out of memory: {err}") from None
+        raise
 
 
-def execute(calls: Sequence[OpCall], blobs: dict[str, torch.Tensor], lookup: Any) -> dict[str, torch.Tensor]:
-    """Run `calls` in order on a copy of `blobs`; return the new mapping (the input is untouched)."""
+def execute(
+    calls: Sequence[OpCall], blobs: dict[str, torch.Tensor], lookup: Any, max_bytes: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Run `calls` in order on a copy of `blobs`; return the new mapping (the input is untouched).
+
+    With `max_bytes`, an op whose outputs would take the blobs past it is refused before it runs.
+    """
     staged = dict(blobs)
     for position, call in enumerate(calls):
         try:
             op, args = bind(call)
             inputs = [lookup(staged, name) for name in call.inputs]
-            outputs = _apply(op, call.inputs, inputs, args)
+            room = None
+            if max_bytes is not None:
+                replaced = {name: staged[name] for name in call.outputs if name in staged}
+                room = max_bytes - Workspace.bytes_of(staged) + Workspace.bytes_of(replaced)
+            outputs = _apply(op, call.inputs, inputs, args, room)
         except (InvalidArgument, NotFound, ResourceExhausted) as err:
             if len(calls) == 1:
                 raise
@@ -150,19 +176,31 @@ def run_net(workspace: Workspace, calls: Sequence[OpCall]) -> None:
     """Run operators on a session, all or nothing."""
     with workspace.lock:
         workspace.ensure_open()
-        workspace.commit(execute(calls, workspace.blobs, workspace.lookup))
+        workspace.commit(execute(calls, workspace.blobs, workspace.lookup, workspace.max_bytes))
 
 
-def compute(call: OpCall, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-    """Run one operator on tensors given with the call; return its outputs in order."""
+def compute(call: OpCall, inputs: Mapping[str, torch.Tensor], max_output_bytes: int) -> list[torch.Tensor]:
+    """Run one operator on tensors given with the call; return its outputs in order.
+
+    The outputs must fit in `max_output_bytes` (one reply message); ops that declare their
+    output size are refused before they run.
+    """
 
     def lookup(blobs: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
         if name not in blobs:
             raise NotFound(f"input blob {name!r} was not sent with the call")
         return blobs[name]
 
-    staged = execute([call], dict(inputs), lookup)
-    return [staged[name] for name in call.outputs]
+    # execute's room is max_bytes minus what is held: the inputs, which the reply does not carry.
+    staged = execute([call], dict(inputs), lookup, max_output_bytes + Workspace.bytes_of(inputs))
+    outputs = [staged[name] for name in call.outputs]
+    size = Workspace.bytes_of(dict(zip(call.outputs, outputs)))
+    if size > max_output_bytes:
+        raise ResourceExhausted(
+            f"{call.type}: the outputs are {size} bytes, more than the {max_output_bytes} of one reply; "
+            "run it in a session and fetch the outputs (streamed)"
+        )
+    return outputs
 
 
 def check_gradient(
@@ -183,6 +221,8 @@ def check_gradient(
         raise InvalidArgument(f"{schema.name} has no gradient operator to check")
     if not 0 <= output_index < len(schema.outputs):
         raise InvalidArgument(f"{schema.name}: output_index {output_index} is not in [0, {len(schema.outputs)})")
+    if not math.isfinite(step_size) or step_size < 0:
+        raise InvalidArgument(f"{schema.name}: step_size must be a finite positive number (0: 1e-6), got {step_size}")
     step = step_size if step_size > 0 else 1e-6
     with workspace.lock:
         stored = [workspace.lookup(workspace.blobs, name) for name in call.inputs]

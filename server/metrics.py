@@ -31,7 +31,7 @@ class Metrics:
         sessions = prom.Gauge("cosserve_sessions", "Open sessions", registry=self.registry)
         sessions.set_function(lambda: len(store))
         held = prom.Gauge("cosserve_session_bytes", "Bytes of blobs held by all sessions", registry=self.registry)
-        held.set_function(lambda: sum(ws.bytes_of(ws.blobs) for ws in store))
+        held.set_function(lambda: sum(ws.held_bytes() for ws in store))
 
     def observe(self, method: str, code: str, seconds: float) -> None:
         name = method.rsplit("/", 1)[-1]

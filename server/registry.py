@@ -16,6 +16,7 @@ __all__ = [
     "InputSpec",
     "OpSchema",
     "Operator",
+    "OutputBytes",
     "REGISTRY",
     "register",
 ]
@@ -73,6 +74,9 @@ class OpSchema:
 Impl = Callable[[Sequence[torch.Tensor], Mapping[str, Any]], Sequence[torch.Tensor]]
 # A checker raises InvalidArgument for inputs whose dtypes are fine but whose shapes do not fit.
 ShapeCheck = Callable[[Sequence[torch.Tensor], Mapping[str, Any]], None]
+# Bytes an op's outputs will take, for ops whose outputs can be much larger than their inputs:
+# checked against the room left before anything is computed.
+OutputBytes = Callable[[Sequence[torch.Tensor], Mapping[str, Any]], int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +84,7 @@ class Operator:
     schema: OpSchema
     impl: Impl
     check_shapes: ShapeCheck
+    output_bytes: OutputBytes | None = None
 
 
 REGISTRY: dict[str, Operator] = {}
@@ -89,13 +94,15 @@ def _no_shape_check(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> 
     del inputs, args
 
 
-def register(schema: OpSchema, check_shapes: ShapeCheck = _no_shape_check) -> Callable[[Impl], Impl]:
+def register(
+    schema: OpSchema, check_shapes: ShapeCheck = _no_shape_check, output_bytes: OutputBytes | None = None
+) -> Callable[[Impl], Impl]:
     """Add `schema` with the decorated implementation to REGISTRY; a name registers once."""
 
     def add(impl: Impl) -> Impl:
         if schema.name in REGISTRY:
             raise ValueError(f"operator {schema.name!r} is registered twice")
-        REGISTRY[schema.name] = Operator(schema, impl, check_shapes)
+        REGISTRY[schema.name] = Operator(schema, impl, check_shapes, output_bytes)
         return impl
 
     return add

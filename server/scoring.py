@@ -10,7 +10,7 @@ from typing import TypeVar
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from cosserve.server.codec import dtype_name
+from cosserve.server.codec import FLOAT_DTYPES, dtype_name
 from cosserve.server.errors import InvalidArgument, ResourceExhausted
 
 __all__ = [
@@ -32,7 +32,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Each squared norm is floored at this, as in CosineSimilarity: a zero row scores 0, never NaN.
 NORM_FLOOR = 1e-12

@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from cosserve import limits
 from cosserve import tensors as wire
@@ -115,7 +116,10 @@ class CosserveServicer(pb_grpc.CosserveServicer):
         raw = next(request_iterator, None)
         if raw is None:
             raise InvalidArgument("FeedBlobStream: the stream was empty; the first message carries the header")
-        first = pb.FeedBlobChunk.FromString(raw)
+        try:
+            first = pb.FeedBlobChunk.FromString(raw)
+        except DecodeError:
+            raise InvalidArgument("FeedBlobStream: the first message is not a FeedBlobChunk") from None
         workspace = self.store.get(first.session_id)
         what = f"blob {first.name!r}"
         assembler = codec.ChunkAssembler(what, first.dtype, first.shape, workspace.max_bytes, workspace.device)
@@ -190,11 +194,13 @@ class CosserveServicer(pb_grpc.CosserveServicer):
 
     def Compute(self, request: pb.ComputeRequest, context: grpc.ServicerContext) -> pb.ComputeResponse:
         device = resolve_device(request.device, self.settings.device)
-        inputs = {
-            item.name: codec.tensor_from_wire(f"input {item.name!r}", item.tensor, device) for item in request.inputs
-        }
+        inputs: dict[str, torch.Tensor] = {}
+        for item in request.inputs:
+            if item.name in inputs:
+                raise InvalidArgument(f"Compute: input {item.name!r} is sent twice")
+            inputs[item.name] = codec.tensor_from_wire(f"input {item.name!r}", item.tensor, device)
         call = op_call(request.op)
-        outputs = engine.compute(call, inputs)
+        outputs = engine.compute(call, inputs, limits.MAX_MESSAGE_BYTES - 64 * 1024)
         response = pb.ComputeResponse()
         for name, tensor in zip(call.outputs, outputs):
             codec.tensor_to_wire(tensor, response.outputs.add(name=name).tensor)

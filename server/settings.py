@@ -57,9 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | 
     defaults = Settings()
     for name, (kind, text) in _FLAGS.items():
         var = "COSSERVE_" + name.upper()
-        default = getattr(defaults, name)
-        if var in env:
-            default = _parse_bool(env[var]) if kind is bool else kind(env[var])
+        # A variable's text stays text here: argparse converts string defaults with `type` only
+        # when this command is run, and from_args checks booleans, so a bad variable fails `serve`
+        # with a message, not every command with a traceback.
+        default = env.get(var, getattr(defaults, name))
         flag = "--" + name.replace("_", "-")
         shown = "(set)" if name == "auth_token" and default else repr(default)
         help_text = f"{text} [env {var}; default {shown}]"
@@ -70,4 +71,14 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | 
 
 
 def from_args(ns: argparse.Namespace) -> Settings:
-    return Settings(**{name: getattr(ns, name) for name in _FLAGS})
+    """Settings from parsed flags; ValueError naming the variable for a bad boolean in the environment."""
+    values = {}
+    for name, (kind, _) in _FLAGS.items():
+        value = getattr(ns, name)
+        if kind is bool and isinstance(value, str):
+            try:
+                value = _parse_bool(value)
+            except ValueError as err:
+                raise ValueError(f"COSSERVE_{name.upper()}: {err}") from None
+        values[name] = value
+    return Settings(**values)

@@ -64,6 +64,10 @@ class Workspace:
     def bytes_of(blobs: Mapping[str, torch.Tensor]) -> int:
         return sum(t.numel() * t.element_size() for t in blobs.values())
 
+    def held_bytes(self) -> int:
+        with self.lock:
+            return self.bytes_of(self.blobs)
+
     def check_room(self, name: str, nbytes: int) -> None:
         """ResourceExhausted unless blob `name` can become `nbytes` big (call with the lock held)."""
         old = self.blobs.get(name)

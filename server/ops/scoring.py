@@ -31,6 +31,7 @@ def _check_top_k(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> Non
         caffe2=False,
     ),
     check_shapes=_check_matrix,
+    output_bytes=lambda inputs, args: inputs[0].shape[0] * inputs[1].shape[0] * inputs[0].element_size(),
 )
 def cosine_similarity_matrix(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # S[i, j] = q_i·c_j / sqrt(max(q_i·q_i, 1e-12) · max(c_j·c_j, 1e-12))
@@ -50,6 +51,7 @@ def cosine_similarity_matrix(inputs: Sequence[torch.Tensor], args: Mapping[str, 
         caffe2=False,
     ),
     check_shapes=_check_top_k,
+    output_bytes=lambda inputs, args: inputs[0].shape[0] * args["k"] * (inputs[0].element_size() + 8),
 )
 def cosine_top_k(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # Scores[i], Indices[i] = the k largest S[i, j] (of CosineSimilarityMatrix) by (-S[i, j], j)
