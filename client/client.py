@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
+import secrets
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from multiprocessing import shared_memory
 from typing import Any, TypeVar
@@ -287,7 +288,7 @@ class Session:
             yield b"".join((tensors.field_header(5, len(piece)), piece))
 
     def _feed_shm(self, name: str, array: np.ndarray) -> None:
-        region = shared_memory.SharedMemory(create=True, size=max(array.nbytes, 1))
+        region = shared_memory.SharedMemory(create=True, size=max(array.nbytes, 1), name=self._region_name())
         try:
             assert region.buf is not None
             region.buf[: array.nbytes] = tensors.byte_view(array)
@@ -303,6 +304,10 @@ class Session:
         finally:
             region.close()
             region.unlink()
+
+    def _region_name(self) -> str:
+        # The server only opens regions named for the calling session (see server/shm.py).
+        return f"{limits.SHM_PREFIX}{self.id}_{secrets.token_hex(6)}"
 
     def fetch_blob(self, name: str, *, shm: bool = False) -> np.ndarray:
         """Return blob `name` as a numpy array of the server's dtype and shape.
@@ -351,7 +356,7 @@ class Session:
         info = self.client._call("FetchBlobShm", request)  # no region named: dtype and shape only
         for attempt in range(3):
             nbytes = tensors.nbytes_of(info.dtype, info.shape)
-            region = shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
+            region = shared_memory.SharedMemory(create=True, size=max(nbytes, 1), name=self._region_name())
             try:
                 into = pb.FetchBlobShmRequest(session_id=self.id, name=name, shm_name=region.name, offset=0)
                 reply = self.client._call("FetchBlobShm", into, timeout=self.client.timeout + nbytes * _SHM_SECONDS_PER_BYTE)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from cosserve.limits import SHM_PREFIX
 from cosserve.server import codec
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from cosserve.server.workspace import Workspace
@@ -64,7 +65,12 @@ def check_access(allowed: bool, peer: str) -> None:
 class _Region:
     """A client's region, opened by name; `size` from fstat, mapped only when there are bytes to move."""
 
-    def __init__(self, shm_name: str, writable: bool) -> None:
+    def __init__(self, shm_name: str, writable: bool, session_id: str) -> None:
+        prefix = f"{SHM_PREFIX}{session_id}_"
+        if not shm_name.lstrip("/").startswith(prefix):
+            raise PermissionDenied(
+                f"shared memory region {shm_name!r}: this session may only use regions named {prefix}*"
+            )
         if not shm_name or "/" in shm_name.lstrip("/") or "\0" in shm_name or len(shm_name) > _MAX_NAME:
             raise InvalidArgument(
                 f"shared memory name {shm_name!r} is not a region name "
@@ -122,7 +128,7 @@ def feed(workspace: Workspace, name: str, dtype_code: int, shape: Sequence[int],
         if not name:
             raise InvalidArgument("blob name must not be empty")
         workspace.check_room(name, nbytes)
-    with _Region(shm_name, writable=False) as region:
+    with _Region(shm_name, writable=False, session_id=workspace.id) as region:
         region.check_span(offset, nbytes, what)
         tensor = codec.empty(codec.TORCH_DTYPES[dtype_code], shape, workspace.device)
         if nbytes:
@@ -139,7 +145,7 @@ def fetch(workspace: Workspace, name: str, shm_name: str, offset: int) -> torch.
     if not shm_name:
         return tensor
     nbytes = tensor.numel() * tensor.element_size()
-    with _Region(shm_name, writable=True) as region:
+    with _Region(shm_name, writable=True, session_id=workspace.id) as region:
         region.check_span(offset, nbytes, f"blob {name!r}")
         if nbytes:
             target = region.bytes_at(offset, nbytes)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 from collections.abc import Iterator
 from multiprocessing import shared_memory
 
@@ -40,9 +42,14 @@ def ws(shm_client: Client):
         yield session
 
 
+def _name(ws, tail: str = "") -> str:
+    """A region name the server accepts for this session."""
+    return f"cosserve_{ws.id}_{tail or secrets.token_hex(4)}"
+
+
 @pytest.fixture
-def region() -> Iterator[shared_memory.SharedMemory]:
-    made = shared_memory.SharedMemory(create=True, size=64)
+def region(ws) -> Iterator[shared_memory.SharedMemory]:
+    made = shared_memory.SharedMemory(create=True, size=64, name=_name(ws))
     yield made
     made.close()
     made.unlink()
@@ -119,15 +126,15 @@ def test_feed_bounds_leave_the_blob_alone(ws, region, offset: int, shape: tuple[
 @pytest.mark.parametrize(
     ("name", "code", "words"),
     [
-        ("cosserve_no_such_region_7f3a", grpc.StatusCode.NOT_FOUND, "does not exist"),
+        ("no_such_region_7f3a", grpc.StatusCode.NOT_FOUND, "does not exist"),
         ("a/b", grpc.StatusCode.INVALID_ARGUMENT, "not a region name"),
-        ("", grpc.StatusCode.INVALID_ARGUMENT, "not a region name"),
+        ("", grpc.StatusCode.PERMISSION_DENIED, "may only use regions named"),
     ],
     ids=["missing", "slash", "empty"],
 )
 def test_feed_from_a_bad_region_name(ws, name: str, code, words: str) -> None:
     ws.feed_blob("keep", KEEP)
-    err = _feed_raw(ws, name, 0)
+    err = _feed_raw(ws, _name(ws, name) if name else "", 0)
     assert err.code() == code
     assert words in err.details()
     assert _same_bits(ws.fetch_blob("keep"), KEEP)
@@ -135,7 +142,7 @@ def test_feed_from_a_bad_region_name(ws, name: str, code, words: str) -> None:
 
 def test_limit_is_checked_before_the_region(ws) -> None:
     # Nothing is opened, let alone allocated, for a blob the session could not hold.
-    err = _feed_raw(ws, "cosserve_no_such_region_7f3a", 0, (1024, 1024))
+    err = _feed_raw(ws, _name(ws, "no_such_region_7f3a"), 0, (1024, 1024))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
@@ -150,7 +157,7 @@ def test_limit_is_checked_before_the_region(ws) -> None:
 )
 def test_fetch_bounds_write_nothing(ws, offset: int, size: int, code) -> None:
     ws.feed_blob("keep", KEEP)
-    target = shared_memory.SharedMemory(create=True, size=size)
+    target = shared_memory.SharedMemory(create=True, size=size, name=_name(ws))
     try:
         target.buf[:size] = b"\xab" * size
         request = pb.FetchBlobShmRequest(session_id=ws.id, name="keep", shm_name=target.name, offset=offset)
@@ -222,3 +229,27 @@ def test_access_rules() -> None:
         shm.check_access(True, "ipv4:10.1.2.3:50051")
     with pytest.raises(FailedPrecondition, match="--allow-shm"):
         shm.check_access(False, "ipv4:127.0.0.1:9")
+
+
+@pytest.mark.parametrize("owner", ["another program", "another session"])
+def test_regions_not_named_for_the_session_are_refused_and_untouched(ws, shm_client, owner: str) -> None:
+    if owner == "another session":
+        with shm_client.session("cpu") as other:
+            name = _name(other)
+    else:
+        name = f"other_app_secret_{secrets.token_hex(4)}"
+    foreign = shared_memory.SharedMemory(create=True, size=24, name=name)
+    try:
+        foreign.buf[:24] = b"TOPSECRET-other-app-data"
+        ws.feed_blob("keep", KEEP)
+        err = _feed_raw(ws, foreign.name, 0, (6,))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        request = pb.FetchBlobShmRequest(session_id=ws.id, name="keep", shm_name=foreign.name, offset=0)
+        with pytest.raises(CosserveRpcError) as caught:
+            ws.client._call("FetchBlobShm", request)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert bytes(foreign.buf[:24]) == b"TOPSECRET-other-app-data"
+        assert _same_bits(ws.fetch_blob("keep"), KEEP)
+    finally:
+        foreign.close()
+        foreign.unlink()
