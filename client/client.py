@@ -323,7 +323,9 @@ class Session:
         except CosserveRpcError as err:
             if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise
-            return self._fetch_streamed(request)
+            trailers = err.__cause__.trailing_metadata() if isinstance(err.__cause__, grpc.Call) else None
+            nbytes = int(dict(trailers or ()).get(limits.BLOB_BYTES_KEY, 0))
+            return self._fetch_streamed(request, self.client.timeout + nbytes * _SECONDS_PER_BYTE)
         # FetchBlobResponse: tensor (1). One copy (at most INLINE_BYTES): a view of the received
         # bytes would be read-only, unlike every other array this client returns.
         span = (0, 0)
@@ -333,9 +335,9 @@ class Session:
         dtype, shape, start, end = tensors.read_tensor(reply, *span)
         return tensors.array_at(dtype, shape, reply, start, end).copy()
 
-    def _fetch_streamed(self, request: pb.FetchBlobRequest) -> np.ndarray:
+    def _fetch_streamed(self, request: pb.FetchBlobRequest, timeout: float) -> np.ndarray:
         # FetchBlobChunk has Tensor's field numbers: dtype and shape in the first message, data in each.
-        messages = self.client._stream("FetchBlobStream", request, timeout=None, framed=True)
+        messages = self.client._stream("FetchBlobStream", request, timeout=timeout, framed=True)
         first = next(messages)
         dtype, shape, _, _ = tensors.read_tensor(first)
         nbytes = tensors.nbytes_of(dtype, shape)
@@ -446,7 +448,8 @@ class Session:
         `batch_size` rows, or an iterable of (n, D) batches whose results are concatenated. All
         batches go over one ScoreTopK stream, several in flight. Queries must have the corpus
         dtype. Returns (scores (N, k) in the corpus dtype, int64 indices (N, k)), best first,
-        ties broken by the lower index. `timeout` bounds the whole call; by default it is the
+        ties broken by the lower index; an iterable with no batches asks nothing of the server
+        and gives (0, k) float32 scores. `timeout` bounds the whole call; by default it is the
         client's timeout per batch (a day for an iterator of unknown length).
         """
         scores, indices = [], []

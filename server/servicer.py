@@ -131,10 +131,12 @@ class CosserveServicer(pb_grpc.CosserveServicer):
         workspace.put(first.name, assembler.finish(workspace.device))
         return pb.FeedBlobResponse()
 
-    def _inline_blob(self, request: pb.FetchBlobRequest) -> torch.Tensor:
+    def _inline_blob(self, request: pb.FetchBlobRequest, context: grpc.ServicerContext) -> torch.Tensor:
         tensor = self.store.get(request.session_id).get(request.name)
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes > limits.INLINE_BYTES:
+            # The size, so that the client can give the streamed fetch a deadline to match.
+            context.set_trailing_metadata(((limits.BLOB_BYTES_KEY, str(nbytes)),))
             raise ResourceExhausted(
                 f"blob {request.name!r} is {nbytes} bytes, above the {limits.INLINE_BYTES} of one message; "
                 "use FetchBlobStream"
@@ -143,7 +145,7 @@ class CosserveServicer(pb_grpc.CosserveServicer):
 
     def FetchBlob(self, request: pb.FetchBlobRequest, context: grpc.ServicerContext) -> bytes:
         """The encoded FetchBlobResponse, framed with one copy of the data."""
-        tensor = codec.tensor_pieces(self._inline_blob(request))
+        tensor = codec.tensor_pieces(self._inline_blob(request, context))
         return b"".join([wire.field_header(1, sum(map(len, tensor))), *tensor])  # tensor (1)
 
     def FetchBlobStream(self, request: pb.FetchBlobRequest, context: grpc.ServicerContext) -> Iterator[bytes]:

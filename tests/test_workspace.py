@@ -245,3 +245,13 @@ def test_returned_arrays_are_writable(client, cpu_ws):
     for array in results:
         assert array.flags.writeable
         array.reshape(-1)[0] = 1  # would raise on a read-only view
+
+
+def test_too_large_inline_fetch_reports_the_size_for_the_stream_deadline(client, cpu_ws):
+    value = np.zeros(3 * 1024 * 1024, np.uint8)
+    cpu_ws.feed_blob("x", value)
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.FetchBlob(pb.FetchBlobRequest(session_id=cpu_ws.id, name="x"))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert dict(err.value.trailing_metadata())["cosserve-blob-bytes"] == str(value.nbytes)
+    assert cpu_ws.fetch_blob("x").nbytes == value.nbytes  # the client then streams it
