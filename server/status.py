@@ -68,15 +68,16 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             if not secrets.compare_digest(str(sent), self._expected):
                 self._observe(method, "UNAUTHENTICATED", 0.0)
                 return _refuse(handler, "missing or wrong bearer token in 'authorization' metadata")
-        if handler.response_streaming:
-            behavior = handler.unary_stream or handler.stream_stream
-            wrapped = _wrap_stream(method, behavior, self._observe)
-            field = "unary_stream" if handler.unary_stream else "stream_stream"
-        else:
-            behavior = handler.unary_unary or handler.stream_unary
-            wrapped = _wrap_unary(method, behavior, self._observe)
-            field = "unary_unary" if handler.unary_unary else "stream_unary"
-        return handler._replace(**{field: wrapped})
+        field = _behavior_field(handler)
+        wrap = _wrap_stream if handler.response_streaming else _wrap_unary
+        return handler._replace(**{field: wrap(method, getattr(handler, field), self._observe)})
+
+
+def _behavior_field(handler: grpc.RpcMethodHandler) -> str:
+    """Which of the handler's four behavior fields is set."""
+    if handler.response_streaming:
+        return "stream_stream" if handler.request_streaming else "unary_stream"
+    return "stream_unary" if handler.request_streaming else "unary_unary"
 
 
 def _wrap_unary(method: str, behavior: Callable[..., Any], observe: Observer) -> Callable[..., Any]:
@@ -121,8 +122,4 @@ def _refuse(handler: Any, message: str) -> Any:
     def deny(request: Any, context: grpc.ServicerContext) -> Any:
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    if handler.response_streaming:
-        field = "unary_stream" if handler.unary_stream else "stream_stream"
-    else:
-        field = "unary_unary" if handler.unary_unary else "stream_unary"
-    return handler._replace(**{field: deny})
+    return handler._replace(**{_behavior_field(handler): deny})
