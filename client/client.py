@@ -132,8 +132,9 @@ class Client:
             (("authorization", f"Bearer {token}"),) if token else ()
         )
         self.stub = pb_grpc.CosserveStub(self._channel)
-        # The hot calls with tensor data skip the protobuf runtime on the data: requests are
-        # bytes we frame ourselves (tensors.tensor_pieces), responses raw bytes we read in place.
+        # The hot calls with tensor data skip the protobuf runtime on the data: Compute and feed
+        # requests are bytes we frame ourselves (tensors.tensor_pieces); fetch responses are raw
+        # bytes we read in place. Other replies are parsed by protobuf as usual.
         path = f"/{pb.DESCRIPTOR.services_by_name['Cosserve'].full_name}/"
         ch = self._channel
         self._framed: dict[str, Any] = {

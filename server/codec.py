@@ -14,12 +14,16 @@ from cosserve.server.errors import InvalidArgument, ResourceExhausted
 from cosserve.v1 import cosserve_pb2 as pb
 
 __all__ = [
+    "FLOAT_DTYPES",
     "TORCH_DTYPES",
+    "WIRE_DTYPES",
     "ChunkAssembler",
     "byte_view",
     "dtype_name",
     "empty",
     "check_header",
+    "is_out_of_memory",
+    "stream_chunks",
     "tensor_from_frame",
     "tensor_from_wire",
     "tensor_pieces",
@@ -47,6 +51,13 @@ WIRE_DTYPES: dict[torch.dtype, int] = {dt: code for code, dt in TORCH_DTYPES.ite
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether torch or Python failed to allocate (CPU allocation failures are plain RuntimeErrors)."""
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -70,19 +81,33 @@ def check_header(what: str, dtype_code: int, shape: Sequence[int], max_bytes: in
 
 def tensor_from_wire(what: str, message: pb.Tensor, device: torch.device) -> torch.Tensor:
     """Decode a wire Tensor onto `device`; InvalidArgument if the bytes do not fit the header."""
-    shape = tuple(message.shape)
-    nbytes = check_header(what, message.dtype, shape)
     data = message.data
-    if len(data) != nbytes:
+    return _tensor_at(what, message.dtype, tuple(message.shape), data, 0, len(data), device)
+
+
+def _tensor_at(
+    what: str,
+    dtype_code: int,
+    shape: tuple[int, ...],
+    buffer: bytes,
+    start: int,
+    end: int,
+    device: torch.device,
+    max_bytes: int | None = None,
+) -> torch.Tensor:
+    """The tensor whose bytes are buffer[start:end], after checking them against the header."""
+    nbytes = check_header(what, dtype_code, shape, max_bytes)
+    if end - start != nbytes:
         raise InvalidArgument(
-            f"{what}: data has {len(data)} bytes, but {pb.DType.Name(message.dtype)} {shape} needs {nbytes}"
+            f"{what}: data has {end - start} bytes, but {pb.DType.Name(dtype_code)} {shape} needs {nbytes}"
         )
-    dtype = TORCH_DTYPES[message.dtype]
+    dtype = TORCH_DTYPES[dtype_code]
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype, device=device)
-    # `data` is an immutable bytes object we own: on CPU the tensor views it (ops never write in
-    # place); for another device it is the source of the one copy there.
-    tensor = torch.frombuffer(data, dtype=dtype).reshape(shape)
+    # `buffer` is an immutable bytes object we own: on CPU the tensor views it (ops never write
+    # in place); for another device it is the source of the one copy there.
+    flat = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=start)
+    tensor = flat.view(dtype).reshape(shape)
     return tensor if device.type == "cpu" else tensor.to(device)
 
 
@@ -120,16 +145,7 @@ def tensor_from_frame(
         dtype_code, shape, data_start, data_end = wire.read_tensor(buffer, start, end)
     except ValueError as err:
         raise InvalidArgument(f"{what}: {err}") from None
-    nbytes = check_header(what, dtype_code, shape, max_bytes)
-    if data_end - data_start != nbytes:
-        raise InvalidArgument(
-            f"{what}: data has {data_end - data_start} bytes, but {pb.DType.Name(dtype_code)} {shape} needs {nbytes}"
-        )
-    dtype = TORCH_DTYPES[dtype_code]
-    if nbytes == 0:
-        return torch.empty(shape, dtype=dtype, device=device)
-    flat = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=data_start)
-    return flat.view(dtype).reshape(shape).to(device)
+    return _tensor_at(what, dtype_code, shape, buffer, data_start, data_end, device, max_bytes)
 
 
 def tensor_pieces(tensor: torch.Tensor) -> list[bytes | memoryview]:

@@ -12,17 +12,18 @@ from typing import Any
 import torch
 
 from cosserve.server import ops as _ops  # noqa: F401  (fills the registry)
-from cosserve.server.codec import FLOAT_DTYPES, dtype_name
+from cosserve.server.codec import FLOAT_DTYPES, dtype_name, is_out_of_memory
 from cosserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from cosserve.server.registry import REGISTRY, ArgType, InputKind, Operator
 from cosserve.server.workspace import Workspace
 
 __all__ = [
-    "FLOAT_DTYPES",
+    "ACCEPTED_DTYPES",
     "LABEL_DTYPES",
     "OpCall",
     "bind",
     "check_gradient",
+    "check_inputs",
     "compute",
     "execute",
     "run_net",
@@ -121,18 +122,11 @@ def check_inputs(op: Operator, names: Sequence[str], inputs: Sequence[torch.Tens
         raise InvalidArgument(f"{err} (blobs: {blobs})") from None
 
 
-def is_out_of_memory(err: BaseException) -> bool:
-    """Whether torch or Python failed to allocate (CPU allocation failures are plain RuntimeErrors)."""
-    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
-
-
 def _apply(
     op: Operator, names: Sequence[str], inputs: Sequence[torch.Tensor], args: Mapping[str, Any], room: int | None
 ) -> list[torch.Tensor]:
     check_inputs(op, names, inputs, args)
-    if room is not None and op.output_bytes is not None:
+    if room is not None and op.output_bytes is not None:  # room is None unless output_bytes is set
         needed = op.output_bytes(inputs, args)
         if needed > room:
             raise ResourceExhausted(
@@ -160,7 +154,7 @@ def execute(
             op, args = bind(call)
             inputs = [lookup(staged, name) for name in call.inputs]
             room = None
-            if max_bytes is not None:
+            if max_bytes is not None and op.output_bytes is not None:  # summing blobs is per op: only when used
                 replaced = {name: staged[name] for name in call.outputs if name in staged}
                 room = max_bytes - Workspace.bytes_of(staged) + Workspace.bytes_of(replaced)
             outputs = _apply(op, call.inputs, inputs, args, room)

@@ -10,7 +10,7 @@ from typing import TypeVar
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from cosserve.server.codec import FLOAT_DTYPES, dtype_name
+from cosserve.server.codec import FLOAT_DTYPES, dtype_name, is_out_of_memory
 from cosserve.server.errors import InvalidArgument, ResourceExhausted
 
 __all__ = [
@@ -171,14 +171,17 @@ def _tiles(
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(query start, corpus start, tile of scores) for every tile, query blocks outermost.
 
-    Every tile is written into one buffer, overwritten by the next tile: a fresh block per tile
-    would leave the allocator's freed blocks resident, growing the server's memory for nothing.
+    On the matmul path every tile is written into one buffer, overwritten by the next tile: a
+    fresh block per tile would leave the allocator's freed blocks resident, growing the server's
+    memory for nothing. oneDNN's inner product returns a new tile each time (small: 2 MiB).
     """
     ct = compute_dtype(corpus.dtype)
     m, d = corpus.shape
-    tiles = torch.empty(min(query_rows, queries.shape[0]) * min(corpus_rows, m), dtype=ct, device=corpus.device)
+    onednn = _onednn_usable(corpus.device, ct, d) and _ONEDNN_LINEAR is not None
+    tiles = None if onednn else torch.empty(
+        min(query_rows, queries.shape[0]) * min(corpus_rows, m), dtype=ct, device=corpus.device
+    )
     converted = None if corpus.dtype == ct else torch.empty(min(corpus_rows, m) * d, dtype=ct, device=corpus.device)
-    onednn = _onednn_usable(corpus.device, ct, d)
     for qs in range(0, queries.shape[0], query_rows):
         qn = _normalized(queries[qs : qs + query_rows], ct)
         for cs in range(0, m, corpus_rows):
@@ -186,9 +189,10 @@ def _tiles(
             if converted is not None:
                 chunk = _shaped(converted, chunk.shape[0], d).copy_(chunk)
             # S = (q / |q|) · c * (1 / |c|): the corpus is never copied normalized, only its norms are kept
-            if onednn and _ONEDNN_LINEAR is not None:
+            if tiles is None and _ONEDNN_LINEAR is not None:
                 tile = _ONEDNN_LINEAR(qn, chunk, None, "none", [], "")
             else:
+                assert tiles is not None
                 tile = torch.matmul(qn, chunk.T, out=_shaped(tiles, qn.shape[0], chunk.shape[0]))
             tile.mul_(inv_norms[cs : cs + corpus_rows])
             yield qs, cs, tile
@@ -204,7 +208,9 @@ def similarity_matrix(
     norms = inverse_norms(corpus) if inv_norms is None else inv_norms
     try:
         out = torch.empty((n, m), dtype=corpus.dtype, device=corpus.device)
-    except RuntimeError as err:  # the CPU allocator raises a bare RuntimeError
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
         raise ResourceExhausted(
             f"CosineSimilarityMatrix: the ({n}, {m}) output does not fit in memory; CosineTopK keeps only "
             f"the best k per query ({err.__class__.__name__})"
@@ -244,7 +250,7 @@ def _best_k(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.
 def _tile_candidates(tile: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidates of one tile (values, column) that surely hold its best k by (-score, index)."""
     n, width = tile.shape
-    if width <= k + 1:  # the tile's buffer is reused for the next tile: keep a copy
+    if width <= k + 1:  # on the matmul path the tile's buffer is reused for the next tile: keep a copy
         return tile.clone(), torch.arange(width, device=tile.device).expand(n, width)
     values, columns = tile.topk(k + 1, dim=1)
     # topk orders equal values arbitrarily, so when the k-th and (k+1)-th best are equal it may
@@ -309,8 +315,10 @@ def score_blob(
         )
     try:
         return top_k(queries, corpus, k, norms.get(corpus))
-    except torch.OutOfMemoryError as err:
-        raise ResourceExhausted(f"ScoreTopK: out of device memory: {err}") from None
+    except Exception as err:
+        if is_out_of_memory(err):
+            raise ResourceExhausted(f"ScoreTopK: out of memory: {err}") from None
+        raise
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -102,7 +102,8 @@ class CosserveServicer(pb_grpc.CosserveServicer):
 
     # ---- blobs ---------------------------------------------------------------------------
 
-    # The four RPCs that carry blob data take and return encoded bytes, not protobuf objects:
+    # The four RPCs that carry blob data read their data from, or write it into, encoded bytes
+    # (FeedBlob and FeedBlobStream take bytes; FetchBlob and FetchBlobStream return bytes):
     # add_to_server registers them so (see add_framed_handlers).
 
     def FeedBlob(self, request: bytes, context: grpc.ServicerContext) -> pb.FeedBlobResponse:
@@ -122,9 +123,9 @@ class CosserveServicer(pb_grpc.CosserveServicer):
             raise InvalidArgument("FeedBlobStream: the first message is not a FeedBlobChunk") from None
         workspace = self.store.get(first.session_id)
         what = f"blob {first.name!r}"
+        # Fail before allocating or receiving gigabytes that cannot be stored.
+        workspace.reserve(first.name, codec.check_header(what, first.dtype, first.shape, workspace.max_bytes))
         assembler = codec.ChunkAssembler(what, first.dtype, first.shape, workspace.max_bytes, workspace.device)
-        with workspace.lock:  # fail before receiving gigabytes that cannot be stored
-            workspace.check_room(first.name, assembler.nbytes)
         assembler.add(_chunk_data(raw))
         for chunk in request_iterator:
             assembler.add(_chunk_data(chunk))

@@ -71,10 +71,10 @@ class _Region:
             raise PermissionDenied(
                 f"shared memory region {shm_name!r}: this session may only use regions named {prefix}*"
             )
-        if not shm_name or "/" in shm_name.lstrip("/") or "\0" in shm_name or len(shm_name) > _MAX_NAME:
+        if "/" in shm_name.lstrip("/") or "\0" in shm_name or len(shm_name) > _MAX_NAME:
             raise InvalidArgument(
                 f"shared memory name {shm_name!r} is not a region name "
-                "(as multiprocessing.shared_memory gives it: non-empty, no '/', at most 250 characters)"
+                "(as multiprocessing.shared_memory gives it: no '/', at most 250 characters)"
             )
         self.name = shm_name.lstrip("/")
         self.writable = writable
@@ -123,11 +123,7 @@ def feed(workspace: Workspace, name: str, dtype_code: int, shape: Sequence[int],
     what = f"blob {name!r}"
     shape = tuple(shape)
     nbytes = codec.check_header(what, dtype_code, shape, workspace.max_bytes)
-    with workspace.lock:
-        workspace.ensure_open()
-        if not name:
-            raise InvalidArgument("blob name must not be empty")
-        workspace.check_room(name, nbytes)
+    workspace.reserve(name, nbytes)
     with _Region(shm_name, writable=False, session_id=workspace.id) as region:
         region.check_span(offset, nbytes, what)
         tensor = codec.empty(codec.TORCH_DTYPES[dtype_code], shape, workspace.device)

@@ -120,6 +120,6 @@ def _is_abort(context: grpc.ServicerContext) -> bool:
 
 def _refuse(handler: Any, message: str) -> Any:
     def deny(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        _abort(context, "", errors.Unauthenticated(message))
 
     return handler._replace(**{_behavior_field(handler): deny})

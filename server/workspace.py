@@ -82,11 +82,17 @@ class Workspace:
         if self.closed:
             raise NotFound(f"session {self.id!r} was closed")
 
-    def put(self, name: str, tensor: torch.Tensor) -> None:
+    def reserve(self, name: str, nbytes: int) -> None:
+        """Refuse now, before anything is received or allocated, a blob `name` of nbytes that
+        could not be stored (closed session, empty name, byte limit)."""
         with self.lock:
             self.ensure_open()
             _check_name(name)
-            self.check_room(name, tensor.numel() * tensor.element_size())
+            self.check_room(name, nbytes)
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        with self.lock:
+            self.reserve(name, tensor.numel() * tensor.element_size())
             self.blobs[name] = tensor
 
     def get(self, name: str) -> torch.Tensor:

@@ -111,3 +111,17 @@ def test_bad_default_device_fails_at_startup():
     out = _cli("serve", "--port", "0", "--device", "banana", env={})
     assert out.returncode == 2
     assert "banana" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_stream_to_an_empty_name_or_closed_session_is_refused_at_the_header(client):
+    session = client.session("cpu")
+    header = pb.FeedBlobChunk(session_id=session.id, name="", dtype=pb.FLOAT32, shape=[4])
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.FeedBlobStream(iter([header, pb.FeedBlobChunk(data=b"\0" * 16)]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "must not be empty" in err.value.details()
+    session.close()
+    header.name = "x"
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.FeedBlobStream(iter([header]))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
