@@ -113,11 +113,19 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero():
             stream = c.stub.FetchBlobStream(pb.FetchBlobRequest(session_id=s.id, name="x"), timeout=60)
             chunks = [next(stream)]  # the call is now in flight
             proc.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
+            draining = False  # health turns NOT_SERVING, then new calls are refused
+            deadline = time.monotonic() + 20
+            with grpc.insecure_channel(address) as channel:
+                check = health_pb2_grpc.HealthStub(channel).Check
+                while not draining and time.monotonic() < deadline:
+                    try:
+                        status = check(health_pb2.HealthCheckRequest(), timeout=2).status
+                        draining = status != health_pb2.HealthCheckResponse.SERVING
+                    except grpc.RpcError:
+                        draining = True
+                    time.sleep(0.02)
+            assert draining, "the server kept serving new calls after SIGTERM"
             assert proc.poll() is None, "the server exited with a call in flight"
-            with grpc.insecure_channel(address) as channel:  # new calls are refused while draining
-                with pytest.raises(grpc.RpcError):
-                    health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
             chunks.extend(stream)  # the in-flight call finishes intact
             data = b"".join(chunk.data for chunk in chunks)
             assert np.array_equal(np.frombuffer(data, np.float32), value)
