@@ -190,24 +190,24 @@ def _int64(value: int) -> int:
 
 
 def read_tensor(
-    buffer: bytes, start: int = 0, end: int | None = None, dtype_field: int = 1, shape_field: int = 2, data_field: int = 3
+    buffer: bytes, start: int = 0, end: int | None = None
 ) -> tuple[int, tuple[int, ...], int, int]:
     """Read a Tensor-like message in buffer[start:end]: (dtype code, shape, data start, data end).
 
-    The field numbers default to `Tensor`'s; FetchBlobChunk has the same ones. The data is not copied.
+    Field numbers are `Tensor`'s (FetchBlobChunk has the same ones). The data is not copied.
     """
     dtype, shape, data = 0, [], (0, 0)
     for number, kind, value, stop in fields(buffer, start, end):
-        if number == dtype_field and kind == 0:
+        if number == 1 and kind == 0:  # dtype
             dtype = value
-        elif number == shape_field and kind == _LEN:  # packed, as proto3 writes it
+        elif number == 2 and kind == _LEN:  # shape, packed, as proto3 writes it
             pos = value
             while pos < stop:
                 dim, pos = _read_varint(buffer, pos, stop)
                 shape.append(_int64(dim))
-        elif number == shape_field and kind == 0:  # unpacked: also valid on the wire
+        elif number == 2 and kind == 0:  # shape unpacked: also valid on the wire
             shape.append(_int64(value))
-        elif number == data_field and kind == _LEN:
+        elif number == 3 and kind == _LEN:  # data
             data = (value, stop)
     return dtype, tuple(shape), data[0], data[1]
 

@@ -11,7 +11,7 @@ import torch
 from cosserve.server.errors import InvalidArgument
 from cosserve.server.registry import ArgSpec, ArgType, InputSpec, OpSchema, ShapeCheck, register
 
-__all__ = ["EPS", "compute_dtype", "row_count", "rows"]
+__all__ = ["EPS", "check_same_shape", "compute_dtype", "row_count", "rows"]
 
 # Caffe2's kEps: the floor of each *squared* norm, and the L1 gradient's dead zone.
 EPS = 1e-12
@@ -48,15 +48,21 @@ def _check_gradient_input(op: str, name: str, g: torch.Tensor, n: int, of: str) 
         )
 
 
-def _check_same_shape(
-    op: str, gradient_input: str | None = None, n_rows: Callable[[torch.Tensor], int] = row_count
+def check_same_shape(
+    op: str,
+    gradient_input: str | None = None,
+    n_rows: Callable[[torch.Tensor], int] = row_count,
+    names: tuple[str, str] = ("X", "Y"),
 ) -> ShapeCheck:
-    """X and Y of equal shape; for a gradient op, the third input 1-D of length n_rows(X)."""
+    """The first two inputs of equal shape; for a row-wise gradient op, the third input 1-D of
+    length n_rows(X)."""
 
     def check(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> None:
         x, y = inputs[0], inputs[1]
         if x.shape != y.shape:
-            raise InvalidArgument(f"{op}: input Y must have the shape of X {_shape(x)}, got {_shape(y)}")
+            raise InvalidArgument(
+                f"{op}: input {names[1]} must have the shape of {names[0]} {_shape(x)}, got {_shape(y)}"
+            )
         if gradient_input is not None:
             _check_gradient_input(op, gradient_input, inputs[2], n_rows(x), f"X {_shape(x)}")
 
@@ -79,7 +85,7 @@ def _norm(sq: torch.Tensor) -> torch.Tensor:
         doc="S = x·y / sqrt(max(x·x, 1e-12) · max(y·y, 1e-12)) per row; X and Y of equal shape; S is (N,).",
         gradient="CosineSimilarityGradient",
     ),
-    check_shapes=_check_same_shape("CosineSimilarity"),
+    check_shapes=check_same_shape("CosineSimilarity"),
 )
 def cosine_similarity(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # S = x·y / (max(x·x, eps)^½ · max(y·y, eps)^½)
@@ -96,7 +102,7 @@ def cosine_similarity(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -
         doc="dX = g·y/(xn·yn) − g·(x·y)·x/(xn³·yn), dY symmetric, with xn = sqrt(max(x·x, 1e-12)); "
         "dS is (N,).",
     ),
-    check_shapes=_check_same_shape("CosineSimilarityGradient", "dS"),
+    check_shapes=check_same_shape("CosineSimilarityGradient", "dS"),
 )
 def cosine_similarity_gradient(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # dX = g·y/(xn·yn) − g·(x·y)·x/(xn³·yn); dY = g·x/(xn·yn) − g·(x·y)·y/(yn³·xn)
@@ -127,7 +133,7 @@ def _dot_rows(t: torch.Tensor) -> int:
         doc="P = x·y per row; X and Y of equal shape; P is (N,), and (0,) for any zero-size input.",
         gradient="DotProductGradient",
     ),
-    check_shapes=_check_same_shape("DotProduct"),
+    check_shapes=check_same_shape("DotProduct"),
 )
 def dot_product(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # P = x·y
@@ -144,7 +150,7 @@ def dot_product(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list
         outputs=("dX", "dY"),
         doc="dX = g·y, dY = g·x per row; dP is (N,), and (0,) for zero-size X.",
     ),
-    check_shapes=_check_same_shape("DotProductGradient", "dP", _dot_rows),
+    check_shapes=check_same_shape("DotProductGradient", "dP", _dot_rows),
 )
 def dot_product_gradient(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # dX = g·y, dY = g·x
@@ -259,7 +265,7 @@ def dot_product_with_padding_gradient(inputs: Sequence[torch.Tensor], args: Mapp
         doc="L = ½ Σ (x − y)² per row (computed from the difference); X and Y of equal shape; L is (N,).",
         gradient="SquaredL2DistanceGradient",
     ),
-    check_shapes=_check_same_shape("SquaredL2Distance"),
+    check_shapes=check_same_shape("SquaredL2Distance"),
 )
 def squared_l2_distance(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # L = ½ Σ (x − y)²; Caffe2's ½(x·x + y·y) − x·y cancels catastrophically for close rows.
@@ -274,7 +280,7 @@ def squared_l2_distance(inputs: Sequence[torch.Tensor], args: Mapping[str, Any])
         outputs=("dX", "dY"),
         doc="dX = g·(x − y), dY = −dX per row; dL is (N,).",
     ),
-    check_shapes=_check_same_shape("SquaredL2DistanceGradient", "dL"),
+    check_shapes=check_same_shape("SquaredL2DistanceGradient", "dL"),
 )
 def squared_l2_distance_gradient(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # dX = g·(x − y), dY = −dX
@@ -295,7 +301,7 @@ def squared_l2_distance_gradient(inputs: Sequence[torch.Tensor], args: Mapping[s
         doc="L = Σ abs(x − y) per row; X and Y of equal shape; L is (N,).",
         gradient="L1DistanceGradient",
     ),
-    check_shapes=_check_same_shape("L1Distance"),
+    check_shapes=check_same_shape("L1Distance"),
 )
 def l1_distance(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # L = Σ |x − y|
@@ -309,7 +315,7 @@ def l1_distance(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list
         outputs=("dX", "dY"),
         doc="dX = g·sign(x − y), 0 where abs(x − y) ≤ 1e-12; dY = −dX; dL is (N,).",
     ),
-    check_shapes=_check_same_shape("L1DistanceGradient", "dL"),
+    check_shapes=check_same_shape("L1DistanceGradient", "dL"),
 )
 def l1_distance_gradient(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # dX = g·sign(x − y)·[|x − y| > eps], dY = −dX (Caffe2's dead zone around x == y)

@@ -7,20 +7,8 @@ from typing import Any
 
 import torch
 
-from cosserve.server.errors import InvalidArgument
+from cosserve.server.ops.distance import check_same_shape
 from cosserve.server.registry import InputSpec, OpSchema, register
-
-
-def _same_shape(op: str, names: tuple[str, str]) -> Any:
-    def check(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> None:
-        a, b = inputs
-        if a.shape != b.shape:
-            raise InvalidArgument(
-                f"{op}: input {names[1]} must have the shape of {names[0]} "
-                f"{tuple(a.shape)}, got {tuple(b.shape)}"
-            )
-
-    return check
 
 
 @register(
@@ -45,7 +33,7 @@ def cos(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.T
         outputs=("dX",),
         doc="dX = -dY * sin(X), element-wise; X and dY have the same shape.",
     ),
-    check_shapes=_same_shape("CosGradient", ("X", "dY")),
+    check_shapes=check_same_shape("CosGradient", names=("X", "dY")),
 )
 def cos_gradient(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # dX = -dY * sin(X)
