@@ -5,42 +5,70 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import typing
 from collections.abc import Mapping
+from typing import Any
 
 __all__ = ["Settings", "add_arguments", "from_args"]
 
 
+def _setting(default: Any, help: str) -> Any:
+    """A Settings field with its --help text; the flag and the variable are derived from its name."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    host: str = "127.0.0.1"
-    port: int = 50051
-    device: str = "auto"  # default device of sessions that ask for "auto"
-    max_workers: int = 16  # threads serving RPCs
-    max_sessions: int = 1024
-    max_session_bytes: int = 16 * 1024**3  # blobs of one session, all together
-    session_idle_timeout_s: float = 3600.0  # an idle session is closed after this; 0 = never
-    grace_s: float = 10.0  # on SIGTERM, in-flight calls get this long to finish
-    allow_shm: bool = False  # same-host clients may pass blobs through shared memory
-    auth_token: str = ""  # if set, calls must send "authorization: Bearer <token>"
-    metrics_port: int = 0  # serve Prometheus metrics at http://host:port/metrics; 0 = off
-    log_level: str = "INFO"
+    """Every setting of the server. Field `some_name` is flag --some-name and variable COSSERVE_SOME_NAME."""
+
+    host: str = _setting("127.0.0.1", "address to listen on (0.0.0.0 in a container)")
+    port: int = _setting(50051, "port to listen on; 0 picks a free one")
+    device: str = _setting("auto", "default device of sessions: auto (CUDA if available), cpu, cuda, cuda:N")
+    max_workers: int = _setting(16, "threads that run large operators, scoring and blob copies")
+    max_concurrent_rpcs: int = _setting(
+        4096, "calls served at once, all clients together; more answer RESOURCE_EXHAUSTED"
+    )
+    max_streams_per_connection: int = _setting(256, "concurrent calls one connection may open (HTTP/2 streams)")
+    inline_op_bytes: int = _setting(
+        262144,
+        "ops whose inputs total at most this many bytes run on the event loop; larger ones on the worker threads",
+    )
+    max_sessions: int = _setting(1024, "open sessions at most; more answer RESOURCE_EXHAUSTED")
+    max_session_bytes: int = _setting(16 * 1024**3, "bytes of blobs one session may hold")
+    session_idle_timeout_s: float = _setting(3600.0, "close sessions idle this many seconds (0: never)")
+    grace_s: float = _setting(10.0, "seconds in-flight calls get to finish on SIGTERM")
+    allow_shm: bool = _setting(False, "let same-host clients feed and fetch blobs through shared memory")
+    auth_token: str = _setting("", "require 'authorization: Bearer TOKEN' metadata on every call")
+    metrics_port: int = _setting(0, "serve Prometheus metrics on this port at /metrics (0: off)")
+    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
 
 
-# flag name -> (type, help); the environment variable is COSSERVE_<NAME IN UPPER CASE>.
-_FLAGS: dict[str, tuple[type, str]] = {
-    "host": (str, "address to listen on (0.0.0.0 in a container)"),
-    "port": (int, "port to listen on; 0 picks a free one"),
-    "device": (str, "default device of sessions: auto (CUDA if available), cpu, cuda, cuda:N"),
-    "max_workers": (int, "threads serving RPCs"),
-    "max_sessions": (int, "open sessions at most; more answer RESOURCE_EXHAUSTED"),
-    "max_session_bytes": (int, "bytes of blobs one session may hold"),
-    "session_idle_timeout_s": (float, "close sessions idle this many seconds (0: never)"),
-    "grace_s": (float, "seconds in-flight calls get to finish on SIGTERM"),
-    "allow_shm": (bool, "let same-host clients feed and fetch blobs through shared memory"),
-    "auth_token": (str, "require 'authorization: Bearer TOKEN' metadata on every call"),
-    "metrics_port": (int, "serve Prometheus metrics on this port at /metrics (0: off)"),
-    "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
-}
+# Shown as "(set)" in --help when given, never as the value.
+_SECRETS = frozenset({"auth_token"})
+_KINDS = (str, int, float, bool)
+
+
+def _fields() -> list[tuple[str, type, str]]:
+    """(name, type, help) of every Settings field, in declaration order."""
+    # `from __future__ import annotations` leaves field.type a string; get_type_hints resolves it.
+    hints = typing.get_type_hints(Settings)
+    out = []
+    for field in dataclasses.fields(Settings):
+        kind = hints[field.name]
+        if kind not in _KINDS:
+            raise TypeError(f"Settings.{field.name}: flags can be {', '.join(k.__name__ for k in _KINDS)}, not {kind}")
+        out.append((field.name, kind, field.metadata["help"]))
+    return out
+
+
+def _env_var(name: str) -> str:
+    """The environment variable of a Settings field."""
+    return "COSSERVE_" + name.upper()
+
+
+def _flag(name: str) -> str:
+    """The command-line flag of a Settings field."""
+    return "--" + name.replace("_", "-")
 
 
 def _parse_bool(text: str) -> bool:
@@ -55,30 +83,29 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | 
     """Add one kebab-case flag per Settings field; defaults come from COSSERVE_* variables."""
     env = os.environ if environ is None else environ
     defaults = Settings()
-    for name, (kind, text) in _FLAGS.items():
-        var = "COSSERVE_" + name.upper()
+    for name, kind, text in _fields():
+        var = _env_var(name)
         # A variable's text stays text here: argparse converts string defaults with `type` only
         # when this command is run, and from_args checks booleans, so a bad variable fails `serve`
         # with a message, not every command with a traceback.
         default = env.get(var, getattr(defaults, name))
-        flag = "--" + name.replace("_", "-")
-        shown = "(set)" if name == "auth_token" and default else repr(default)
+        shown = "(set)" if name in _SECRETS and default else repr(default)
         help_text = f"{text} [env {var}; default {shown}]"
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            parser.add_argument(flag, type=kind, default=default, help=help_text)
+            parser.add_argument(_flag(name), type=kind, default=default, help=help_text)
 
 
 def from_args(ns: argparse.Namespace) -> Settings:
     """Settings from parsed flags; ValueError naming the variable for a bad boolean in the environment."""
     values = {}
-    for name, (kind, _) in _FLAGS.items():
+    for name, kind, _ in _fields():
         value = getattr(ns, name)
         if kind is bool and isinstance(value, str):
             try:
                 value = _parse_bool(value)
             except ValueError as err:
-                raise ValueError(f"COSSERVE_{name.upper()}: {err}") from None
+                raise ValueError(f"{_env_var(name)}: {err}") from None
         values[name] = value
     return Settings(**values)
