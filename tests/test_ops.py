@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from cosserve import CosserveRpcError
-from cosserve.server import engine as _engine  # noqa: F401  (fills the registry)
+from cosserve.server import engine  # importing it fills the registry
+from cosserve.server.errors import InvalidArgument
 from cosserve.server.registry import REGISTRY, InputKind, OpSchema
 from tests.op_db import ALL_DTYPES, DEFAULT_TOLERANCES, OP_DB, OpEntry, blob, generic_error_cases, out_blob
 
@@ -212,6 +213,30 @@ def test_error_input_is_invalid_argument(cpu_ws, op, case):
     with expect_error(grpc.StatusCode.INVALID_ARGUMENT, *case.match):
         run(cpu_ws, op, case.inputs, case.args, case.n_outputs)
     assert not any(name.startswith("out_") for name in cpu_ws.blobs()), "a failed op wrote an output"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_shape_errors_name_the_op_once_in_front(op):
+    # Shape checks leave the op out of their messages; engine.check_inputs names it, then the blobs.
+    shape_errors = 0
+    for case in entry(op).errors():
+        names = input_blobs(op, len(case.inputs))
+        outputs = tuple(out_blob(o) for o in schema(op).outputs)
+        try:
+            operator, args = engine.bind(engine.OpCall(op, tuple(names), outputs, case.args))
+        except InvalidArgument:
+            continue  # an argument or count error: bind's own, named there
+        tensors = [torch.from_numpy(a) for a in case.inputs]
+        try:
+            operator.check_shapes(tensors, args)
+        except InvalidArgument as raw:
+            shape_errors += 1
+            assert op not in str(raw), f"{case.desc}: the shape check named the op itself: {raw}"
+            with pytest.raises(InvalidArgument) as err:
+                engine.check_inputs(operator, names, tensors, args)
+            assert str(err.value).startswith(f"{op}: {raw} (blobs: "), (case.desc, str(err.value))
+    if not shape_errors:
+        pytest.skip(f"{op}'s op_db entry has no shape error cases")
 
 
 @pytest.mark.parametrize("op", OPS)

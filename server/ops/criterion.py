@@ -8,13 +8,13 @@ from typing import Any
 import torch
 
 from cosserve.server.errors import InvalidArgument
-from cosserve.server.ops.distance import compute_dtype
+from cosserve.server.numerics import compute_dtype, shape_of
 from cosserve.server.registry import ArgSpec, ArgType, InputKind, InputSpec, OpSchema, ShapeCheck, register
 
 _MARGIN = ArgSpec("margin", ArgType.FLOAT, 0.0, "similarity below which a non-matching pair costs nothing")
 
 
-def _check_counts(op: str, names: tuple[str, ...]) -> ShapeCheck:
+def _check_counts(names: tuple[str, ...]) -> ShapeCheck:
     """Only element counts must match (Caffe2): S (2, 2) with Y (4,) is fine."""
 
     def check(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> None:
@@ -22,8 +22,8 @@ def _check_counts(op: str, names: tuple[str, ...]) -> ShapeCheck:
         for name, t in zip(names[1:], inputs[1:]):
             if t.numel() != s.numel():
                 raise InvalidArgument(
-                    f"{op}: input {name} must have the {s.numel()} elements of S {tuple(s.shape)}, "
-                    f"got {t.numel()} (shape {tuple(t.shape)})"
+                    f"input {name} must have the {s.numel()} elements of S {shape_of(s)}, "
+                    f"got {t.numel()} (shape {shape_of(t)})"
                 )
 
     return check
@@ -39,7 +39,7 @@ def _check_counts(op: str, names: tuple[str, ...]) -> ShapeCheck:
         "count; loss has S's shape.",
         gradient="CosineEmbeddingCriterionGradient",
     ),
-    check_shapes=_check_counts("CosineEmbeddingCriterion", ("S", "Y")),
+    check_shapes=_check_counts(("S", "Y")),
 )
 def cosine_embedding_criterion(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # loss = 1 − s if y == 1 else max(0, s − margin); any label other than exactly 1 is "different"
@@ -63,7 +63,7 @@ def cosine_embedding_criterion(inputs: Sequence[torch.Tensor], args: Mapping[str
         doc="dS = −g where y == 1, else g·[s ≥ margin] (≥: at s == margin the gradient is g); S, Y and "
         "dLoss of equal element count; dS has S's shape.",
     ),
-    check_shapes=_check_counts("CosineEmbeddingCriterionGradient", ("S", "Y", "dLoss")),
+    check_shapes=_check_counts(("S", "Y", "dLoss")),
 )
 def cosine_embedding_criterion_gradient(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # dS = −g if y == 1 else g·[s ≥ margin]; Caffe2 uses ≥, so the kink itself passes g through

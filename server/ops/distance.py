@@ -2,71 +2,23 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from cosserve.server.errors import InvalidArgument
+from cosserve.server.numerics import (
+    NORM_FLOOR,
+    check_gradient_input,
+    check_same_shape,
+    from_rows,
+    row_count,
+    row_width,
+    rows,
+    shape_of,
+)
 from cosserve.server.registry import ArgSpec, ArgType, InputSpec, OpSchema, ShapeCheck, register
-
-__all__ = ["EPS", "check_same_shape", "compute_dtype", "row_count", "rows"]
-
-# Caffe2's kEps: the floor of each *squared* norm, and the L1 gradient's dead zone.
-EPS = 1e-12
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float16 sums of squares overflow past 65504 and both half types lose the low bits of long
-    # sums, so half inputs are computed in float32 and only the result is rounded back.
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def row_count(t: torch.Tensor) -> int:
-    return 1 if t.dim() == 0 else t.shape[0]
-
-
-def row_width(t: torch.Tensor) -> int:
-    return 1 if t.dim() <= 1 else math.prod(t.shape[1:])
-
-
-def rows(t: torch.Tensor) -> torch.Tensor:
-    """`t` as an (N, D) matrix in its compute dtype: (N, d1, d2, ...) is N rows of width d1·d2·...,
-    a 1-D tensor of length n is n rows of width 1, a 0-D tensor is one row of width 1."""
-    return t.reshape(row_count(t), row_width(t)).to(compute_dtype(t.dtype))
-
-
-def _shape(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(t.shape)
-
-
-def _check_gradient_input(op: str, name: str, g: torch.Tensor, n: int, of: str) -> None:
-    if g.dim() != 1 or g.shape[0] != n:
-        raise InvalidArgument(
-            f"{op}: input {name} must be 1-D of length {n} (one per row of {of}), got shape {_shape(g)}"
-        )
-
-
-def check_same_shape(
-    op: str,
-    gradient_input: str | None = None,
-    n_rows: Callable[[torch.Tensor], int] = row_count,
-    names: tuple[str, str] = ("X", "Y"),
-) -> ShapeCheck:
-    """The first two inputs of equal shape; for a row-wise gradient op, the third input 1-D of
-    length n_rows(X)."""
-
-    def check(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> None:
-        x, y = inputs[0], inputs[1]
-        if x.shape != y.shape:
-            raise InvalidArgument(
-                f"{op}: input {names[1]} must have the shape of {names[0]} {_shape(x)}, got {_shape(y)}"
-            )
-        if gradient_input is not None:
-            _check_gradient_input(op, gradient_input, inputs[2], n_rows(x), f"X {_shape(x)}")
-
-    return check
 
 
 # ---- CosineSimilarity --------------------------------------------------------------------
@@ -74,7 +26,7 @@ def check_same_shape(
 
 def _norm(sq: torch.Tensor) -> torch.Tensor:
     # Caffe2 floors the squared norm (not the norm) at 1e-12, so a zero row gives 0, never NaN.
-    return torch.sqrt(sq.clamp(min=EPS))
+    return torch.sqrt(sq.clamp(min=NORM_FLOOR))
 
 
 @register(
@@ -85,7 +37,7 @@ def _norm(sq: torch.Tensor) -> torch.Tensor:
         doc="S = x·y / sqrt(max(x·x, 1e-12) · max(y·y, 1e-12)) per row; X and Y of equal shape; S is (N,).",
         gradient="CosineSimilarityGradient",
     ),
-    check_shapes=check_same_shape("CosineSimilarity"),
+    check_shapes=check_same_shape(),
 )
 def cosine_similarity(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # S = x·y / (max(x·x, eps)^½ · max(y·y, eps)^½)
@@ -102,7 +54,7 @@ def cosine_similarity(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -
         doc="dX = g·y/(xn·yn) − g·(x·y)·x/(xn³·yn), dY symmetric, with xn = sqrt(max(x·x, 1e-12)); "
         "dS is (N,).",
     ),
-    check_shapes=check_same_shape("CosineSimilarityGradient", "dS"),
+    check_shapes=check_same_shape(gradient_input="dS"),
 )
 def cosine_similarity_gradient(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # dX = g·y/(xn·yn) − g·(x·y)·x/(xn³·yn); dY = g·x/(xn·yn) − g·(x·y)·y/(yn³·xn)
@@ -114,7 +66,7 @@ def cosine_similarity_gradient(inputs: Sequence[torch.Tensor], args: Mapping[str
     xy = (x * y).sum(1)[:, None]
     dx = g * y / (xn * yn) - g * xy * x / (xn**3 * yn)
     dy = g * x / (xn * yn) - g * xy * y / (yn**3 * xn)
-    return [dx.reshape(x_in.shape).to(x_in.dtype), dy.reshape(y_in.shape).to(y_in.dtype)]
+    return [from_rows(dx, x_in), from_rows(dy, y_in)]
 
 
 # ---- DotProduct --------------------------------------------------------------------------
@@ -133,7 +85,7 @@ def _dot_rows(t: torch.Tensor) -> int:
         doc="P = x·y per row; X and Y of equal shape; P is (N,), and (0,) for any zero-size input.",
         gradient="DotProductGradient",
     ),
-    check_shapes=check_same_shape("DotProduct"),
+    check_shapes=check_same_shape(),
 )
 def dot_product(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # P = x·y
@@ -150,7 +102,7 @@ def dot_product(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list
         outputs=("dX", "dY"),
         doc="dX = g·y, dY = g·x per row; dP is (N,), and (0,) for zero-size X.",
     ),
-    check_shapes=check_same_shape("DotProductGradient", "dP", _dot_rows),
+    check_shapes=check_same_shape(gradient_input="dP", n_rows=_dot_rows),
 )
 def dot_product_gradient(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # dX = g·y, dY = g·x
@@ -159,7 +111,7 @@ def dot_product_gradient(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]
         return [torch.zeros_like(x_in), torch.zeros_like(y_in)]
     x, y = rows(x_in), rows(y_in)
     g = g_in.to(x.dtype)[:, None]
-    return [(g * y).reshape(x_in.shape).to(x_in.dtype), (g * x).reshape(y_in.shape).to(y_in.dtype)]
+    return [from_rows(g * y, x_in), from_rows(g * x, y_in)]
 
 
 # ---- DotProductWithPadding ---------------------------------------------------------------
@@ -170,23 +122,23 @@ _PADDING_ARGS = (
 )
 
 
-def _check_padding(op: str, gradient_input: str | None = None) -> ShapeCheck:
+def _check_padding(gradient_input: str | None = None) -> ShapeCheck:
     """X and Y with the same rank and rows; widths may differ (dividing each other for replicate)."""
 
     def check(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> None:
         x, y = inputs[0], inputs[1]
         if x.dim() != y.dim() or row_count(x) != row_count(y):
             raise InvalidArgument(
-                f"{op}: input Y must have the rank and first dimension of X {_shape(x)}, got {_shape(y)}"
+                f"input Y must have the rank and first dimension of X {shape_of(x)}, got {shape_of(y)}"
             )
         short, long = sorted((row_width(x), row_width(y)))
         if args["replicate"] and short != long and (short == 0 or long % short):
             raise InvalidArgument(
-                f"{op}: with replicate, one row width must divide the other; X {_shape(x)} has width "
-                f"{row_width(x)}, Y {_shape(y)} has width {row_width(y)}"
+                f"with replicate, one row width must divide the other; X {shape_of(x)} has width "
+                f"{row_width(x)}, Y {shape_of(y)} has width {row_width(y)}"
             )
         if gradient_input is not None:
-            _check_gradient_input(op, gradient_input, inputs[2], row_count(x), f"X {_shape(x)}")
+            check_gradient_input(gradient_input, inputs[2], row_count(x), x)
 
     return check
 
@@ -206,7 +158,7 @@ def _longer_first(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch
         "longer one); X and Y have the same rows, widths may differ; P is (N,).",
         gradient="DotProductWithPaddingGradient",
     ),
-    check_shapes=_check_padding("DotProductWithPadding"),
+    check_shapes=_check_padding(),
 )
 def dot_product_with_padding(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # P = Σ_j long[j]·short[j mod DS] (replicate), else Σ_{j<DS} x[j]·y[j] + pad_value·Σ_{j≥DS} long[j]
@@ -232,7 +184,7 @@ def dot_product_with_padding(inputs: Sequence[torch.Tensor], args: Mapping[str, 
         doc="Gradient of DotProductWithPadding: g times the other (padded or tiled) row; the padded "
         "tail of the longer row gets g·pad_value; dP is (N,).",
     ),
-    check_shapes=_check_padding("DotProductWithPaddingGradient", "dP"),
+    check_shapes=_check_padding(gradient_input="dP"),
 )
 def dot_product_with_padding_gradient(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # replicate: dlong[j] = g·short[j mod DS], dshort = g·Σ_k long[k·DS:(k+1)·DS];
@@ -251,7 +203,7 @@ def dot_product_with_padding_gradient(inputs: Sequence[torch.Tensor], args: Mapp
         d_long = torch.cat([g * short, (g * args["pad_value"]).expand(n, dl - ds)], dim=1)
         d_short = g * long[:, :ds]
     dx, dy = (d_long, d_short) if x_is_long else (d_short, d_long)
-    return [dx.reshape(x_in.shape).to(x_in.dtype), dy.reshape(y_in.shape).to(y_in.dtype)]
+    return [from_rows(dx, x_in), from_rows(dy, y_in)]
 
 
 # ---- SquaredL2Distance -------------------------------------------------------------------
@@ -265,7 +217,7 @@ def dot_product_with_padding_gradient(inputs: Sequence[torch.Tensor], args: Mapp
         doc="L = ½ Σ (x − y)² per row (computed from the difference); X and Y of equal shape; L is (N,).",
         gradient="SquaredL2DistanceGradient",
     ),
-    check_shapes=check_same_shape("SquaredL2Distance"),
+    check_shapes=check_same_shape(),
 )
 def squared_l2_distance(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # L = ½ Σ (x − y)²; Caffe2's ½(x·x + y·y) − x·y cancels catastrophically for close rows.
@@ -280,14 +232,14 @@ def squared_l2_distance(inputs: Sequence[torch.Tensor], args: Mapping[str, Any])
         outputs=("dX", "dY"),
         doc="dX = g·(x − y), dY = −dX per row; dL is (N,).",
     ),
-    check_shapes=check_same_shape("SquaredL2DistanceGradient", "dL"),
+    check_shapes=check_same_shape(gradient_input="dL"),
 )
 def squared_l2_distance_gradient(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # dX = g·(x − y), dY = −dX
     x_in, y_in, g_in = inputs
     x, y = rows(x_in), rows(y_in)
     dx = g_in.to(x.dtype)[:, None] * (x - y)
-    return [dx.reshape(x_in.shape).to(x_in.dtype), (-dx).reshape(y_in.shape).to(y_in.dtype)]
+    return [from_rows(dx, x_in), from_rows(-dx, y_in)]
 
 
 # ---- L1Distance --------------------------------------------------------------------------
@@ -301,7 +253,7 @@ def squared_l2_distance_gradient(inputs: Sequence[torch.Tensor], args: Mapping[s
         doc="L = Σ abs(x − y) per row; X and Y of equal shape; L is (N,).",
         gradient="L1DistanceGradient",
     ),
-    check_shapes=check_same_shape("L1Distance"),
+    check_shapes=check_same_shape(),
 )
 def l1_distance(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # L = Σ |x − y|
@@ -315,11 +267,11 @@ def l1_distance(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list
         outputs=("dX", "dY"),
         doc="dX = g·sign(x − y), 0 where abs(x − y) ≤ 1e-12; dY = −dX; dL is (N,).",
     ),
-    check_shapes=check_same_shape("L1DistanceGradient", "dL"),
+    check_shapes=check_same_shape(gradient_input="dL"),
 )
 def l1_distance_gradient(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
-    # dX = g·sign(x − y)·[|x − y| > eps], dY = −dX (Caffe2's dead zone around x == y)
+    # dX = g·sign(x − y)·[|x − y| > eps], dY = −dX (Caffe2's dead zone around x == y, kEps wide)
     x_in, y_in, g_in = inputs
     d = rows(x_in) - rows(y_in)
-    dx = torch.where(d.abs() > EPS, g_in.to(d.dtype)[:, None] * torch.sign(d), 0.0)
-    return [dx.reshape(x_in.shape).to(x_in.dtype), (-dx).reshape(y_in.shape).to(y_in.dtype)]
+    dx = torch.where(d.abs() > NORM_FLOOR, g_in.to(d.dtype)[:, None] * torch.sign(d), 0.0)
+    return [from_rows(dx, x_in), from_rows(-dx, y_in)]

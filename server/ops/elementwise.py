@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from cosserve.server.ops.distance import check_same_shape
+from cosserve.server.numerics import check_same_shape
 from cosserve.server.registry import InputSpec, OpSchema, register
 
 
@@ -33,7 +33,7 @@ def cos(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.T
         outputs=("dX",),
         doc="dX = -dY * sin(X), element-wise; X and dY have the same shape.",
     ),
-    check_shapes=check_same_shape("CosGradient", names=("X", "dY")),
+    check_shapes=check_same_shape(names=("X", "dY")),
 )
 def cos_gradient(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # dX = -dY * sin(X)

@@ -8,17 +8,18 @@ from typing import Any
 import torch
 
 from cosserve.server import scoring
+from cosserve.server.numerics import check_query_corpus
 from cosserve.server.registry import ArgSpec, ArgType, InputSpec, OpSchema, register
 
 _INPUTS = (InputSpec("Q", doc="(N, D) queries"), InputSpec("C", doc="(M, D) corpus"))
 
 
 def _check_matrix(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> None:
-    scoring.check_shapes("CosineSimilarityMatrix", inputs[0], inputs[1])
+    check_query_corpus(inputs[0], inputs[1])
 
 
 def _check_top_k(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> None:
-    scoring.check_shapes("CosineTopK", inputs[0], inputs[1], args["k"])
+    check_query_corpus(inputs[0], inputs[1], args["k"])
 
 
 @register(
