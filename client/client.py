@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import secrets
+import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from multiprocessing import shared_memory
 from typing import Any, TypeVar
@@ -12,7 +14,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from cosserve import limits, tensors
+from cosserve import limits, tensors, wire
 from cosserve.errors import CosserveRpcError
 from cosserve.v1 import cosserve_pb2 as pb
 from cosserve.v1 import cosserve_pb2_grpc as pb_grpc
@@ -132,22 +134,10 @@ class Client:
             (("authorization", f"Bearer {token}"),) if token else ()
         )
         self.stub = pb_grpc.CosserveStub(self._channel)
-        # The hot calls with tensor data skip the protobuf runtime on the data: Compute and feed
-        # requests are bytes we frame ourselves (tensors.tensor_pieces); fetch responses are raw
-        # bytes we read in place. Other replies are parsed by protobuf as usual.
-        path = f"/{pb.DESCRIPTOR.services_by_name['Cosserve'].full_name}/"
-        ch = self._channel
-        self._framed: dict[str, Any] = {
-            "Compute": ch.unary_unary(path + "Compute", response_deserializer=pb.ComputeResponse.FromString),
-            "FeedBlob": ch.unary_unary(path + "FeedBlob", response_deserializer=pb.FeedBlobResponse.FromString),
-            "FeedBlobStream": ch.stream_unary(
-                path + "FeedBlobStream", response_deserializer=pb.FeedBlobResponse.FromString
-            ),
-            "FetchBlob": ch.unary_unary(path + "FetchBlob", request_serializer=pb.FetchBlobRequest.SerializeToString),
-            "FetchBlobStream": ch.unary_stream(
-                path + "FetchBlobStream", request_serializer=pb.FetchBlobRequest.SerializeToString
-            ),
-        }
+        # The RPCs that carry tensor data skip the protobuf runtime on that side (see cosserve.wire):
+        # their requests are bytes framed by wire, or their responses bytes read in place by it.
+        self._framed = {name: _framed_callable(self._channel, method) for name, method in wire.FRAMED_METHODS.items()}
+        self._watchdog = _Watchdog()
 
     def __enter__(self) -> Client:
         return self
@@ -156,6 +146,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        self._watchdog.close()
         self._channel.close()
 
     def _call(self, method: str, request: Any, *, timeout: float | None = None, framed: bool = False) -> Any:
@@ -219,13 +210,11 @@ class Client:
 
         For small tensors: everything travels in one request and one response.
         """
-        head = pb.ComputeRequest(op=operator_def(op_type, list(inputs), outputs, args), device=device)
-        pieces: list[bytes | memoryview] = [head.SerializeToString()]
-        for name, value in inputs.items():  # ComputeRequest.inputs (2): NamedTensor{name (1), tensor (2)}
-            tensor = tensors.tensor_pieces(tensors.as_numpy(value))
-            tensor_size = sum(map(len, tensor))
-            named = pb.NamedTensor(name=name).SerializeToString() + tensors.field_header(2, tensor_size)
-            pieces += [tensors.field_header(2, len(named) + tensor_size), named, *tensor]
+        op = operator_def(op_type, list(inputs), outputs, args).SerializeToString()
+        arrays = [(name, tensors.as_numpy(value)) for name, value in inputs.items()]
+        pieces = wire.compute_request(
+            op, device, [(name, tensors.wire_dtype(a.dtype), a.shape, tensors.byte_view(a)) for name, a in arrays]
+        )
         reply = self._call("Compute", b"".join(pieces), framed=True)
         return {item.name: tensors.from_wire(item.tensor) for item in reply.outputs}
 
@@ -266,11 +255,10 @@ class Session:
         if shm:
             self._feed_shm(name, array)
         elif array.nbytes <= limits.INLINE_BYTES:
-            # FeedBlobRequest: session_id (1), name (2), tensor (3)
-            head = pb.FeedBlobRequest(session_id=self.id, name=name).SerializeToString()
-            tensor = tensors.tensor_pieces(array)
-            request = b"".join([head, tensors.field_header(3, sum(map(len, tensor))), *tensor])
-            self.client._call("FeedBlob", request, framed=True)
+            pieces = wire.feed_blob_request(
+                self.id, name, tensors.wire_dtype(array.dtype), array.shape, tensors.byte_view(array)
+            )
+            self.client._call("FeedBlob", b"".join(pieces), framed=True)
         else:
             self.client._call(
                 "FeedBlobStream",
@@ -280,13 +268,11 @@ class Session:
             )
 
     def _feed_chunks(self, name: str, array: np.ndarray) -> Iterator[bytes]:
-        # FeedBlobChunk: first the header, then messages of data (5) alone, each copied once
-        # from the array into the bytes grpc sends.
-        yield pb.FeedBlobChunk(
-            session_id=self.id, name=name, dtype=tensors.wire_dtype(array.dtype), shape=array.shape
-        ).SerializeToString()
+        # First the header, then messages of data alone, each copied once from the array into
+        # the bytes grpc sends.
+        yield wire.feed_blob_chunk_header(self.id, name, tensors.wire_dtype(array.dtype), array.shape)
         for piece in tensors.chunks(array, limits.CHUNK_BYTES):
-            yield b"".join((tensors.field_header(5, len(piece)), piece))
+            yield b"".join(wire.feed_blob_chunk_data(piece))
 
     def _feed_shm(self, name: str, array: np.ndarray) -> None:
         region = shared_memory.SharedMemory(create=True, size=max(array.nbytes, 1), name=self._region_name())
@@ -319,40 +305,43 @@ class Session:
         if shm:
             return self._fetch_shm(name)
         request = pb.FetchBlobRequest(session_id=self.id, name=name)
-        try:
-            reply = self.client._call("FetchBlob", request, framed=True)
-        except CosserveRpcError as err:
-            if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise
-            trailers = err.__cause__.trailing_metadata() if isinstance(err.__cause__, grpc.Call) else None
-            nbytes = int(dict(trailers or ()).get(limits.BLOB_BYTES_KEY, 0))
-            return self._fetch_streamed(request, self.client.timeout + nbytes * _SECONDS_PER_BYTE)
-        # FetchBlobResponse: tensor (1). One copy (at most INLINE_BYTES): a view of the received
-        # bytes would be read-only, unlike every other array this client returns.
-        span = (0, 0)
-        for number, _, start, end in tensors.fields(reply):
-            if number == 1:
-                span = (start, end)
-        dtype, shape, start, end = tensors.read_tensor(reply, *span)
-        return tensors.array_at(dtype, shape, reply, start, end).copy()
+        # One streamed call for a blob of any size: the first message has dtype, shape and the
+        # first bytes (all of them for a small blob). No deadline could suit every size, so the
+        # call is instead cancelled when no message arrives for the client's timeout.
+        rpc = self.client._framed["FetchBlobStream"]
+        call = rpc(request, metadata=self.client._metadata)
+        with self.client._watchdog.watch(call, self.client.timeout) as progress:
+            try:
+                first = next(call)
+                progress()
+                frame = wire.decode_fetch_blob_chunk(first)
+                if tensors.nbytes_of(frame.dtype, frame.shape) == frame.data.end - frame.data.start:
+                    # The whole blob in one message. One copy (at most a message): a view of the
+                    # received bytes would be read-only, unlike every other array this returns.
+                    return tensors.array_at(frame.dtype, frame.shape, first, *frame.data).copy()
+                return self._fetch_rest(name, first, frame, call, progress)
+            except grpc.RpcError as err:
+                code, details = err.code(), err.details() or ""
+                if progress.expired:
+                    code, details = grpc.StatusCode.DEADLINE_EXCEEDED, progress.message(name)
+                raise CosserveRpcError(code, details, "FetchBlobStream") from err
 
-    def _fetch_streamed(self, request: pb.FetchBlobRequest, timeout: float) -> np.ndarray:
-        # FetchBlobChunk has Tensor's field numbers: dtype and shape in the first message, data in each.
-        messages = self.client._stream("FetchBlobStream", request, timeout=timeout, framed=True)
-        first = next(messages)
-        dtype, shape, _, _ = tensors.read_tensor(first)
-        nbytes = tensors.nbytes_of(dtype, shape)
+    def _fetch_rest(
+        self, name: str, first: bytes, frame: wire.TensorFrame, call: Iterator[bytes], progress: _Progress
+    ) -> np.ndarray:
+        nbytes = tensors.nbytes_of(frame.dtype, frame.shape)
         buffer = np.empty(nbytes, np.uint8)
         filled = 0
-        for message in _chain_first(first, messages):
-            _, _, start, end = tensors.read_tensor(message)
-            size = end - start
+        for message in _chain_first(first, call):
+            progress()
+            data = wire.decode_fetch_blob_chunk(message).data
+            size = data.end - data.start
             if filled + size > nbytes:
-                raise ValueError(f"server sent more than the {nbytes} bytes of blob {request.name!r}")
+                raise ValueError(f"server sent more than the {nbytes} bytes of blob {name!r}")
             if size:
-                buffer[filled : filled + size] = np.frombuffer(message, np.uint8, size, start)
+                buffer[filled : filled + size] = np.frombuffer(message, np.uint8, size, data.start)
             filled += size
-        return tensors.decode(dtype, shape, buffer[:filled])
+        return tensors.decode(frame.dtype, frame.shape, buffer[:filled])
 
     def _fetch_shm(self, name: str) -> np.ndarray:
         request = pb.FetchBlobShmRequest(session_id=self.id, name=name)
@@ -535,3 +524,80 @@ def _chain_first(first: T, rest: Iterator[T]) -> Iterator[T]:
     yield first
     yield from rest
 
+
+
+def _framed_callable(channel: grpc.Channel, method: wire.FramedMethod) -> Any:
+    """The multicallable of a framed method: bytes on its framed side, protobuf on the other."""
+    described = pb.DESCRIPTOR.services_by_name["Cosserve"].methods_by_name[method.name]
+    request_type = getattr(pb, described.input_type.name)
+    response_type = getattr(pb, described.output_type.name)
+    make = {
+        (False, False): channel.unary_unary,
+        (False, True): channel.unary_stream,
+        (True, False): channel.stream_unary,
+        (True, True): channel.stream_stream,
+    }[(method.request_streaming, method.response_streaming)]
+    return make(
+        wire.method_path(method.name),
+        request_serializer=None if method.request_bytes else request_type.SerializeToString,
+        response_deserializer=None if method.response_bytes else response_type.FromString,
+    )
+
+
+class _Progress:
+    """One watched call: calling it records progress; `expired` once the watchdog cancelled it."""
+
+    def __init__(self, call: Any, idle_s: float) -> None:
+        self.call = call
+        self.idle_s = idle_s
+        self.last = time.monotonic()
+        self.expired = False
+
+    def __call__(self) -> None:
+        self.last = time.monotonic()
+
+    def message(self, name: str) -> str:
+        return f"no data of blob {name!r} arrived for {self.idle_s:g} s (the client's timeout); the call was cancelled"
+
+
+class _Watchdog:
+    """Cancels streamed calls that receive nothing for their idle time: one thread per client,
+    started on first use, that looks at the watched calls a few times a second."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watched: set[_Progress] = set()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    class _Watch:
+        def __init__(self, owner: _Watchdog, progress: _Progress) -> None:
+            self.owner, self.progress = owner, progress
+
+        def __enter__(self) -> _Progress:
+            return self.progress
+
+        def __exit__(self, *exc: object) -> None:
+            with self.owner._lock:
+                self.owner._watched.discard(self.progress)
+
+    def watch(self, call: Any, idle_s: float) -> _Watchdog._Watch:
+        progress = _Progress(call, idle_s)
+        with self._lock:
+            self._watched.add(progress)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="cosserve-watchdog", daemon=True)
+                self._thread.start()
+        return self._Watch(self, progress)
+
+    def _run(self) -> None:
+        while not self._closed.wait(0.2):
+            now = time.monotonic()
+            with self._lock:
+                stale = [p for p in self._watched if now - p.last > p.idle_s]
+            for progress in stale:
+                progress.expired = True
+                progress.call.cancel()
+
+    def close(self) -> None:
+        self._closed.set()

@@ -1,6 +1,6 @@
 """Message-size constants shared by the client and the server (one place sets both sides)."""
 
-__all__ = ["BLOB_BYTES_KEY", "SHM_PREFIX", "CHUNK_BYTES", "INLINE_BYTES", "MAX_MESSAGE_BYTES", "GRPC_OPTIONS"]
+__all__ = ["SHM_PREFIX", "CHUNK_BYTES", "INLINE_BYTES", "MAX_MESSAGE_BYTES", "GRPC_OPTIONS"]
 
 # Tensors up to this many bytes travel in one unary message; larger ones are chunk-streamed.
 INLINE_BYTES = 2 * 1024 * 1024
@@ -18,6 +18,3 @@ GRPC_OPTIONS = (
 # A shared-memory region's name starts with SHM_PREFIX + session id + "_": the server opens no
 # other, so a session reaches only regions made for it, never another program's memory.
 SHM_PREFIX = "cosserve_"
-
-# Trailing metadata of a FetchBlob refused as too large for one message: the blob's byte size.
-BLOB_BYTES_KEY = "cosserve-blob-bytes"

@@ -17,12 +17,8 @@ __all__ = [
     "array_at",
     "byte_view",
     "chunks",
-    "field_header",
-    "fields",
     "from_wire",
     "nbytes_of",
-    "read_tensor",
-    "tensor_pieces",
     "to_wire",
 ]
 
@@ -112,104 +108,6 @@ def chunks(array: np.ndarray, chunk_bytes: int) -> Iterator[memoryview]:
     view = byte_view(array)
     for start in range(0, len(view), chunk_bytes):
         yield view[start : start + chunk_bytes]
-
-
-# ---- hand-rolled protobuf framing of the hot messages -------------------------------------
-# The protobuf runtime copies a bytes field when it is set, again when the message is
-# serialized and again when it is read, and will only take `bytes`. For tensor data we write
-# and read the same wire format ourselves: a message is made of pieces that `b"".join` copies
-# once into the buffer grpc sends, and received data is a view of the bytes grpc hands over.
-
-_LEN = 2  # wire type of length-delimited fields (bytes, strings, messages, packed repeated)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def field_header(number: int, length: int) -> bytes:
-    """Tag and length of a length-delimited field; the field's `length` bytes follow."""
-    return _varint(number << 3 | _LEN) + _varint(length)
-
-
-def tensor_pieces(array: np.ndarray) -> list[bytes | memoryview]:
-    """The wire Tensor message of a C-contiguous little-endian array, as pieces to join: dtype and
-    shape, then the data field with a view of the array's bytes (not a copy)."""
-    head = pb.Tensor(dtype=wire_dtype(array.dtype), shape=array.shape).SerializeToString()
-    if not array.nbytes:
-        return [head]
-    return [head, field_header(3, array.nbytes), byte_view(array)]
-
-
-def _read_varint(buffer: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise ValueError("malformed message: truncated or overlong varint")
-        byte = buffer[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def fields(buffer: bytes | memoryview, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int, int]]:
-    """Yield (field number, wire type, value or start, end) of each field of an encoded message;
-    for length-delimited fields the value is the start of the field's bytes."""
-    end = len(buffer) if end is None else end
-    pos = start
-    while pos < end:
-        key, pos = _read_varint(buffer, pos, end)
-        number, kind = key >> 3, key & 7
-        if kind == 0:
-            value, pos = _read_varint(buffer, pos, end)
-            yield number, kind, value, pos
-        elif kind == _LEN:
-            length, pos = _read_varint(buffer, pos, end)
-            if pos + length > end:
-                raise ValueError("malformed message: a field runs past the end")
-            yield number, kind, pos, pos + length
-            pos += length
-        elif kind in (1, 5):  # fixed 64 / fixed 32 bits
-            pos += 8 if kind == 1 else 4
-            yield number, kind, 0, pos
-        else:
-            raise ValueError(f"malformed message: wire type {kind}")
-    if pos != end:
-        raise ValueError("malformed message: a field runs past the end")
-
-
-def _int64(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def read_tensor(
-    buffer: bytes, start: int = 0, end: int | None = None
-) -> tuple[int, tuple[int, ...], int, int]:
-    """Read a Tensor-like message in buffer[start:end]: (dtype code, shape, data start, data end).
-
-    Field numbers are `Tensor`'s (FetchBlobChunk has the same ones). The data is not copied.
-    """
-    dtype, shape, data = 0, [], (0, 0)
-    for number, kind, value, stop in fields(buffer, start, end):
-        if number == 1 and kind == 0:  # dtype
-            dtype = value
-        elif number == 2 and kind == _LEN:  # shape, packed, as proto3 writes it
-            pos = value
-            while pos < stop:
-                dim, pos = _read_varint(buffer, pos, stop)
-                shape.append(_int64(dim))
-        elif number == 2 and kind == 0:  # shape unpacked: also valid on the wire
-            shape.append(_int64(value))
-        elif number == 3 and kind == _LEN:  # data
-            data = (value, stop)
-    return dtype, tuple(shape), data[0], data[1]
 
 
 def array_at(dtype_code: int, shape: Sequence[int], buffer: bytes, start: int, end: int) -> np.ndarray:

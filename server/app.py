@@ -1,71 +1,142 @@
-"""Building and running the gRPC server: `build_server` for tests and embedding, `serve` for main."""
+"""Building and running the gRPC server: `build_server` for tests and embedding, `serve` for main.
+
+The server is grpc.aio on one event loop, run on a thread of its own: calls are coroutines, so an
+idle or stalled stream costs memory, never a thread; work too large for the loop goes to the
+bounded Workers pool, scoring to the Scorer's thread (see docs/architecture.md).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
 import warnings
 from concurrent import futures
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from cosserve import limits
 from cosserve.server import servicer
 from cosserve.server import settings as settings_mod
 from cosserve.server.errors import CosserveError
+from cosserve.server.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
 from cosserve.server.metrics import Metrics
+from cosserve.server.scorer import Scorer
 from cosserve.server.servicer import SERVICE_NAME, CosserveServicer
 from cosserve.server.settings import Settings
-from cosserve.server.status import ErrorInterceptor
+from cosserve.server.workers import Workers
 from cosserve.server.workspace import SessionStore, resolve_device
 
 __all__ = ["RunningServer", "build_server", "run", "serve"]
 
 log = logging.getLogger("cosserve.server")
 
+# How often idle sessions are looked for.
+_EXPIRY_PERIOD_S = 60.0
+
+
+def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        *limits.GRPC_OPTIONS,
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        # Ping idle connections so that a peer that vanished without closing is noticed and its
+        # calls are cancelled, freeing what they hold.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
 
 
 @dataclasses.dataclass
 class RunningServer:
-    """A started server: its grpc.Server, the bound port, its health servicer and its sessions."""
+    """A started server: the bound address, its sessions, and the loop thread that runs it."""
 
-    server: grpc.Server
     port: int
     address: str
-    health: health.HealthServicer
     store: SessionStore
-    metrics: Metrics | None = None
-    metrics_port: int = 0
+    workers: Workers
+    scorer: Scorer
+    metrics: Metrics | None
+    metrics_port: int
+    _loop: asyncio.AbstractEventLoop
+    _thread: threading.Thread
+    _server: aio.Server
+    _health: health_aio.HealthServicer
+    _stopped: bool = False
 
-    def stop(self, grace: float | None = None) -> None:
-        """Mark NOT_SERVING, let in-flight calls finish within `grace` seconds, then stop."""
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+    def stop(self, grace: float | None = None) -> bool:
+        """Health NOT_SERVING and new calls refused at once; in-flight calls get `grace` seconds,
+        then are cancelled. Returns False if work was still running on a thread (abandoned: it
+        cannot be interrupted, and is never waited for)."""
+        if self._stopped:
+            return True
+        self._stopped = True
+        done = asyncio.run_coroutine_threadsafe(self._shutdown(grace), self._loop)
+        try:
+            done.result(timeout=(grace or 0) + 5)
+        except futures.TimeoutError:
+            log.warning("the server did not stop within its grace period")
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self.workers.shutdown()
+        self.scorer.shutdown()
         if self.metrics is not None:
             self.metrics.stop()
+        return self.workers.busy == 0
+
+    async def _shutdown(self, grace: float | None) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    loop.run_forever()
 
 
 def build_server(settings: Settings) -> RunningServer:
-    """Create, bind and start a server (port 0 binds a free port; see `.port`)."""
+    """Create, bind and start a server on its own loop thread (port 0 binds a free port; see `.port`)."""
     # Inputs are decoded as read-only views of the request bytes; ops never write in place.
     warnings.filterwarnings("ignore", message="The given buffer is not writable")
     resolve_device(settings.device)  # a bad --device fails here, not in every client's call
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=_run_loop, args=(loop,), name="cosserve-loop", daemon=True)
+    thread.start()
+    try:
+        return asyncio.run_coroutine_threadsafe(_start(settings, loop, thread), loop).result(timeout=60)
+    except BaseException:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        raise
+
+
+async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> RunningServer:
     store = SessionStore(settings)
     metrics = Metrics(store) if settings.metrics_port else None
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="cosserve"),
-        interceptors=[ErrorInterceptor(settings.auth_token, metrics.observe if metrics else None)],
-        options=list(limits.GRPC_OPTIONS),
+    interceptors: list[aio.ServerInterceptor] = []
+    if metrics is not None:
+        interceptors.append(MetricsInterceptor(metrics.observe))
+    if settings.auth_token:
+        interceptors.append(AuthInterceptor(settings.auth_token))
+    interceptors.append(ErrorInterceptor())
+    server = aio.server(
+        interceptors=interceptors,
+        options=_grpc_options(settings),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    servicer.add_to_server(CosserveServicer(store, settings), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    workers = Workers(settings.max_workers, settings.inline_op_bytes)
+    scorer = Scorer(limits.INLINE_BYTES)
+    servicer.add_to_server(CosserveServicer(store, settings, workers, scorer), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
@@ -75,12 +146,21 @@ def build_server(settings: Settings) -> RunningServer:
     port = server.add_insecure_port(bind)
     if port == 0:
         raise OSError(f"could not bind {bind}")
-    server.start()
+    await server.start()
     for service in ("", SERVICE_NAME):
-        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     metrics_port = metrics.start(host, settings.metrics_port) if metrics else 0
-    return RunningServer(server, port, address, health_servicer, store, metrics, metrics_port)
+    loop.create_task(_expire_idle(store))
+    return RunningServer(port, address, store, workers, scorer, metrics, metrics_port, loop, thread, server, health)
+
+
+async def _expire_idle(store: SessionStore) -> None:
+    while True:
+        await asyncio.sleep(_EXPIRY_PERIOD_S)
+        expired = store.expire_idle()
+        if expired:
+            log.info("closed %d idle session(s)", expired)
 
 
 def serve(settings: Settings) -> int:
@@ -97,15 +177,21 @@ def serve(settings: Settings) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while not stop.wait(timeout=60.0):
-            expired = running.store.expire_idle()
-            if expired:
-                log.info("closed %d idle session(s)", expired)
+        while not stop.wait(1.0):
+            pass
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    running.stop(settings.grace_s)
+    idle = running.stop(settings.grace_s)
     log.info("cosserve stopped")
+    if not idle:
+        # A call still computing on a worker thread cannot be interrupted, and the interpreter
+        # would wait for it at exit: leave now, its client has already been told.
+        log.info("abandoning %d call(s) still running on worker threads", running.workers.busy)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

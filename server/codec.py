@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from cosserve import tensors as wire
+from cosserve import wire
 from cosserve.server.errors import InvalidArgument, ResourceExhausted
 from cosserve.v1 import cosserve_pb2 as pb
 
@@ -138,21 +138,23 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def tensor_from_frame(
-    what: str, buffer: bytes, start: int, end: int, device: torch.device, max_bytes: int | None = None
+    what: str,
+    buffer: bytes,
+    frame: wire.TensorFrame,
+    device: torch.device,
+    max_bytes: int | None = None,
 ) -> torch.Tensor:
-    """Decode the wire Tensor in buffer[start:end] onto `device`; on CPU the tensor views `buffer`."""
-    try:
-        dtype_code, shape, data_start, data_end = wire.read_tensor(buffer, start, end)
-    except ValueError as err:
-        raise InvalidArgument(f"{what}: {err}") from None
-    return _tensor_at(what, dtype_code, shape, buffer, data_start, data_end, device, max_bytes)
+    """The tensor of a decoded wire frame whose data lies in `buffer`. On CPU it views `buffer`,
+    unless the data is a small part of it: a stored blob must not keep a large request alive."""
+    tensor = _tensor_at(what, frame.dtype, frame.shape, buffer, frame.data.start, frame.data.end, device, max_bytes)
+    if tensor.device.type == "cpu" and tensor.numel() and 2 * (frame.data.end - frame.data.start) < len(buffer):
+        tensor = tensor.clone()
+    return tensor
 
 
-def tensor_pieces(tensor: torch.Tensor) -> list[bytes | memoryview]:
-    """The wire Tensor message of `tensor` as pieces to join (see cosserve.tensors.tensor_pieces)."""
-    head = pb.Tensor(dtype=WIRE_DTYPES[tensor.dtype], shape=tensor.shape).SerializeToString()
-    data = tensor_bytes(tensor)
-    return [head, wire.field_header(3, len(data)), data] if len(data) else [head]
+def tensor_pieces(tensor: torch.Tensor) -> list[wire.Buffer]:
+    """The wire Tensor message of `tensor` as pieces to join, its data a view of the tensor."""
+    return wire.tensor_message(WIRE_DTYPES[tensor.dtype], tensor.shape, tensor_bytes(tensor))
 
 
 def tensor_to_wire(tensor: torch.Tensor, out: pb.Tensor) -> pb.Tensor:

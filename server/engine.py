@@ -15,7 +15,7 @@ from cosserve.server import ops as _ops  # noqa: F401  (fills the registry)
 from cosserve.server.codec import FLOAT_DTYPES, dtype_name, is_out_of_memory
 from cosserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from cosserve.server.registry import REGISTRY, ArgType, InputKind, Operator
-from cosserve.server.workspace import Workspace
+from cosserve.server.workspace import Transaction, Workspace
 
 __all__ = [
     "ACCEPTED_DTYPES",
@@ -26,6 +26,7 @@ __all__ = [
     "check_inputs",
     "compute",
     "execute",
+    "input_bytes",
     "run_net",
 ]
 
@@ -97,7 +98,9 @@ def _coerce(op: str, name: str, kind: ArgType, value: Any) -> Any:
 
 
 def check_inputs(op: Operator, names: Sequence[str], inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> None:
-    """Check input dtypes against the schema (floating inputs share one dtype), then shapes."""
+    """Check input dtypes against the schema (floating inputs share one dtype), then shapes.
+
+    Shape checks leave the op out of their messages; it is named here, with the blobs."""
     schema = op.schema
     float_dtype: tuple[str, torch.dtype] | None = None
     for spec, name, tensor in zip(schema.inputs, names, inputs):
@@ -119,7 +122,7 @@ def check_inputs(op: Operator, names: Sequence[str], inputs: Sequence[torch.Tens
         op.check_shapes(inputs, args)
     except InvalidArgument as err:
         blobs = ", ".join(f"{s.name}={n!r} {tuple(t.shape)}" for s, n, t in zip(schema.inputs, names, inputs))
-        raise InvalidArgument(f"{err} (blobs: {blobs})") from None
+        raise InvalidArgument(f"{schema.name}: {err} (blobs: {blobs})") from None
 
 
 def _apply(
@@ -141,36 +144,38 @@ def _apply(
         raise
 
 
-def execute(
-    calls: Sequence[OpCall], blobs: dict[str, torch.Tensor], lookup: Any, max_bytes: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Run `calls` in order on a copy of `blobs`; return the new mapping (the input is untouched).
-
-    With `max_bytes`, an op whose outputs would take the blobs past it is refused before it runs.
-    """
-    staged = dict(blobs)
+def execute(calls: Sequence[OpCall], txn: Transaction) -> None:
+    """Run `calls` in order, each reading the outputs staged by those before it; stage every output
+    in `txn`. An op whose declared outputs would not fit `txn.room()` is refused before it runs."""
     for position, call in enumerate(calls):
         try:
             op, args = bind(call)
-            inputs = [lookup(staged, name) for name in call.inputs]
-            room = None
-            if max_bytes is not None and op.output_bytes is not None:  # summing blobs is per op: only when used
-                replaced = {name: staged[name] for name in call.outputs if name in staged}
-                room = max_bytes - Workspace.bytes_of(staged) + Workspace.bytes_of(replaced)
+            inputs = [txn.get(name) for name in call.inputs]
+            room = txn.room(call.outputs) if op.output_bytes is not None else None
             outputs = _apply(op, call.inputs, inputs, args, room)
         except (InvalidArgument, NotFound, ResourceExhausted) as err:
             if len(calls) == 1:
                 raise
             raise type(err)(f"op #{position} ({call.type}): {err}; nothing was changed") from None
-        staged.update(zip(call.outputs, outputs))
-    return staged
+        for name, tensor in zip(call.outputs, outputs):
+            txn.stage(name, tensor)
+
+
+def input_bytes(workspace: Workspace, calls: Sequence[OpCall]) -> int:
+    """Bytes of the stored blobs that `calls` read (outputs of earlier calls not counted): how
+    much work a net is, to choose between the event loop and a worker thread."""
+    return workspace.size_of(n for call in calls for n in call.inputs)
 
 
 def run_net(workspace: Workspace, calls: Sequence[OpCall]) -> None:
     """Run operators on a session, all or nothing."""
-    with workspace.lock:
-        workspace.ensure_open()
-        workspace.commit(execute(calls, workspace.blobs, workspace.lookup, workspace.max_bytes))
+    txn = workspace.transaction()
+    execute(calls, txn)
+    txn.commit()
+
+
+def _not_sent(name: str) -> NotFound:
+    return NotFound(f"input blob {name!r} was not sent with the call")
 
 
 def compute(call: OpCall, inputs: Mapping[str, torch.Tensor], max_output_bytes: int) -> list[torch.Tensor]:
@@ -179,15 +184,10 @@ def compute(call: OpCall, inputs: Mapping[str, torch.Tensor], max_output_bytes: 
     The outputs must fit in `max_output_bytes` (one reply message); ops that declare their
     output size are refused before they run.
     """
-
-    def lookup(blobs: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
-        if name not in blobs:
-            raise NotFound(f"input blob {name!r} was not sent with the call")
-        return blobs[name]
-
-    # execute's room is max_bytes minus what is held: the inputs, which the reply does not carry.
-    staged = execute([call], dict(inputs), lookup, max_output_bytes + Workspace.bytes_of(inputs))
-    outputs = [staged[name] for name in call.outputs]
+    # The room is max_bytes minus what is held: the inputs, which the reply does not carry.
+    txn = Transaction(dict(inputs), max_output_bytes + Workspace.bytes_of(inputs), _not_sent)
+    execute([call], txn)
+    outputs = [txn.staged[name] for name in call.outputs]
     size = Workspace.bytes_of(dict(zip(call.outputs, outputs)))
     if size > max_output_bytes:
         raise ResourceExhausted(
@@ -218,8 +218,7 @@ def check_gradient(
     if not math.isfinite(step_size) or step_size < 0:
         raise InvalidArgument(f"{schema.name}: step_size must be a finite positive number (0: 1e-6), got {step_size}")
     step = step_size if step_size > 0 else 1e-6
-    with workspace.lock:
-        stored = [workspace.lookup(workspace.blobs, name) for name in call.inputs]
+    stored = [workspace.get(name) for name in call.inputs]
     check_inputs(op, call.inputs, stored, args)
     inputs = [t.to(torch.float64) if t.dtype in FLOAT_DTYPES else t for t in stored]
     floating = [i for i, spec in enumerate(schema.inputs) if spec.kind is InputKind.FLOAT]

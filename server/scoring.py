@@ -2,39 +2,30 @@
 
 from __future__ import annotations
 
-import queue
 import threading
-from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from cosserve.server.codec import FLOAT_DTYPES, dtype_name, is_out_of_memory
 from cosserve.server.errors import InvalidArgument, ResourceExhausted
+from cosserve.server.numerics import NORM_FLOOR, check_query_corpus, compute_dtype
 
 __all__ = [
     "CORPUS_CHUNK_BYTES",
     "CPU_BLOCK_BYTES",
     "CUDA_BLOCK_BYTES",
-    "NORM_FLOOR",
     "NormCache",
     "check_dtypes",
-    "check_shapes",
-    "compute_dtype",
     "inverse_norms",
-    "prefetch",
     "score_blob",
     "similarity_matrix",
     "to_device",
     "top_k",
 ]
 
-T = TypeVar("T")
 
-
-# Each squared norm is floored at this, as in CosineSimilarity: a zero row scores 0, never NaN.
-NORM_FLOOR = 1e-12
 # Bound of one (query block x corpus chunk) tile of scores. On CPU a tile that stays in cache
 # while topk reads it back is fastest (256 queries x 2048 rows measured as fast as x 4096 on a
 # 2-core EPYC, with less memory held); on CUDA larger tiles keep the device busy and mean fewer
@@ -52,45 +43,18 @@ QUERY_BLOCK_ROWS = 1024
 MERGE_EVERY = 16
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; float16, bfloat16 and float32 are computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_dtypes(op: str, queries: torch.Tensor, corpus: torch.Tensor, corpus_name: str) -> None:
+def check_dtypes(queries: torch.Tensor, corpus: torch.Tensor, corpus_name: str) -> None:
     """InvalidArgument unless the corpus is floating and the queries share its dtype."""
     if corpus.dtype not in FLOAT_DTYPES:
         raise InvalidArgument(
-            f"{op}: {corpus_name} is {dtype_name(corpus.dtype)}; it must be "
+            f"{corpus_name} is {dtype_name(corpus.dtype)}; it must be "
             f"{' or '.join(dtype_name(d) for d in FLOAT_DTYPES)}"
         )
     if queries.dtype != corpus.dtype:
         raise InvalidArgument(
-            f"{op}: queries are {dtype_name(queries.dtype)} but {corpus_name} is {dtype_name(corpus.dtype)}; "
+            f"queries are {dtype_name(queries.dtype)} but {corpus_name} is {dtype_name(corpus.dtype)}; "
             "send queries in the corpus dtype"
         )
-
-
-def check_shapes(
-    op: str,
-    queries: torch.Tensor,
-    corpus: torch.Tensor,
-    k: int | None = None,
-    *,
-    queries_name: str = "Q",
-    corpus_name: str = "C",
-) -> None:
-    """InvalidArgument unless queries are (N, D), the corpus (M, D) and (given k) 1 <= k <= M."""
-    for name, tensor, letters in ((queries_name, queries, "(N, D)"), (corpus_name, corpus, "(M, D)")):
-        if tensor.dim() != 2:
-            raise InvalidArgument(f"{op}: {name} must be 2-D {letters}, got shape {tuple(tensor.shape)}")
-    if queries.shape[1] != corpus.shape[1]:
-        raise InvalidArgument(
-            f"{op}: {queries_name} rows have width {queries.shape[1]} but {corpus_name} rows have width "
-            f"{corpus.shape[1]}; widths must match"
-        )
-    if k is not None and not 1 <= k <= corpus.shape[0]:
-        raise InvalidArgument(f"{op}: k must be between 1 and the {corpus.shape[0]} rows of {corpus_name}, got {k}")
 
 
 def inverse_norms(x: torch.Tensor) -> torch.Tensor:
@@ -305,8 +269,11 @@ def score_blob(
     """ScoreTopK's work for one batch: checks that name the corpus blob, then top_k with the
     corpus norms from the session's cache. The result must fit in max_result_bytes (one message)."""
     what = f"corpus blob {corpus_name!r}"
-    check_dtypes("ScoreTopK", queries, corpus, what)
-    check_shapes("ScoreTopK", queries, corpus, k, queries_name="queries", corpus_name=what)
+    try:
+        check_dtypes(queries, corpus, what)
+        check_query_corpus(queries, corpus, k, queries_name="queries", corpus_name=what)
+    except InvalidArgument as err:
+        raise InvalidArgument(f"ScoreTopK: {err}") from None
     result_bytes = queries.shape[0] * k * (corpus.element_size() + 8)
     if result_bytes > max_result_bytes:
         raise ResourceExhausted(
@@ -330,48 +297,3 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     pinned.copy_(tensor)
     return pinned.to(device, non_blocking=True)
-
-
-_DONE = object()
-
-
-def prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
-    """Iterate `items` on a reader thread at most `depth` items ahead of the consumer.
-
-    An exception of the reader arrives after the items before it. Closing the returned iterator
-    stops the reader at its next item.
-    """
-    slots: queue.Queue[tuple[object, BaseException | None]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(entry: tuple[object, BaseException | None]) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def read() -> None:
-        try:
-            for item in items:
-                if not put((item, None)):
-                    return
-        except BaseException as err:  # noqa: BLE001  (handed to the consumer, in order)
-            put((_DONE, err))
-            return
-        put((_DONE, None))
-
-    reader = threading.Thread(target=read, name="cosserve-prefetch", daemon=True)
-    reader.start()
-    try:
-        while True:
-            item, err = slots.get()
-            if item is _DONE:
-                if err is not None:
-                    raise err
-                return
-            yield item  # type: ignore[misc]
-    finally:
-        stop.set()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -13,7 +13,7 @@ from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from cosserve.server.scoring import NormCache
 from cosserve.server.settings import Settings
 
-__all__ = ["SessionStore", "Workspace", "resolve_device"]
+__all__ = ["SessionStore", "Transaction", "Workspace", "resolve_device"]
 
 
 def resolve_device(spec: str, default: str = "auto") -> torch.device:
@@ -45,15 +45,21 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 class Workspace:
-    """Named tensors of one session. Hold `lock` while reading or changing `blobs`."""
+    """Named tensors of one session. Its lock is held only for dict updates, never while computing:
+    readers take a snapshot, writers commit staged tensors (see Transaction)."""
 
     def __init__(self, session_id: str, device: torch.device, max_bytes: int) -> None:
         self.id = session_id
         self.device = device
         self.max_bytes = max_bytes
-        self.lock = threading.RLock()
-        self.blobs: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
+        self._blobs: dict[str, torch.Tensor] = {}
+        self._held = 0  # bytes of _blobs, kept with it so no call sums every blob
         self.last_used = time.monotonic()
         self.closed = False
         # Corpus row norms for ScoreTopK, keyed weakly by tensor: an entry goes with its blob's tensor
@@ -62,76 +68,154 @@ class Workspace:
 
     @staticmethod
     def bytes_of(blobs: Mapping[str, torch.Tensor]) -> int:
-        return sum(t.numel() * t.element_size() for t in blobs.values())
+        return sum(_nbytes(t) for t in blobs.values())
 
     def held_bytes(self) -> int:
-        with self.lock:
-            return self.bytes_of(self.blobs)
+        return self._held
 
-    def check_room(self, name: str, nbytes: int) -> None:
-        """ResourceExhausted unless blob `name` can become `nbytes` big (call with the lock held)."""
-        old = self.blobs.get(name)
-        held = self.bytes_of(self.blobs) - (0 if old is None else old.numel() * old.element_size())
-        if held + nbytes > self.max_bytes:
-            raise ResourceExhausted(
-                f"blob {name!r} ({nbytes} bytes) would take session {self.id} to {held + nbytes} bytes, "
-                f"above its limit of {self.max_bytes}; remove blobs or raise --max-session-bytes"
-            )
+    def size_of(self, names: Iterable[str]) -> int:
+        """Bytes of the named blobs that exist."""
+        with self._lock:
+            return sum(_nbytes(self._blobs[n]) for n in set(names) if n in self._blobs)
 
-    def ensure_open(self) -> None:
+    def missing(self, name: str) -> NotFound:
+        """The error for a blob this workspace does not hold."""
+        return NotFound(f"blob {name!r} is not in session {self.id}")
+
+    def _ensure_open(self) -> None:
         if self.closed:
             raise NotFound(f"session {self.id!r} was closed")
+
+    def _check_room(self, changes: Mapping[str, torch.Tensor | None]) -> None:
+        """ResourceExhausted unless the blobs with `changes` applied fit (lock held)."""
+        after = self._held
+        for name, tensor in changes.items():
+            old = self._blobs.get(name)
+            after += (0 if tensor is None else _nbytes(tensor)) - (0 if old is None else _nbytes(old))
+        if after > self.max_bytes:
+            what = f"blob {next(iter(changes))!r}" if len(changes) == 1 else "the outputs"
+            raise ResourceExhausted(
+                f"{what} would take session {self.id} to {after} bytes, above its limit of "
+                f"{self.max_bytes}; remove blobs or raise --max-session-bytes"
+            )
 
     def reserve(self, name: str, nbytes: int) -> None:
         """Refuse now, before anything is received or allocated, a blob `name` of nbytes that
         could not be stored (closed session, empty name, byte limit)."""
-        with self.lock:
-            self.ensure_open()
-            _check_name(name)
-            self.check_room(name, nbytes)
+        _check_name(name)
+        with self._lock:
+            self._ensure_open()
+            old = self._blobs.get(name)
+            after = self._held + nbytes - (0 if old is None else _nbytes(old))
+            if after > self.max_bytes:
+                raise ResourceExhausted(
+                    f"blob {name!r} ({nbytes} bytes) would take session {self.id} to {after} bytes, "
+                    f"above its limit of {self.max_bytes}; remove blobs or raise --max-session-bytes"
+                )
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
-        with self.lock:
-            self.reserve(name, tensor.numel() * tensor.element_size())
-            self.blobs[name] = tensor
+        _check_name(name)
+        self.apply({name: tensor})
+
+    def apply(self, changes: Mapping[str, torch.Tensor | None]) -> None:
+        """Set (a tensor) or remove (None) blobs, all at once or, if they do not fit, not at all."""
+        with self._lock:
+            self._ensure_open()
+            self._check_room(changes)
+            for name, tensor in changes.items():
+                old = self._blobs.pop(name, None)
+                if old is not None:
+                    self._held -= _nbytes(old)
+                if tensor is not None:
+                    self._blobs[name] = tensor
+                    self._held += _nbytes(tensor)
 
     def get(self, name: str) -> torch.Tensor:
-        with self.lock:
-            return self.lookup(self.blobs, name)
-
-    def lookup(self, blobs: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
-        try:
-            return blobs[name]
-        except KeyError:
-            raise NotFound(f"blob {name!r} is not in session {self.id}") from None
+        with self._lock:
+            self._ensure_open()
+            tensor = self._blobs.get(name)
+        if tensor is None:
+            raise self.missing(name)
+        return tensor
 
     def has(self, name: str) -> bool:
-        with self.lock:
-            return name in self.blobs
+        with self._lock:
+            return name in self._blobs
 
     def names(self) -> list[str]:
-        with self.lock:
-            return sorted(self.blobs)
+        with self._lock:
+            return sorted(self._blobs)
 
     def remove(self, name: str) -> None:
-        with self.lock:
-            self.lookup(self.blobs, name)
-            del self.blobs[name]
+        with self._lock:
+            self._ensure_open()
+            old = self._blobs.pop(name, None)
+            if old is None:
+                raise self.missing(name)
+            self._held -= _nbytes(old)
 
     def reset(self) -> None:
-        with self.lock:
-            self.blobs = {}
+        with self._lock:
+            self._blobs = {}
+            self._held = 0
 
-    def commit(self, blobs: dict[str, torch.Tensor]) -> None:
-        """Replace every blob at once (the end of an all-or-nothing call; lock held)."""
-        self.ensure_open()
-        total = self.bytes_of(blobs)
-        if total > self.max_bytes:
-            raise ResourceExhausted(
-                f"the outputs would take session {self.id} to {total} bytes, above its limit of "
-                f"{self.max_bytes}; nothing was changed"
-            )
-        self.blobs = blobs
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            self._blobs = {}
+            self._held = 0
+
+    def transaction(self) -> Transaction:
+        """A snapshot to read from and a place to stage outputs; `commit` applies them all or none."""
+        with self._lock:
+            self._ensure_open()
+            return Transaction(dict(self._blobs), self.max_bytes, self.missing, self, self._held)
+
+
+class Transaction:
+    """Reads see a workspace as it was when the transaction began plus what was staged since;
+    `commit` applies the staged blobs together, or none of them if they no longer fit.
+
+    Commits are applied on top of the workspace as it is then: a concurrent call's changes to
+    other blobs are kept, as if that call had run after this one. Without a workspace (one-shot
+    Compute) a transaction only stages, within `max_bytes`.
+    """
+
+    def __init__(
+        self,
+        blobs: dict[str, torch.Tensor],
+        max_bytes: int,
+        missing: Callable[[str], Exception],
+        workspace: Workspace | None = None,
+        held: int | None = None,
+    ) -> None:
+        self.workspace = workspace
+        self.max_bytes = max_bytes
+        self._missing = missing
+        self._view = blobs
+        self._held = Workspace.bytes_of(blobs) if held is None else held
+        self.staged: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self._view.get(name)
+        if tensor is None:
+            raise self._missing(name)
+        return tensor
+
+    def room(self, replacing: Sequence[str] = ()) -> int:
+        """Bytes that may still be staged, counting blobs named in `replacing` as freed."""
+        freed = sum(_nbytes(self._view[n]) for n in set(replacing) if n in self._view)
+        return self.max_bytes - self._held + freed
+
+    def stage(self, name: str, tensor: torch.Tensor) -> None:
+        old = self._view.get(name)
+        self._held += _nbytes(tensor) - (0 if old is None else _nbytes(old))
+        self._view[name] = tensor
+        self.staged[name] = tensor
+
+    def commit(self) -> None:
+        if self.workspace is not None and self.staged:
+            self.workspace.apply(self.staged)
 
 
 class SessionStore:
@@ -172,9 +256,7 @@ class SessionStore:
             workspace = self._sessions.pop(session_id, None)
         if workspace is None:
             raise NotFound(f"session {session_id!r} does not exist (closed, expired, or never created)")
-        with workspace.lock:
-            workspace.closed = True
-            workspace.blobs = {}
+        workspace.close()
 
     def expire_idle(self) -> int:
         """Close sessions idle longer than the timeout; return how many."""

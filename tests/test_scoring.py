@@ -354,19 +354,6 @@ def test_op_k_and_dtype_errors(cpu_ws):
     assert not cpu_ws.has_blob("V")
 
 
-def test_core_prefetch_hands_over_errors_in_order():
-    def items():
-        yield 1
-        yield 2
-        raise KeyError("third")
-
-    got = []
-    with pytest.raises(KeyError, match="third"):
-        for item in scoring.prefetch(items(), depth=1):
-            got.append(item)
-    assert got == [1, 2]
-
-
 # ---- cosserve score ----------------------------------------------------------------------
 
 

@@ -236,13 +236,17 @@ def test_metrics_count_calls_by_method_and_code():
     try:
         with Client(running.address) as c, c.session("cpu") as s:
             s.feed_blob("x", np.ones(3, np.float32))
+            s.feed_blob("big", np.ones(3 * 1024 * 1024, np.uint8))  # fetched in one call, no error first
+            assert s.fetch_blob("big").nbytes == 3 * 1024 * 1024
             with pytest.raises(CosserveRpcError):
                 s.fetch_blob("missing")
             url = f"http://127.0.0.1:{running.metrics_port}/metrics"
             text = urllib.request.urlopen(url, timeout=10).read().decode()
         assert 'cosserve_rpcs_total{code="OK",method="FeedBlob"} 1.0' in text
-        assert 'cosserve_rpcs_total{code="NOT_FOUND",method="FetchBlob"} 1.0' in text
+        assert 'cosserve_rpcs_total{code="OK",method="FetchBlobStream"} 1.0' in text
+        assert 'cosserve_rpcs_total{code="NOT_FOUND",method="FetchBlobStream"} 1.0' in text
+        assert 'code="RESOURCE_EXHAUSTED"' not in text
         assert "cosserve_sessions 1.0" in text
-        assert "cosserve_session_bytes 12.0" in text
+        assert "cosserve_session_bytes 3.14574e+06" in text  # 12 + 3 MiB, as Prometheus writes it
     finally:
         running.stop(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import grpc
 import ml_dtypes
 import numpy as np
@@ -247,11 +248,57 @@ def test_returned_arrays_are_writable(client, cpu_ws):
         array.reshape(-1)[0] = 1  # would raise on a read-only view
 
 
-def test_too_large_inline_fetch_reports_the_size_for_the_stream_deadline(client, cpu_ws):
-    value = np.zeros(3 * 1024 * 1024, np.uint8)
+def test_unary_fetch_is_bounded_to_one_message_but_the_client_fetches_any_size_in_one_call(client, cpu_ws):
+    value = np.arange(3 * 1024 * 1024, dtype=np.uint8)
     cpu_ws.feed_blob("x", value)
-    with pytest.raises(grpc.RpcError) as err:
+    with pytest.raises(grpc.RpcError) as err:  # the stub's unary FetchBlob carries one message
         client.stub.FetchBlob(pb.FetchBlobRequest(session_id=cpu_ws.id, name="x"))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert dict(err.value.trailing_metadata())["cosserve-blob-bytes"] == str(value.nbytes)
-    assert cpu_ws.fetch_blob("x").nbytes == value.nbytes  # the client then streams it
+    assert "FetchBlobStream" in err.value.details()
+    np.testing.assert_array_equal(cpu_ws.fetch_blob("x"), value)  # one streamed call, no error first
+
+
+def test_a_stalled_fetch_is_cancelled_after_the_clients_timeout_of_silence():
+    """The client's streamed fetch has no overall deadline, but gives up when nothing arrives for
+    its timeout. A stalled server is played by a bare grpc.aio server that never answers."""
+    import asyncio
+    import threading
+
+    from grpc import aio
+
+    from cosserve import wire
+
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    holder: dict[str, object] = {}
+
+    async def never(request: bytes, context: object):
+        await asyncio.sleep(30)
+        yield b""
+
+    async def main() -> None:
+        server = aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            wire.SERVICE_NAME, {"FetchBlobStream": grpc.unary_stream_rpc_method_handler(never)}),))
+        holder["port"] = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        holder["server"] = server
+        started.set()
+        await server.wait_for_termination()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert started.wait(10)
+    try:
+        with Client(f"127.0.0.1:{holder['port']}", timeout=0.5) as c:
+            from cosserve.client import Session
+
+            begin = time.monotonic()
+            with pytest.raises(CosserveRpcError) as err:
+                Session(c, "s", "cpu").fetch_blob("x")
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "0.5 s" in err.value.details()
+            assert time.monotonic() - begin < 5
+    finally:
+        asyncio.run_coroutine_threadsafe(holder["server"].stop(0), loop).result(10)  # type: ignore[union-attr]
+        thread.join(10)

@@ -1,0 +1,85 @@
+"""ScoreTopK's pipeline: query batches staged ahead of the one being scored, one scoring thread."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from concurrent import futures
+
+import torch
+
+from cosserve.server import scoring
+from cosserve.server.workspace import Workspace
+
+__all__ = ["Batch", "Scorer"]
+
+# Batches received and staged ahead of the one being scored: enough to hide receiving, decoding
+# and (on CUDA) the copy to the device behind compute, few enough that a fast client cannot make
+# the server hold many.
+PREFETCH_DEPTH = 2
+
+
+@dataclasses.dataclass
+class Batch:
+    """One ScoreTopK request, decoded: queries against blob `corpus_name` of `workspace`."""
+
+    workspace: Workspace
+    corpus_name: str
+    corpus: torch.Tensor
+    queries: torch.Tensor
+    k: int
+
+
+class Scorer:
+    """Scores every ScoreTopK stream's batches on one long-lived thread: each batch already uses
+    every core, and one thread keeps one OpenMP team and one set of allocator pools."""
+
+    def __init__(self, max_result_bytes: int) -> None:
+        self.max_result_bytes = max_result_bytes
+        self._thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cosserve-score")
+
+    async def score(self, batches: AsyncIterator[Batch]) -> AsyncIterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(scores, indices) of each batch, in order; a batch's error arrives after the results of
+        the batches before it. Closing the iterator stops the reading of further batches."""
+        ready: asyncio.Queue[tuple[Batch | None, BaseException | None]] = asyncio.Queue(maxsize=PREFETCH_DEPTH)
+
+        async def read() -> None:
+            try:
+                async for batch in batches:
+                    batch.queries = scoring.to_device(batch.queries, batch.workspace.device)
+                    await ready.put((batch, None))
+            except Exception as err:  # noqa: BLE001  (handed to the consumer, in order)
+                await ready.put((None, err))
+                return
+            await ready.put((None, None))
+
+        reader = asyncio.create_task(read())
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                batch, failure = await ready.get()
+                if batch is None:
+                    if failure is None:
+                        return
+                    try:
+                        raise failure
+                    finally:
+                        failure = None  # no cycle through this frame
+                yield await loop.run_in_executor(
+                    self._thread,
+                    scoring.score_blob,
+                    batch.corpus_name,
+                    batch.corpus,
+                    batch.queries,
+                    batch.k,
+                    batch.workspace.norms,
+                    self.max_result_bytes,
+                )
+                batch = None
+        finally:
+            reader.cancel()
+
+    def shutdown(self) -> None:
+        """Drop queued batches and return at once; a batch being scored is abandoned."""
+        self._thread.shutdown(wait=False, cancel_futures=True)
