@@ -1,4 +1,4 @@
-"""Server processes for the bench: cosserve (the real `cosserve serve`) and the bare floor,
+"""Server processes for the bench: cosserve (the real `cosserve serve`) and the bare floors,
 each on 127.0.0.1 in its own process, plus a sampler of a process's resident memory."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class ServerProcess:
             text=True,
         )
         self.lines: list[str] = []
-        found: queue.Queue[str] = queue.Queue()
+        found: queue.Queue[str | None] = queue.Queue()
         regex = re.compile(pattern)
 
         def drain() -> None:  # keep reading so the child never blocks on a full pipe
@@ -43,6 +43,7 @@ class ServerProcess:
                 match = regex.search(line)
                 if match:
                     found.put(match.group(1))
+            found.put(None)  # the child closed its output: it exited
 
         threading.Thread(target=drain, daemon=True, name=f"{name}-output").start()
         try:
@@ -50,6 +51,9 @@ class ServerProcess:
         except queue.Empty:
             self.stop()
             raise RuntimeError(f"{name} did not start within {_START_TIMEOUT_S} s: {self.lines[-20:]}") from None
+        if port is None:
+            self.stop()
+            raise RuntimeError(f"{name} exited (code {self.proc.returncode}) before serving: {self.lines[-20:]}")
         self.address = f"127.0.0.1:{port}"
         self.process = psutil.Process(self.proc.pid)
 
@@ -77,20 +81,25 @@ class ServerProcess:
             self.proc.stdin.close()
 
 
-def start_cosserve(allow_shm: bool = True, max_workers: int = 16, env: Mapping[str, str] | None = None) -> ServerProcess:
-    """`cosserve serve` on a free loopback port, CPU sessions, shared memory allowed."""
+def start_cosserve(
+    allow_shm: bool = True, max_workers: int = 16, env: Mapping[str, str] | None = None, device: str = "cpu"
+) -> ServerProcess:
+    """`cosserve serve` on a free loopback port, sessions on `device` by default, shared memory allowed."""
     argv = [
         sys.executable, "-m", "cosserve.cli", "serve",
-        "--host", "127.0.0.1", "--port", "0", "--device", "cpu",
+        "--host", "127.0.0.1", "--port", "0", "--device", device,
         "--max-workers", str(max_workers), "--grace-s", "1", "--log-level", "INFO",
         "--allow-shm" if allow_shm else "--no-allow-shm",
     ]  # fmt: skip
     return ServerProcess(argv, r"listening on [^\s:]+:(\d+)", "cosserve", env)
 
 
-def start_floor(max_workers: int = 16) -> ServerProcess:
-    argv = [sys.executable, "-m", "bench.floor", "--port", "0", "--max-workers", str(max_workers)]
-    return ServerProcess(argv, r"^PORT (\d+)", "floor")
+def start_floor(kind: str = "threaded", max_workers: int = 16) -> ServerProcess:
+    """`python -m bench.floor` of one kind (bench.floor.KINDS): "threaded" with `max_workers`
+    handler threads, or "aio" on one event loop."""
+    argv = [sys.executable, "-m", "bench.floor", "--port", "0"]
+    argv += ["--aio"] if kind == "aio" else ["--max-workers", str(max_workers)]
+    return ServerProcess(argv, r"^PORT (\d+)", f"floor-{kind}")
 
 
 class MemorySampler:

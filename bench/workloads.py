@@ -1,12 +1,14 @@
-"""The workloads W1-W4, each measured through cosserve, the bare-grpcio floor and in-process torch."""
+"""The workloads W1-W4, each measured through cosserve, the bare-grpcio floors and in-process torch."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,7 +29,7 @@ GiB = 1024**3
 
 @dataclasses.dataclass(frozen=True)
 class Params:
-    """Sizes and counts of one bench run (`full` or `quick`)."""
+    """Sizes and counts of one bench run (`full` or `quick`), and the device of its sessions."""
 
     w1_calls: int = 2000
     w1_warmup: int = 200
@@ -44,6 +46,7 @@ class Params:
     w4_k: int = 10
     w4_queries: int = 2048
     w4_repeats: int = 5
+    device: str = "cpu"  # of the cosserve sessions and Compute calls, and of the torch reference
 
     @classmethod
     def quick(cls) -> Params:
@@ -71,35 +74,60 @@ class _SmallCall:
     op: str
     inputs: dict[str, np.ndarray]
     outputs: list[str]
-    request_bytes: bytes  # the serialized ComputeRequest: what the floor sends
-    answer_bytes: int  # size of the serialized ComputeResponse: what the floor answers
+    device: str
+    request_bytes: bytes  # the serialized ComputeRequest: what the floors send
+    answer_bytes: int  # size of the serialized ComputeResponse: what the floors answer
 
     def cosserve(self, client: Client) -> None:
-        client.compute(self.op, self.inputs, self.outputs, device="cpu")
+        client.compute(self.op, self.inputs, self.outputs, device=self.device)
 
     def in_process(self) -> Callable[[], Any]:
+        """The op on inputs already on the device (and finished there, for CUDA)."""
         from cosserve.server import ops  # noqa: F401  (fills the registry)
         from cosserve.server.registry import REGISTRY
 
         impl = REGISTRY[self.op].impl
-        tensors = [torch.from_numpy(a) for a in self.inputs.values()]
-        return lambda: impl(tensors, {})
+        tensors = [torch.from_numpy(a).to(self.device) for a in self.inputs.values()]
+        if not _is_cuda(self.device):
+            return lambda: impl(tensors, {})
+
+        def call() -> None:
+            impl(tensors, {})
+            torch.cuda.synchronize(self.device)
+
+        return call
 
 
-def _small_call(client: Client) -> _SmallCall:
+def _is_cuda(device: str) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+@contextlib.contextmanager
+def _floor_clients(floors: Mapping[str, ServerProcess]) -> Iterator[dict[str, FloorClient]]:
+    """One client (one channel) per kind of floor."""
+    with contextlib.ExitStack() as stack:
+        yield {kind: stack.enter_context(FloorClient(server.address)) for kind, server in floors.items()}
+
+
+def _in_turn(kinds: Sequence[str], repeat: int) -> list[str]:
+    # Which floor runs first alternates between repeats, so drift favours neither.
+    return list(kinds) if repeat % 2 == 0 else list(reversed(kinds))
+
+
+def _small_call(client: Client, device: str) -> _SmallCall:
     ops = {o.name: o for o in client.operators()}
     op = "CosineSimilarity" if "CosineSimilarity" in ops else "Cos"
     rng = np.random.default_rng(0)
     names = [i.name for i in ops[op].inputs]
     inputs = {n: rng.standard_normal((64, 128), dtype=np.float32) for n in names}
     outputs = list(ops[op].outputs)
-    request = pb.ComputeRequest(op=operator_def(op, names, outputs, {}), device="cpu")
+    request = pb.ComputeRequest(op=operator_def(op, names, outputs, {}), device=device)
     for name, value in inputs.items():
         item = request.inputs.add(name=name).tensor
         item.dtype, item.data = pb.FLOAT32, value.tobytes()
         item.shape[:] = value.shape
     reply = client.stub.Compute(request, timeout=30)
-    return _SmallCall(op, inputs, outputs, request.SerializeToString(), reply.ByteSize())
+    return _SmallCall(op, inputs, outputs, device, request.SerializeToString(), reply.ByteSize())
 
 
 def _latencies(call: Callable[[], Any], count: int, warmup: int) -> np.ndarray:
@@ -114,30 +142,29 @@ def _latencies(call: Callable[[], Any], count: int, warmup: int) -> np.ndarray:
     return out * 1e6
 
 
-def w1_latency(cosserve: ServerProcess, floor: ServerProcess, p: Params) -> list[Row]:
+def w1_latency(cosserve: ServerProcess, floors: Mapping[str, ServerProcess], p: Params) -> list[Row]:
     """p50/p90/p99 of one Compute call, sequential, one channel."""
-    with Client(cosserve.address) as client, FloorClient(floor.address) as bare:
-        call = _small_call(client)
-        bare.configure(answer_bytes=call.answer_bytes)
+    with Client(cosserve.address) as client, _floor_clients(floors) as bare:
+        call = _small_call(client, p.device)
+        for floor in bare.values():
+            floor.configure(answer_bytes=call.answer_bytes)
         local = call.in_process()
-        runs: dict[str, list[np.ndarray]] = {"cosserve": [], "floor": [], "torch": []}
-        for _ in range(p.w1_repeats):  # interleaved, so drift hits both alike
-            runs["floor"].append(_latencies(lambda: bare.unary(call.request_bytes, timeout=30), p.w1_calls, p.w1_warmup))
+        runs: dict[str, list[np.ndarray]] = {"cosserve": [], **{f"floor_{k}": [] for k in bare}, "torch": []}
+        for repeat in range(p.w1_repeats):  # interleaved, so drift hits all alike
+            for kind in _in_turn(list(bare), repeat):
+                unary = functools.partial(bare[kind].unary, call.request_bytes, timeout=30)
+                runs[f"floor_{kind}"].append(_latencies(unary, p.w1_calls, p.w1_warmup))
             runs["cosserve"].append(_latencies(lambda: call.cosserve(client), p.w1_calls, p.w1_warmup))
             runs["torch"].append(_latencies(local, p.w1_calls, p.w1_warmup))
     rows = []
     for q in (50, 90, 99):
         per = {k: [float(np.percentile(v, q)) for v in runs[k]] for k in runs}
         row = Row(
-            "W1", f"{call.op} p{q}", "us", median(per["cosserve"]), median(per["floor"]), median(per["torch"]),
-            samples=per,
+            "W1", f"{call.op} p{q}", "us", median(per["cosserve"]),
+            floors={k: median(per[f"floor_{k}"]) for k in bare}, torch=median(per["torch"]),
+            lower_is_better=True, samples=per,
         )  # fmt: skip
-        ratio = row.cosserve / row.floor
-        if q == 50:
-            row.check(ratio, "cosserve/floor", "<=", 1.15)
-        else:
-            row.ratio, row.ratio_of = ratio, "cosserve/floor"
-        rows.append(row)
+        rows.append(row.against_floor("<=", 1.15) if q == 50 else row.against_floor())
     return rows
 
 
@@ -186,24 +213,29 @@ def _throughput(make: Callable[[], tuple[Callable[[], Any], Callable[[], None]]]
     return sum(counts) / elapsed
 
 
-def w2_throughput(cosserve: ServerProcess, floor: ServerProcess, p: Params) -> list[Row]:
+def w2_throughput(cosserve: ServerProcess, floors: Mapping[str, ServerProcess], p: Params) -> list[Row]:
     """Requests/s of concurrent clients doing the W1 call."""
-    with Client(cosserve.address) as client, FloorClient(floor.address) as bare:
-        call = _small_call(client)
-        bare.configure(answer_bytes=call.answer_bytes)
+    with Client(cosserve.address) as client, _floor_clients(floors) as bare:
+        call = _small_call(client, p.device)
+        for floor in bare.values():
+            floor.configure(answer_bytes=call.answer_bytes)
         local = call.in_process()
 
     def cosserve_client() -> tuple[Callable[[], Any], Callable[[], None]]:
         c = Client(cosserve.address)
         return (lambda: call.cosserve(c)), c.close
 
-    def floor_client() -> tuple[Callable[[], Any], Callable[[], None]]:
-        f = FloorClient(floor.address)
-        return (lambda: f.unary(call.request_bytes, timeout=30)), f.channel.close
+    def floor_client(kind: str) -> Callable[[], tuple[Callable[[], Any], Callable[[], None]]]:
+        def make() -> tuple[Callable[[], Any], Callable[[], None]]:
+            f = FloorClient(floors[kind].address)
+            return (lambda: f.unary(call.request_bytes, timeout=30)), f.channel.close
 
-    per: dict[str, list[float]] = {"cosserve": [], "floor": [], "torch": []}
-    for _ in range(p.w2_repeats):
-        per["floor"].append(_throughput(floor_client, p))
+        return make
+
+    per: dict[str, list[float]] = {"cosserve": [], **{f"floor_{k}": [] for k in floors}, "torch": []}
+    for repeat in range(p.w2_repeats):
+        for kind in _in_turn(list(floors), repeat):
+            per[f"floor_{kind}"].append(_throughput(floor_client(kind), p))
         per["cosserve"].append(_throughput(cosserve_client, p))
         n, start = 0, time.perf_counter()
         while n < p.w2_max_calls and time.perf_counter() - start < min(p.w2_seconds, 2.0):
@@ -211,10 +243,10 @@ def w2_throughput(cosserve: ServerProcess, floor: ServerProcess, p: Params) -> l
             n += 1
         per["torch"].append(n / (time.perf_counter() - start))
     row = Row(
-        "W2", f"{p.w2_clients} clients x {call.op}", "req/s",
-        median(per["cosserve"]), median(per["floor"]), median(per["torch"]), samples=per,
+        "W2", f"{p.w2_clients} clients x {call.op}", "req/s", median(per["cosserve"]),
+        floors={k: median(per[f"floor_{k}"]) for k in floors}, torch=median(per["torch"]), samples=per,
     )  # fmt: skip
-    return [row.check(row.cosserve / row.floor, "cosserve/floor", ">=", 0.9)]
+    return [row.against_floor(">=", 0.9)]
 
 
 # ---- W3: big blobs -----------------------------------------------------------------------
@@ -237,41 +269,60 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def _warm_up(cosserve: ServerProcess, client: Client, bare: FloorClient, array: np.ndarray) -> None:
+def _copy(array: np.ndarray, device: str) -> Callable[[], Any]:
+    """The in-process reference of a transfer: one copy of the blob into the session's device."""
+    source = torch.from_numpy(array)
+    if not _is_cuda(device):
+        return source.clone
+
+    def copy() -> None:
+        source.to(device)
+        torch.cuda.synchronize(device)
+
+    return copy
+
+
+def _warm_up(client: Client, bare: Mapping[str, FloorClient], array: np.ndarray, device: str) -> None:
     # Every path once, so first-use costs (connection windows, the allocator, the kernel handing
-    # fresh memory to both processes) are not in the first timed repeat.
-    bare.feed(array, limits.CHUNK_BYTES)
-    bare.fetch()
+    # fresh memory to the processes) are not in the first timed repeat.
+    for floor in bare.values():
+        floor.feed(array, limits.CHUNK_BYTES)
+        floor.fetch()
     for shm in (False, True):
-        with client.session("cpu") as ws:
+        with client.session(device) as ws:
             ws.feed_blob("blob", array, shm=shm)
             ws.fetch_blob("blob", shm=shm)
 
 
-def w3_transfer(cosserve: ServerProcess, floor: ServerProcess, p: Params) -> list[Row]:
+def w3_transfer(cosserve: ServerProcess, floors: Mapping[str, ServerProcess], p: Params) -> list[Row]:
     """GB/s of feeding and fetching big float32 blobs, and the server's peak memory."""
     rows: list[Row] = []
-    with Client(cosserve.address, timeout=600) as client, FloorClient(floor.address) as bare:
+    with Client(cosserve.address, timeout=600) as client, _floor_clients(floors) as bare:
         for nbytes, repeats in zip(p.w3_sizes, p.w3_repeats):
             array = _blob(nbytes)
-            bare.configure(blob_bytes=nbytes, chunk_bytes=limits.CHUNK_BYTES)
+            for floor in bare.values():
+                floor.configure(blob_bytes=nbytes, chunk_bytes=limits.CHUNK_BYTES)
+            copy = _copy(array, p.device)
             s: dict[str, list[float]] = {
                 k: []
                 for k in (
-                    "floor_feed", "floor_fetch", "feed", "fetch", "shm_feed", "shm_fetch",
+                    *(f"floor_{kind}_{way}" for kind in bare for way in ("feed", "fetch")),
+                    "feed", "fetch", "shm_feed", "shm_fetch",
                     "feed_mem", "fetch_mem", "shm_feed_mem", "shm_fetch_mem", "torch_copy",
                 )
             }  # fmt: skip
             for repeat in range(-1, repeats):  # -1: an untimed warm-up of every path
                 if repeat < 0:
-                    _warm_up(cosserve, client, bare, array)
+                    _warm_up(client, bare, array, p.device)
                     continue
-                s["floor_feed"].append(_timed(lambda: bare.feed(array, limits.CHUNK_BYTES))[0])
-                seconds, got = _timed(bare.fetch)
-                s["floor_fetch"].append(seconds)
-                del got
+                for kind in _in_turn(list(bare), repeat):
+                    floor = bare[kind]
+                    s[f"floor_{kind}_feed"].append(_timed(functools.partial(floor.feed, array, limits.CHUNK_BYTES))[0])
+                    seconds, got = _timed(floor.fetch)
+                    s[f"floor_{kind}_fetch"].append(seconds)
+                    del got
                 for prefix, shm in (("", False), ("shm_", True)):
-                    with client.session("cpu") as ws:
+                    with client.session(p.device) as ws:
                         base = cosserve.rss()
                         with MemorySampler(cosserve) as mem:
                             s[prefix + "feed"].append(_timed(lambda: ws.feed_blob("blob", array, shm=shm))[0])
@@ -283,19 +334,20 @@ def w3_transfer(cosserve: ServerProcess, floor: ServerProcess, p: Params) -> lis
                         if repeat == 0 and not np.array_equal(got, array):  # bit-exact, checked once
                             raise AssertionError(f"W3: fetched blob differs from the fed one (shm={shm})")
                         del got
-                source = torch.from_numpy(array)
-                s["torch_copy"].append(_timed(lambda: source.clone())[0])
+                s["torch_copy"].append(_timed(copy)[0])
             gbps = {k: [nbytes / x / 1e9 for x in v] for k, v in s.items() if not k.endswith("mem")}
             m = {k: median(v) for k, v in gbps.items()}
             size = _size_name(nbytes)
             for way in ("feed", "fetch"):
                 row = Row(
-                    "W3", f"{way} {size} socket", "GB/s", m[way], m["floor_" + way], m["torch_copy"],
-                    samples={"cosserve": gbps[way], "floor": gbps["floor_" + way], "torch": gbps["torch_copy"]},
+                    "W3", f"{way} {size} socket", "GB/s", m[way],
+                    floors={kind: m[f"floor_{kind}_{way}"] for kind in bare}, torch=m["torch_copy"],
+                    samples={"cosserve": gbps[way], **{f"floor_{kind}": gbps[f"floor_{kind}_{way}"] for kind in bare},
+                             "torch": gbps["torch_copy"]},
                 )  # fmt: skip
-                rows.append(row.check(row.cosserve / row.floor, "cosserve/floor", ">=", 0.9))
+                rows.append(row.against_floor(">=", 0.9))
                 row = Row(
-                    "W3", f"{way} {size} shm", "GB/s", m["shm_" + way], None, m["torch_copy"],
+                    "W3", f"{way} {size} shm", "GB/s", m["shm_" + way], torch=m["torch_copy"],
                     samples={"cosserve": gbps["shm_" + way]},
                 )  # fmt: skip
                 rows.append(row.check(m["shm_" + way] / m[way], "shm/socket", ">=", 4.0))
@@ -311,9 +363,10 @@ def w3_transfer(cosserve: ServerProcess, floor: ServerProcess, p: Params) -> lis
 # ---- W4: scoring -------------------------------------------------------------------------
 
 
-def w4_scoring(cosserve: ServerProcess, floor: ServerProcess, p: Params) -> list[Row] | str:
+def w4_scoring(cosserve: ServerProcess, floors: Mapping[str, ServerProcess], p: Params) -> list[Row] | str:
     """Queries/s of top-k over a corpus blob (ScoreTopK via Session.iter_top_k) against the same
-    scoring core in-process; bench/score.py's paths, on the bench's server process."""
+    scoring core in-process; bench/score.py's paths, on the bench's server process. Also as the
+    GEMM's rate: 2*M*D flops per query (a batch of N is one N x D by D x M product)."""
     from cosserve import Session
 
     if not hasattr(Session, "iter_top_k"):
@@ -322,7 +375,7 @@ def w4_scoring(cosserve: ServerProcess, floor: ServerProcess, p: Params) -> list
         from bench import score
     except ImportError as err:
         return f"W4 skipped: bench/score.py cannot be imported ({err})"
-    ns = argparse.Namespace(device="cpu", k=p.w4_k, batch_size=p.w4_batch, max_seconds=120.0)
+    ns = argparse.Namespace(device=p.device, k=p.w4_k, batch_size=p.w4_batch, max_seconds=120.0)
     rng = np.random.default_rng(0)
     corpus = rng.standard_normal((p.w4_corpus, p.w4_dim), dtype=np.float32)
     queries = rng.standard_normal((p.w4_queries, p.w4_dim), dtype=np.float32)
@@ -337,8 +390,12 @@ def w4_scoring(cosserve: ServerProcess, floor: ServerProcess, p: Params) -> list
             per["torch"].append(local.run(queries)["qps"])
     finally:
         service.close()
-    row = Row(
-        "W4", f"top-{p.w4_k} of {p.w4_corpus:,}x{p.w4_dim}, batches of {p.w4_batch}", "queries/s",
-        median(per["cosserve"]), None, median(per["torch"]), samples=per,
-    )  # fmt: skip
-    return [row.check(row.cosserve / row.torch, "cosserve/torch", ">=", 0.9)]
+    shape = f"top-{p.w4_k} of {p.w4_corpus:,}x{p.w4_dim}, batches of {p.w4_batch}"
+    qps = {k: median(v) for k, v in per.items()}
+    row = Row("W4", shape, "queries/s", qps["cosserve"], torch=qps["torch"], samples=per)
+    tflop_per_query = 2 * p.w4_corpus * p.w4_dim / 1e12
+    tflops = {k: [q * tflop_per_query for q in v] for k, v in per.items()}
+    rate = Row("W4", f"{shape}, GEMM rate", "TFLOP/s", median(tflops["cosserve"]), torch=median(tflops["torch"]),
+               samples=tflops)  # fmt: skip
+    rate.ratio, rate.ratio_of = qps["cosserve"] / qps["torch"], "cosserve/torch"
+    return [row.check(qps["cosserve"] / qps["torch"], "cosserve/torch", ">=", 0.9), rate]
