@@ -210,12 +210,10 @@ class Client:
 
         For small tensors: everything travels in one request and one response.
         """
-        op = operator_def(op_type, list(inputs), outputs, args).SerializeToString()
-        arrays = [(name, tensors.as_numpy(value)) for name, value in inputs.items()]
-        pieces = wire.compute_request(
-            op, device, [(name, tensors.wire_dtype(a.dtype), a.shape, tensors.byte_view(a)) for name, a in arrays]
-        )
-        reply = self._call("Compute", b"".join(pieces), framed=True)
+        request = pb.ComputeRequest(op=operator_def(op_type, list(inputs), outputs, args), device=device)
+        for name, value in inputs.items():
+            tensors.to_wire(value, request.inputs.add(name=name).tensor)
+        reply = self._call("Compute", request)
         return {item.name: tensors.from_wire(item.tensor) for item in reply.outputs}
 
 

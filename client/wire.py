@@ -1,36 +1,31 @@
-"""Protobuf wire framing of the messages that carry tensor data, read and written without copying it."""
+"""Protobuf wire framing of the blob messages (FeedBlob, FetchBlob and their streams), read and written
+without copying their tensor data."""
 
 # The protobuf runtime copies a bytes field when it is set, again when the message is serialized
-# and again when it is parsed, and only takes `bytes`. For the messages that carry tensor data we
-# read and write the same wire format here: encoders return pieces that `b"".join` copies once
-# into the buffer grpc sends, and decoders return spans of the buffer grpc hands over. Every
-# decoder must accept exactly what `pb.X.FromString` accepts and read it the same way; the tests
-# hold it to that with protobuf itself (tests/test_wire.py).
+# and again when it is parsed, and only takes `bytes`. For the blob messages, which carry tensors
+# of any size, we read and write the same wire format here: encoders return pieces that `b"".join`
+# copies once into the buffer grpc sends, and decoders return spans of the buffer grpc hands over.
+# Compute stays plain protobuf: its messages are small, and protobuf's own parser reads them far
+# faster than Python could. Every decoder must accept exactly what `pb.X.FromString` accepts and
+# read it the same way; the tests hold it to that with protobuf itself (tests/test_wire.py).
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from cosserve.v1 import cosserve_pb2 as pb
-
-if TYPE_CHECKING:  # for annotations only; protobuf is already imported by the stubs
-    from google.protobuf.descriptor import Descriptor
 
 __all__ = [
     "FRAMED_METHODS",
     "SERVICE_NAME",
     "Buffer",
-    "ComputeFrame",
     "FeedBlobFrame",
     "FeedChunkFrame",
     "FramedMethod",
-    "NamedTensorFrame",
     "Span",
     "TensorFrame",
     "WireError",
-    "compute_request",
-    "decode_compute_request",
     "decode_feed_blob_chunk",
     "decode_feed_blob_request",
     "decode_fetch_blob_chunk",
@@ -81,17 +76,6 @@ class FeedChunkFrame(NamedTuple):
     data: Span
 
 
-class NamedTensorFrame(NamedTuple):
-    name: str
-    tensor: TensorFrame
-
-
-class ComputeFrame(NamedTuple):
-    op: bytes  # the OperatorDef's parts concatenated: pb.OperatorDef.FromString merges them as protobuf would
-    inputs: tuple[NamedTensorFrame, ...]
-    device: str
-
-
 # ---- field numbers, from the descriptors ------------------------------------------------------
 
 # Wire types (the low 3 bits of a tag).
@@ -134,11 +118,6 @@ _FEED_TENSOR = _number(pb.FeedBlobRequest, "tensor", "MESSAGE", pb.Tensor)
 _CHUNK_SESSION = _number(pb.FeedBlobChunk, "session_id", "STRING")
 _CHUNK_NAME = _number(pb.FeedBlobChunk, "name", "STRING")
 _FETCH_TENSOR = _number(pb.FetchBlobResponse, "tensor", "MESSAGE", pb.Tensor)
-_NAMED_NAME = _number(pb.NamedTensor, "name", "STRING")
-_NAMED_TENSOR = _number(pb.NamedTensor, "tensor", "MESSAGE", pb.Tensor)
-_COMPUTE_OP = _number(pb.ComputeRequest, "op", "MESSAGE", pb.OperatorDef)
-_COMPUTE_INPUTS = _number(pb.ComputeRequest, "inputs", "MESSAGE", pb.NamedTensor)
-_COMPUTE_DEVICE = _number(pb.ComputeRequest, "device", "STRING")
 
 _NO_DATA = Span(0, 0)
 _NO_TENSOR = TensorFrame(0, (), _NO_DATA)
@@ -389,56 +368,6 @@ def decode_fetch_blob_chunk(buffer: Buffer) -> TensorFrame:
     return reader.frame()
 
 
-def _check(buf: Buffer, start: int, end: int, message: Descriptor, depth: int) -> None:
-    """Refuse what protobuf would refuse in a message handed on as bytes (ComputeRequest.op):
-    bad framing, strings that are not UTF-8, and the same in its sub-messages. OperatorDef and
-    Argument have no packed fields, the one other thing protobuf looks inside (the tests check)."""
-    for number, kind, value, stop in _fields(buf, start, end, depth):
-        field = message.fields_by_number.get(number)
-        if field is None or kind != _LEN:
-            continue
-        if field.type == field.TYPE_STRING:
-            _text(buf, value, stop)
-        elif field.type == field.TYPE_MESSAGE:
-            _check(buf, value, stop, field.message_type, depth + 1)
-
-
-def _named_tensor(buf: Buffer, start: int, end: int) -> NamedTensorFrame:
-    # A NamedTensor sits at depth 1 (in ComputeRequest), its tensor at depth 2.
-    name = ""
-    tensor: list[Span] = []
-    for number, kind, value, stop in _fields(buf, start, end, 1):
-        if kind != _LEN:
-            continue
-        if number == _NAMED_NAME:
-            name = _text(buf, value, stop)
-        elif number == _NAMED_TENSOR:
-            tensor.append(Span(value, stop))
-    return NamedTensorFrame(name, _tensor(buf, tensor, 2))
-
-
-def decode_compute_request(buffer: Buffer) -> ComputeFrame:
-    """An encoded ComputeRequest; the inputs' data stays in `buffer`, the (small) op is copied."""
-    buf = _view(buffer)
-    op: list[Span] = []
-    inputs: list[NamedTensorFrame] = []
-    device = ""
-    for number, kind, value, end in _fields(buf, 0, len(buf), 0):
-        if kind != _LEN:
-            continue
-        if number == _COMPUTE_OP:
-            # Each part is checked on its own: protobuf parses every occurrence separately, so a
-            # field split across two parts is malformed even though the concatenation is not.
-            _check(buf, value, end, pb.OperatorDef.DESCRIPTOR, 1)
-            op.append(Span(value, end))
-        elif number == _COMPUTE_INPUTS:
-            inputs.append(_named_tensor(buf, value, end))
-        elif number == _COMPUTE_DEVICE:
-            device = _text(buf, value, end)
-    view = memoryview(buf)
-    return ComputeFrame(b"".join([view[start:end] for start, end in op]), tuple(inputs), device)
-
-
 # ---- writing ----------------------------------------------------------------------------------
 # Fields are written in field-number order and default values left out, as SerializeToString
 # does, so that both produce the same bytes; message fields are always written (set, though maybe
@@ -537,17 +466,6 @@ def fetch_blob_chunk(dtype: int, shape: Sequence[int], data: Buffer, *, header: 
     return [_head(_FETCH_CHUNK, dtype, shape), *pieces] if header else pieces
 
 
-def compute_request(op: bytes, device: str, inputs: Sequence[tuple[str, int, Sequence[int], Buffer]]) -> list[Buffer]:
-    """A ComputeRequest of an encoded OperatorDef and (name, dtype, shape, data) inputs, as pieces
-    to join; each input's data is one of them, as given (not copied)."""
-    pieces: list[Buffer] = [field_header(_COMPUTE_OP, len(op)), op]
-    for name, dtype, shape, data in inputs:
-        named = [_string(_NAMED_NAME, name), *_message(_NAMED_TENSOR, tensor_message(dtype, shape, data))]
-        pieces += _message(_COMPUTE_INPUTS, named)
-    pieces.append(_string(_COMPUTE_DEVICE, device))
-    return pieces
-
-
 # ---- methods ----------------------------------------------------------------------------------
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["Cosserve"]
@@ -576,7 +494,6 @@ FRAMED_METHODS: dict[str, FramedMethod] = {
         _framed("FeedBlobStream", request_bytes=True, response_bytes=False),
         _framed("FetchBlob", request_bytes=False, response_bytes=True),
         _framed("FetchBlobStream", request_bytes=False, response_bytes=True),
-        _framed("Compute", request_bytes=True, response_bytes=False),
     )
 }
 

@@ -197,22 +197,18 @@ class CosserveServicer:
         workspace = self.store.get(session_id)
         await self.workers.run(engine.input_bytes(workspace, calls), engine.run_net, workspace, calls)
 
-    async def Compute(self, request: bytes, context: aio.ServicerContext) -> pb.ComputeResponse:
-        frame = _decoded("Compute", wire.decode_compute_request, request)
-        try:
-            op = pb.OperatorDef.FromString(frame.op)
-        except DecodeError:
-            raise InvalidArgument("Compute: op is not an OperatorDef") from None
-        device = resolve_device(frame.device, self.settings.device)
+    async def Compute(self, request: pb.ComputeRequest, context: aio.ServicerContext) -> pb.ComputeResponse:
+        # Plain protobuf: for tensors of one message its parser is faster than framing by hand.
+        device = resolve_device(request.device, self.settings.device)
         inputs: dict[str, torch.Tensor] = {}
-        for item in frame.inputs:
+        nbytes = 0
+        for item in request.inputs:
             if item.name in inputs:
                 raise InvalidArgument(f"Compute: input {item.name!r} is sent twice")
-            inputs[item.name] = codec.tensor_from_frame(f"input {item.name!r}", request, item.tensor, device)
-        call = op_call(op)
-        outputs = await self.workers.run(
-            len(request), engine.compute, call, inputs, limits.MAX_MESSAGE_BYTES - 64 * 1024
-        )
+            inputs[item.name] = codec.tensor_from_wire(f"input {item.name!r}", item.tensor, device)
+            nbytes += len(item.tensor.data)
+        call = op_call(request.op)
+        outputs = await self.workers.run(nbytes, engine.compute, call, inputs, limits.MAX_MESSAGE_BYTES - 64 * 1024)
         response = pb.ComputeResponse()
         for name, tensor in zip(call.outputs, outputs):
             codec.tensor_to_wire(tensor, response.outputs.add(name=name).tensor)

@@ -107,24 +107,8 @@ dtypes = st.one_of(st.sampled_from(pb.DType.values()), st.integers(-(2**31), 2**
 dims = st.one_of(st.integers(0, 9), st.integers(-(2**63), 2**63 - 1))
 shapes = st.lists(dims, max_size=4)
 blobs = st.binary(max_size=24)
-int64s = st.integers(-(2**63), 2**63 - 1)
 
 tensors = st.builds(lambda d, s, b: pb.Tensor(dtype=d, shape=s, data=b), dtypes, shapes, blobs)
-arguments = st.one_of(
-    st.builds(lambda n: pb.Argument(name=n), texts),
-    st.builds(lambda n, v: pb.Argument(name=n, f=v), texts, st.floats(allow_nan=False)),
-    st.builds(lambda n, v: pb.Argument(name=n, i=v), texts, int64s),
-    st.builds(lambda n, v: pb.Argument(name=n, b=v), texts, st.booleans()),
-    st.builds(lambda n, v: pb.Argument(name=n, s=v), texts, texts),
-)
-ops = st.builds(
-    lambda t, i, o, a: pb.OperatorDef(type=t, input=i, output=o, arg=a),
-    texts,
-    st.lists(texts, max_size=3),
-    st.lists(texts, max_size=2),
-    st.lists(arguments, max_size=3),
-)
-named_tensors = st.builds(lambda n, t: pb.NamedTensor(name=n, tensor=t), texts, st.none() | tensors)
 
 MESSAGES: dict[type[Message], st.SearchStrategy[Message]] = {
     pb.FeedBlobRequest: st.builds(
@@ -136,13 +120,9 @@ MESSAGES: dict[type[Message], st.SearchStrategy[Message]] = {
     ),
     pb.FetchBlobResponse: st.builds(lambda t: pb.FetchBlobResponse(tensor=t), st.none() | tensors),
     pb.FetchBlobChunk: st.builds(lambda d, s, b: pb.FetchBlobChunk(dtype=d, shape=s, data=b), dtypes, shapes, blobs),
-    pb.ComputeRequest: st.builds(
-        lambda o, i, d: pb.ComputeRequest(op=o, inputs=i, device=d),
-        st.none() | ops, st.lists(named_tensors, max_size=3), texts,
-    ),
 }
 # Earlier values for singular message fields, to be merged with the real one.
-SUB_MESSAGES = {pb.Tensor.DESCRIPTOR.full_name: tensors, pb.OperatorDef.DESCRIPTOR.full_name: ops}
+SUB_MESSAGES = {pb.Tensor.DESCRIPTOR.full_name: tensors}
 
 
 # ---- rewriting an encoding in ways protobuf must read the same ----------------------------------
@@ -297,28 +277,17 @@ def check_fetch_blob_chunk(buf: wire.Buffer, m: pb.FetchBlobChunk) -> None:
     assert tensor_of(buf, wire.decode_fetch_blob_chunk(buf)) == expected_tensor(m)
 
 
-def check_compute_request(buf: wire.Buffer, m: pb.ComputeRequest) -> None:
-    frame = wire.decode_compute_request(buf)
-    assert pb.OperatorDef.FromString(frame.op) == m.op
-    assert frame.device == m.device
-    assert [(i.name, tensor_of(buf, i.tensor)) for i in frame.inputs] == [
-        (i.name, expected_tensor(i.tensor)) for i in m.inputs
-    ]
-
-
 CHECKS: dict[type[Message], Callable[[Any, Any], None]] = {
     pb.FeedBlobRequest: check_feed_blob_request,
     pb.FeedBlobChunk: check_feed_blob_chunk,
     pb.FetchBlobResponse: check_fetch_blob_response,
     pb.FetchBlobChunk: check_fetch_blob_chunk,
-    pb.ComputeRequest: check_compute_request,
 }
 DECODERS: dict[type[Message], Callable[[wire.Buffer], object]] = {
     pb.FeedBlobRequest: wire.decode_feed_blob_request,
     pb.FeedBlobChunk: wire.decode_feed_blob_chunk,
     pb.FetchBlobResponse: wire.decode_fetch_blob_response,
     pb.FetchBlobChunk: wire.decode_fetch_blob_chunk,
-    pb.ComputeRequest: wire.decode_compute_request,
 }
 
 
@@ -370,6 +339,11 @@ def test_decode_tensor_merges_parts() -> None:
     assert wire.decode_tensor(buf, []) == wire.TensorFrame(0, (), wire.Span(0, 0))
     with pytest.raises(wire.WireError):
         wire.decode_tensor(buf, [wire.Span(0, len(buf) + 1)])
+    # A part is a Tensor inside a top-level message (depth 1), as in FeedBlobRequest: groups 100
+    # deep in it go past protobuf's limit, 99 do not (the MALFORMED and EDGES cases).
+    with pytest.raises(wire.WireError):
+        wire.decode_tensor(groups(100), [wire.Span(0, len(groups(100)))])
+    assert wire.decode_tensor(groups(99), [wire.Span(0, len(groups(99)))]) == wire.TensorFrame(0, (), wire.Span(0, 0))
 
 
 def test_fields_yields_every_field_and_groups_whole() -> None:
@@ -445,19 +419,6 @@ def test_feed_chunk_encoders_write_what_protobuf_writes(
     assert_encodes(wire.feed_blob_chunk_data(data), pb.FeedBlobChunk(data=raw(data)), data)
 
 
-@PROPERTY
-@given(ops, texts, st.lists(st.tuples(texts, dtypes, shapes, data_buffers), max_size=3))
-def test_compute_request_encoder_writes_what_protobuf_writes(
-    op: pb.OperatorDef, device: str, inputs: list[tuple[str, int, list[int], wire.Buffer]]
-) -> None:
-    expected = pb.ComputeRequest(
-        op=op,
-        inputs=[pb.NamedTensor(name=n, tensor=pb.Tensor(dtype=d, shape=s, data=raw(b))) for n, d, s, b in inputs],
-        device=device,
-    )
-    assert_encodes(wire.compute_request(op.SerializeToString(), device, inputs), expected, *(i[3] for i in inputs))
-
-
 @pytest.mark.parametrize("dtype, shape", [(2**31, []), (-(2**31) - 1, []), (1, [2**63]), (1, [-(2**63) - 1])])
 def test_encoders_refuse_what_protobuf_refuses(dtype: int, shape: list[int]) -> None:
     with pytest.raises(ValueError):
@@ -473,9 +434,6 @@ FEED_SESSION, FEED_TENSOR = num(pb.FeedBlobRequest, "session_id"), num(pb.FeedBl
 CHUNK_NAME, CHUNK_DATA = num(pb.FeedBlobChunk, "name"), num(pb.FeedBlobChunk, "data")
 FETCH_TENSOR = num(pb.FetchBlobResponse, "tensor")
 OUT_DTYPE, OUT_SHAPE = num(pb.FetchBlobChunk, "dtype"), num(pb.FetchBlobChunk, "shape")
-OP, INPUTS, DEVICE = num(pb.ComputeRequest, "op"), num(pb.ComputeRequest, "inputs"), num(pb.ComputeRequest, "device")
-OP_TYPE, OP_ARG, ARG_S = num(pb.OperatorDef, "type"), num(pb.OperatorDef, "arg"), num(pb.Argument, "s")
-NAMED_NAME = num(pb.NamedTensor, "name")
 UNKNOWN = 99  # no message here has it
 
 
@@ -498,7 +456,7 @@ MALFORMED = [
     ("wire-type-7", pb.FeedBlobChunk, key(UNKNOWN, 7) + bytes(8)),
     ("end-group-without-start", pb.FetchBlobResponse, key(UNKNOWN, EGROUP)),
     ("end-group-in-sub-message", pb.FetchBlobResponse, ld(FETCH_TENSOR, key(UNKNOWN, EGROUP))),
-    ("end-group-mismatched", pb.ComputeRequest, key(UNKNOWN, SGROUP) + key(UNKNOWN + 1, EGROUP)),
+    ("end-group-mismatched", pb.FeedBlobRequest, key(UNKNOWN, SGROUP) + key(UNKNOWN + 1, EGROUP)),
     (
         "end-group-nested-mismatched",
         pb.FetchBlobChunk,
@@ -508,17 +466,17 @@ MALFORMED = [
     ("group-ends-past-message", pb.FeedBlobRequest, ld(FEED_TENSOR, key(UNKNOWN, SGROUP)) + key(UNKNOWN, EGROUP)),
     ("groups-101-deep", pb.FetchBlobChunk, groups(101)),
     ("groups-100-deep-in-tensor", pb.FeedBlobRequest, ld(FEED_TENSOR, groups(100))),
-    ("groups-99-deep-in-op-arg", pb.ComputeRequest, ld(OP, ld(OP_ARG, groups(99)))),
+    ("groups-100-deep-in-fetch-tensor", pb.FetchBlobResponse, ld(FETCH_TENSOR, groups(100))),
     ("packed-shape-truncated", pb.FetchBlobChunk, ld(OUT_SHAPE, b"\x01\x80")),
     ("utf8-session-id", pb.FeedBlobRequest, ld(FEED_SESSION, b"\xff")),
     ("utf8-replaced-later", pb.FeedBlobRequest, ld(FEED_SESSION, b"\xc0\x80") + ld(FEED_SESSION, b"ok")),
     ("utf8-surrogate", pb.FeedBlobChunk, ld(CHUNK_NAME, "\ud800".encode("utf-8", "surrogatepass"))),
-    ("utf8-device", pb.ComputeRequest, ld(DEVICE, b"cpu\xfe")),
-    ("utf8-input-name", pb.ComputeRequest, ld(INPUTS, ld(NAMED_NAME, b"\xe2\x82"))),
-    ("utf8-op-type", pb.ComputeRequest, ld(OP, ld(OP_TYPE, b"\xff"))),
-    ("utf8-op-arg-s", pb.ComputeRequest, ld(OP, ld(OP_ARG, ld(ARG_S, b"\xff")))),
-    # Each part of a message is parsed on its own: a string split across two parts is no string.
-    ("op-field-across-parts", pb.ComputeRequest, ld(OP, key(OP_TYPE, LEN) + varint(3) + b"C") + ld(OP, b"os")),
+    # Each part of a message is parsed on its own: a field split across two parts is no field.
+    (
+        "tensor-field-across-parts",
+        pb.FeedBlobRequest,
+        ld(FEED_TENSOR, key(T_DATA, LEN) + varint(3) + b"a") + ld(FEED_TENSOR, b"bc"),
+    ),
 ]
 
 
@@ -533,7 +491,7 @@ def test_malformed_is_refused_by_both(cls: type[Message], encoded: bytes) -> Non
 EDGES = [
     ("groups-100-deep", pb.FetchBlobChunk, groups(100)),
     ("groups-99-deep-in-tensor", pb.FeedBlobRequest, ld(FEED_TENSOR, groups(99))),
-    ("groups-98-deep-in-op-arg", pb.ComputeRequest, ld(OP, ld(OP_ARG, groups(98)))),
+    ("groups-99-deep-in-fetch-tensor", pb.FetchBlobResponse, ld(FETCH_TENSOR, groups(99))),
     ("varint-of-10-bytes-with-bits-past-64", pb.FetchBlobChunk, key(OUT_SHAPE, VARINT) + varint(5, 10, 63)),
     ("dtype-above-32-bits", pb.FetchBlobChunk, key(OUT_DTYPE, VARINT) + varint(pb.INT8 + (7 << 32))),
     ("dtype-negative", pb.FetchBlobChunk, key(OUT_DTYPE, VARINT) + varint(-3)),
@@ -550,20 +508,6 @@ def test_edge_cases_are_read_as_protobuf_reads_them(cls: type[Message], encoded:
     CHECKS[cls](encoded, cls.FromString(encoded))
 
 
-def test_op_check_covers_everything_protobuf_checks() -> None:
-    # wire._check looks at strings and sub-messages only: right while OperatorDef's tree has no
-    # packed (repeated numeric) fields, the one other thing protobuf looks inside.
-    seen, todo = set(), [pb.OperatorDef.DESCRIPTOR]
-    while todo:
-        desc = todo.pop()
-        seen.add(desc.full_name)
-        for field in desc.fields:
-            if field.label == field.LABEL_REPEATED:
-                assert field.type in (field.TYPE_STRING, field.TYPE_BYTES, field.TYPE_MESSAGE), field.full_name
-            if field.type == field.TYPE_MESSAGE and field.message_type.full_name not in seen:
-                todo.append(field.message_type)
-
-
 # ---- methods ------------------------------------------------------------------------------------
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Cosserve"]
@@ -572,7 +516,6 @@ FRAMED_MESSAGES = {  # the framed side of each method: the messages this module'
     "FeedBlobStream": ("input", pb.FeedBlobChunk),
     "FetchBlob": ("output", pb.FetchBlobResponse),
     "FetchBlobStream": ("output", pb.FetchBlobChunk),
-    "Compute": ("input", pb.ComputeRequest),
 }
 
 
