@@ -39,6 +39,8 @@ __all__ = ["RunningServer", "build_server", "run", "serve"]
 
 log = logging.getLogger("cosserve.server")
 
+# Name prefixes of the threads that run calls' work (Workers, Scorer).
+_WORK_THREADS = ("cosserve-work", "cosserve-score")
 # How often idle sessions are looked for.
 _EXPIRY_PERIOD_S = 60.0
 
@@ -72,12 +74,11 @@ class RunningServer:
     _health: health_aio.HealthServicer
     _stopped: bool = False
 
-    def stop(self, grace: float | None = None) -> bool:
+    def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING and new calls refused at once; in-flight calls get `grace` seconds,
-        then are cancelled. Returns False if work was still running on a thread (abandoned: it
-        cannot be interrupted, and is never waited for)."""
+        then are cancelled. Work still running on a thread is abandoned, never waited for."""
         if self._stopped:
-            return True
+            return
         self._stopped = True
         done = asyncio.run_coroutine_threadsafe(self._shutdown(grace), self._loop)
         try:
@@ -90,7 +91,6 @@ class RunningServer:
         self.scorer.shutdown()
         if self.metrics is not None:
             self.metrics.stop()
-        return self.workers.busy == 0
 
     async def _shutdown(self, grace: float | None) -> None:
         await self._health.enter_graceful_shutdown()
@@ -182,12 +182,15 @@ def serve(settings: Settings) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    idle = running.stop(settings.grace_s)
+    running.stop(settings.grace_s)
     log.info("cosserve stopped")
-    if not idle:
-        # A call still computing on a worker thread cannot be interrupted, and the interpreter
-        # would wait for it at exit: leave now, its client has already been told.
-        log.info("abandoning %d call(s) still running on worker threads", running.workers.busy)
+    # Threads of the work pools inherit the loop thread's daemon flag, but concurrent.futures
+    # still joins them at exit: any that is alive now is computing for a call that is over.
+    running_threads = [t.name for t in threading.enumerate() if t.name.startswith(_WORK_THREADS) and t.is_alive()]
+    if running_threads:
+        # Work still computing on a worker or scoring thread cannot be interrupted, and the
+        # interpreter would wait for it at exit: leave now, its clients have already been told.
+        log.info("abandoning work still running on %s", ", ".join(running_threads))
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -24,7 +24,7 @@ class Settings:
     host: str = _setting("127.0.0.1", "address to listen on (0.0.0.0 in a container)")
     port: int = _setting(50051, "port to listen on; 0 picks a free one")
     device: str = _setting("auto", "default device of sessions: auto (CUDA if available), cpu, cuda, cuda:N")
-    max_workers: int = _setting(16, "threads that run large operators, scoring and blob copies")
+    max_workers: int = _setting(16, "threads that run large operators, gradient checks and shared-memory copies")
     max_concurrent_rpcs: int = _setting(
         4096, "calls served at once, all clients together; more answer RESOURCE_EXHAUSTED"
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable
 from concurrent import futures
 from typing import TypeVar
@@ -21,14 +20,6 @@ class Workers:
     def __init__(self, threads: int, inline_bytes: int, name: str = "cosserve-work") -> None:
         self.inline_bytes = inline_bytes
         self._pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
-        self._lock = threading.Lock()
-        self._busy = 0
-
-    @property
-    def busy(self) -> int:
-        """Calls running on the threads now."""
-        with self._lock:
-            return self._busy
 
     async def run(self, cost_bytes: int, fn: Callable[..., T], *args: object) -> T:
         """fn(*args), inline or on a thread by its cost. A cancelled caller stops waiting at once;
@@ -37,16 +28,7 @@ class Workers:
             return fn(*args)
         # No local holds the future: an exception it carries would otherwise reach this frame
         # through its traceback and make a reference cycle that keeps the call's tensors alive.
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._counted, fn, args)
-
-    def _counted(self, fn: Callable[..., T], args: tuple[object, ...]) -> T:
-        with self._lock:
-            self._busy += 1
-        try:
-            return fn(*args)
-        finally:
-            with self._lock:
-                self._busy -= 1
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def shutdown(self) -> None:
         """Drop queued work and return at once; calls still running are abandoned, not awaited."""
