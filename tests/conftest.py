@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -21,6 +27,32 @@ def start_server(**overrides: object) -> RunningServer:
     """Start the production server (same interceptors and limits) on a free loopback port."""
     settings = dataclasses.replace(Settings(host="127.0.0.1", port=0, max_workers=8), **overrides)
     return build_server(settings)
+
+
+def start_process(*flags: str, env: dict[str, str] | None = None, gc_off: bool = False) -> tuple[subprocess.Popen, str]:
+    """`cosserve serve` in its own process on a free loopback port; returns it and its address.
+    With gc_off, Python's cycle collector is disabled, so memory held through reference cycles
+    stays held and shows in RSS."""
+    prelude = "import gc; gc.disable(); " if gc_off else ""
+    script = prelude + "import sys; from cosserve.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, "serve", "--port", "0", "--device", "cpu", *flags],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    deadline = time.monotonic() + 60
+    assert proc.stderr is not None
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        match = re.search(r"listening on (\S+)", line)
+        if match:
+            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+            return proc, match.group(1)
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError("server process did not report its address")
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,8 @@ cancelled calls. Each test talks gRPC to a real server (in-process or its own pr
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cosserve import Client, CosserveRpcError, limits
 from cosserve.v1 import cosserve_pb2 as pb
-from tests.conftest import start_server
+from tests.conftest import start_process, start_server
 
 psutil = pytest.importorskip("psutil")
 
@@ -76,33 +74,9 @@ def pb_stub(channel: grpc.Channel):
     return pb_grpc.CosserveStub(channel)
 
 
-def _start_process(*flags: str, gc_off: bool = False) -> tuple[subprocess.Popen, str]:
-    """`cosserve serve` in its own process on a free port; with gc_off, Python's cycle collector is
-    disabled, so memory held through reference cycles stays held and shows in RSS."""
-    prelude = "import gc; gc.disable(); " if gc_off else ""
-    script = prelude + "import sys; from cosserve.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, "serve", "--port", "0", "--device", "cpu", *flags],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    assert proc.stderr is not None
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        match = re.search(r"listening on (\S+)", line)
-        if match:
-            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
-            return proc, match.group(1)
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise AssertionError("server process did not report its address")
-
-
 def test_sigterm_exits_within_grace_even_with_a_cpu_bound_call_in_flight():
     grace = 1.0
-    proc, address = _start_process("--grace-s", str(grace))
+    proc, address = start_process("--grace-s", str(grace))
     failure: list[BaseException] = []
     try:
         with Client(address, timeout=120) as c:
@@ -151,7 +125,7 @@ def _feed_then(session_id: str, declared: int, sent: int, extra: bool) -> Iterat
 
 
 def test_failed_and_cancelled_feeds_free_their_buffers_without_the_cycle_collector():
-    proc, address = _start_process(gc_off=True)
+    proc, address = start_process(gc_off=True)
     try:
         server = psutil.Process(proc.pid)
         declared = 128 * 1024**2

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import grpc
@@ -19,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from cosserve import Client, CosserveRpcError
 from cosserve.v1 import cosserve_pb2 as pb
-from tests.conftest import start_server
+from tests.conftest import start_process, start_server
 
 pytest.importorskip("torch")
 
@@ -82,29 +80,8 @@ def test_unexpected_errors_are_internal_with_an_opaque_id(client, caplog):
         del REGISTRY["_TestBoom"]
 
 
-def _start_process(*flags: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cosserve.cli", "serve", "--port", "0", "--device", "cpu", *flags],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    deadline = time.monotonic() + 60
-    assert proc.stderr is not None
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        match = re.search(r"listening on (\S+)", line)
-        if match:
-            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
-            return proc, match.group(1)
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise AssertionError("server process did not report its address")
-
-
 def test_sigterm_drains_in_flight_calls_and_exits_zero():
-    proc, address = _start_process("--grace-s", "30")
+    proc, address = start_process("--grace-s", "30")
     try:
         with Client(address) as c:
             s = c.session("cpu")  # not closed: the server is gone by the end
@@ -136,7 +113,7 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero():
 
 
 def test_flags_override_environment_variables():
-    proc, address = _start_process("--max-sessions", "1", env={"COSSERVE_MAX_SESSIONS": "5"})
+    proc, address = start_process("--max-sessions", "1", env={"COSSERVE_MAX_SESSIONS": "5"})
     try:
         with Client(address) as c:
             with c.session("cpu"):
