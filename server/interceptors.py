@@ -17,7 +17,7 @@ from grpc import aio
 from cosserve.server.errors import Unauthenticated
 from cosserve.server.status import MalformedRequest, bounded, status_of
 
-__all__ = ["AuthInterceptor", "ErrorInterceptor", "MetricsInterceptor", "Observer"]
+__all__ = ["HANDLER_KINDS", "AuthInterceptor", "ErrorInterceptor", "MetricsInterceptor", "Observer"]
 
 log = logging.getLogger("cosserve.server")
 
@@ -31,7 +31,9 @@ Behavior = Callable[..., Any]
 # Wraps a behavior: (behavior, is an async generator) -> new behavior of the same kind.
 Wrapper = Callable[[Behavior, bool], Behavior]
 
-_FACTORIES = {
+# (request streaming, response streaming) -> the handler's behavior field and its factory; the
+# servicer's registration builds its handlers from the same table.
+HANDLER_KINDS = {
     (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
     (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
     (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
@@ -39,9 +41,14 @@ _FACTORIES = {
 }
 
 
+async def _reraise(err: BaseException, context: aio.ServicerContext) -> None:
+    """The `failed` of an interceptor that leaves errors to the one inside it."""
+    raise err
+
+
 def rewrap(handler: grpc.RpcMethodHandler, wrap: Wrapper, *, deserializer: bool = True) -> grpc.RpcMethodHandler:
     """A handler of the same kind and serializers whose behavior is wrap(behavior)."""
-    field, factory = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
+    field, factory = HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
     behavior = getattr(handler, field)
     return factory(
         wrap(behavior, inspect.isasyncgenfunction(behavior)),
@@ -177,13 +184,8 @@ class AuthInterceptor(aio.ServerInterceptor):
                 err = Unauthenticated("missing or wrong bearer token in 'authorization' metadata")
                 await context.abort(status_of(err) or grpc.StatusCode.UNAUTHENTICATED, str(err))
 
-            async def failed(err: BaseException, context: aio.ServicerContext) -> None:
-                raise err
-
-            def never(behavior: Behavior, generator: bool) -> Behavior:
-                return _around(refuse, failed)(behavior, generator)
-
-            refusal = self._refusals[details.method] = rewrap(handler, never, deserializer=False)
+            refusal = rewrap(handler, _around(refuse, _reraise), deserializer=False)
+            self._refusals[details.method] = refusal
         return refusal
 
 
@@ -217,12 +219,9 @@ class MetricsInterceptor(aio.ServerInterceptor):
         method = details.method
         observe = self._observe
 
-        async def failed(err: BaseException, context: aio.ServicerContext) -> None:
-            raise err
-
         def done(context: aio.ServicerContext, error: BaseException | None, seconds: float) -> None:
             observe(method, _code_name(context, error), seconds)
 
-        wrapped = rewrap(handler, _around(None, failed, done))
+        wrapped = rewrap(handler, _around(None, _reraise, done))
         self._wrapped[id(handler)] = (handler, wrapped)
         return wrapped

@@ -6,7 +6,6 @@ import math
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 import torch
 from google.protobuf.message import DecodeError
 from grpc import aio
@@ -14,6 +13,7 @@ from grpc import aio
 from cosserve import limits, wire
 from cosserve.server import codec, engine, shm
 from cosserve.server.errors import InvalidArgument, ResourceExhausted
+from cosserve.server.interceptors import HANDLER_KINDS
 from cosserve.server.registry import REGISTRY, ArgType, InputKind, OpSchema
 from cosserve.server.scorer import Batch, Scorer
 from cosserve.server.settings import Settings
@@ -266,14 +266,6 @@ def _lenient(message: Any) -> Any:
     return parse
 
 
-_HANDLERS = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
 def add_to_server(servicer: CosserveServicer, server: aio.Server) -> None:
     """Register every RPC of the service on `server`, read from the service descriptor: protobuf
     messages, except the sides wire.FRAMED_METHODS lists as bytes (decoded and framed by wire)."""
@@ -284,7 +276,8 @@ def add_to_server(servicer: CosserveServicer, server: aio.Server) -> None:
         response_bytes = framed is not None and framed.response_bytes
         request_type = getattr(pb, method.input_type.name)
         response_type = getattr(pb, method.output_type.name)
-        handlers[method.name] = _HANDLERS[(method.client_streaming, method.server_streaming)](
+        _, factory = HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = factory(
             getattr(servicer, method.name),
             request_deserializer=None if request_bytes else _lenient(request_type),
             response_serializer=None if response_bytes else response_type.SerializeToString,
