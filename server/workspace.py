@@ -86,18 +86,22 @@ class Workspace:
         if self.closed:
             raise NotFound(f"session {self.id!r} was closed")
 
-    def _check_room(self, changes: Mapping[str, torch.Tensor | None]) -> None:
-        """ResourceExhausted unless the blobs with `changes` applied fit (lock held)."""
+    def _check_room(self, sizes: Mapping[str, int]) -> None:
+        """ResourceExhausted unless the blobs fit with each named one at its new size (lock held)."""
         after = self._held
-        for name, tensor in changes.items():
+        for name, nbytes in sizes.items():
             old = self._blobs.get(name)
-            after += (0 if tensor is None else _nbytes(tensor)) - (0 if old is None else _nbytes(old))
-        if after > self.max_bytes:
-            what = f"blob {next(iter(changes))!r}" if len(changes) == 1 else "the outputs"
-            raise ResourceExhausted(
-                f"{what} would take session {self.id} to {after} bytes, above its limit of "
-                f"{self.max_bytes}; remove blobs or raise --max-session-bytes"
-            )
+            after += nbytes - (0 if old is None else _nbytes(old))
+        if after <= self.max_bytes:
+            return
+        if len(sizes) == 1:
+            name, nbytes = next(iter(sizes.items()))
+            what, tail = f"blob {name!r} ({nbytes} bytes)", "remove blobs or raise --max-session-bytes"
+        else:
+            what, tail = "the outputs", "nothing was changed"
+        raise ResourceExhausted(
+            f"{what} would take session {self.id} to {after} bytes, above its limit of {self.max_bytes}; {tail}"
+        )
 
     def reserve(self, name: str, nbytes: int) -> None:
         """Refuse now, before anything is received or allocated, a blob `name` of nbytes that
@@ -105,30 +109,21 @@ class Workspace:
         _check_name(name)
         with self._lock:
             self._ensure_open()
-            old = self._blobs.get(name)
-            after = self._held + nbytes - (0 if old is None else _nbytes(old))
-            if after > self.max_bytes:
-                raise ResourceExhausted(
-                    f"blob {name!r} ({nbytes} bytes) would take session {self.id} to {after} bytes, "
-                    f"above its limit of {self.max_bytes}; remove blobs or raise --max-session-bytes"
-                )
+            self._check_room({name: nbytes})
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
         _check_name(name)
         self.apply({name: tensor})
 
-    def apply(self, changes: Mapping[str, torch.Tensor | None]) -> None:
-        """Set (a tensor) or remove (None) blobs, all at once or, if they do not fit, not at all."""
+    def apply(self, changes: Mapping[str, torch.Tensor]) -> None:
+        """Set every blob of `changes` at once or, if they do not fit, none of them."""
         with self._lock:
             self._ensure_open()
-            self._check_room(changes)
+            self._check_room({name: _nbytes(tensor) for name, tensor in changes.items()})
             for name, tensor in changes.items():
-                old = self._blobs.pop(name, None)
-                if old is not None:
-                    self._held -= _nbytes(old)
-                if tensor is not None:
-                    self._blobs[name] = tensor
-                    self._held += _nbytes(tensor)
+                old = self._blobs.get(name)
+                self._held += _nbytes(tensor) - (0 if old is None else _nbytes(old))
+                self._blobs[name] = tensor
 
     def get(self, name: str) -> torch.Tensor:
         with self._lock:
