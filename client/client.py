@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from multiprocessing import shared_memory
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import numpy as np
@@ -20,8 +20,6 @@ from cosserve.v1 import cosserve_pb2 as pb
 from cosserve.v1 import cosserve_pb2_grpc as pb_grpc
 
 __all__ = ["ArgInfo", "Client", "InputInfo", "OpInfo", "Session", "OpSpec"]
-
-T = TypeVar("T")
 
 # One operator of a net: (type, inputs, outputs) or (type, inputs, outputs, {arg: value}),
 # or a mapping with keys "type", "inputs", "outputs" and optionally "args".
@@ -160,11 +158,9 @@ class Client:
         except grpc.RpcError as err:
             raise CosserveRpcError(err.code(), err.details() or "", method) from err
 
-    def _stream(
-        self, method: str, request: Any, *, timeout: float | None = None, framed: bool = False
-    ) -> Iterator[Any]:
+    def _stream(self, method: str, request: Any, *, timeout: float | None = None) -> Iterator[Any]:
         """Call a response-streaming RPC and yield its messages; raise CosserveRpcError on failure."""
-        rpc = self._framed[method] if framed else getattr(self.stub, method)
+        rpc = getattr(self.stub, method)
         try:
             yield from rpc(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
@@ -330,9 +326,14 @@ class Session:
         nbytes = tensors.nbytes_of(frame.dtype, frame.shape)
         buffer = np.empty(nbytes, np.uint8)
         filled = 0
-        for message in _chain_first(first, call):
-            progress()
-            data = wire.decode_fetch_blob_chunk(message).data
+
+        def pieces() -> Iterator[tuple[bytes, wire.Span]]:  # (message, span of its data)
+            yield first, frame.data
+            for message in call:
+                progress()
+                yield message, wire.decode_fetch_blob_chunk(message).data
+
+        for message, data in pieces():
             size = data.end - data.start
             if filled + size > nbytes:
                 raise ValueError(f"server sent more than the {nbytes} bytes of blob {name!r}")
@@ -516,12 +517,6 @@ def _array_in(region: shared_memory.SharedMemory, dtype: int, shape: tuple[int, 
     assert region.buf is not None
     buffer.data[:] = region.buf[:size]
     return tensors.decode(dtype, shape, buffer)
-
-
-def _chain_first(first: T, rest: Iterator[T]) -> Iterator[T]:
-    yield first
-    yield from rest
-
 
 
 def _framed_callable(channel: grpc.Channel, method: wire.FramedMethod) -> Any:

@@ -26,7 +26,6 @@ __all__ = [
     "stream_chunks",
     "tensor_from_frame",
     "tensor_from_wire",
-    "tensor_pieces",
     "tensor_to_wire",
     "tensor_bytes",
 ]
@@ -150,11 +149,6 @@ def tensor_from_frame(
     if tensor.device.type == "cpu" and tensor.numel() and 2 * (frame.data.end - frame.data.start) < len(buffer):
         tensor = tensor.clone()
     return tensor
-
-
-def tensor_pieces(tensor: torch.Tensor) -> list[wire.Buffer]:
-    """The wire Tensor message of `tensor` as pieces to join, its data a view of the tensor."""
-    return wire.tensor_message(WIRE_DTYPES[tensor.dtype], tensor.shape, tensor_bytes(tensor))
 
 
 def tensor_to_wire(tensor: torch.Tensor, out: pb.Tensor) -> pb.Tensor:
