@@ -297,12 +297,13 @@ class _TensorReader:
         return TensorFrame(self.dtype, tuple(self.shape), self.data)
 
 
-def _tensor(buf: Buffer, parts: Sequence[Span], depth: int) -> TensorFrame:
+def _tensor(buf: Buffer, parts: Sequence[Span]) -> TensorFrame:
+    """The parts of a Tensor field of a top-level message, merged; its fields sit at depth 1."""
     if not parts:
         return _NO_TENSOR
     reader = _TensorReader(buf, _TENSOR)
     for start, end in parts:
-        for number, kind, value, stop in _fields(buf, start, end, depth):
+        for number, kind, value, stop in _fields(buf, start, end, 1):
             reader.take(number, kind, value, stop)
     return reader.frame()
 
@@ -313,7 +314,7 @@ def decode_tensor(buffer: Buffer, parts: Sequence[Span]) -> TensorFrame:
     buf = _view(buffer)
     for start, end in parts:
         _bounds(buf, start, end)
-    return _tensor(buf, parts, 1)
+    return _tensor(buf, parts)
 
 
 def decode_feed_blob_request(buffer: Buffer) -> FeedBlobFrame:
@@ -330,7 +331,7 @@ def decode_feed_blob_request(buffer: Buffer) -> FeedBlobFrame:
             name = _text(buf, value, end)
         elif number == _FEED_TENSOR:
             tensor.append(Span(value, end))
-    return FeedBlobFrame(session_id, name, _tensor(buf, tensor, 1))
+    return FeedBlobFrame(session_id, name, _tensor(buf, tensor))
 
 
 def decode_feed_blob_chunk(buffer: Buffer) -> FeedChunkFrame:
@@ -356,7 +357,7 @@ def decode_fetch_blob_response(buffer: Buffer) -> TensorFrame:
         for number, kind, value, end in _fields(buf, 0, len(buf), 0)
         if number == _FETCH_TENSOR and kind == _LEN
     ]
-    return _tensor(buf, parts, 1)
+    return _tensor(buf, parts)
 
 
 def decode_fetch_blob_chunk(buffer: Buffer) -> TensorFrame:
