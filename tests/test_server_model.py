@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cosserve import Client, CosserveRpcError, limits
 from cosserve.v1 import cosserve_pb2 as pb
+from cosserve.v1 import cosserve_pb2_grpc as pb_grpc
 from tests.conftest import start_process, start_server
 
 psutil = pytest.importorskip("psutil")
@@ -35,7 +36,7 @@ def test_stalled_streams_and_health_watches_do_not_starve_other_clients():
     calls: list[grpc.Future] = []
     try:
         with grpc.insecure_channel(running.address) as hostile, Client(running.address, timeout=10) as c:
-            stub = pb_stub(hostile)
+            stub = pb_grpc.CosserveStub(hostile)
             session = c.session("cpu")
             for _ in range(STALLED):
                 calls.append(stub.FeedBlobStream.future(_stalled_feed(session.id, release), timeout=60))
@@ -66,12 +67,6 @@ def test_stalled_streams_and_health_watches_do_not_starve_other_clients():
         for call in calls:
             call.cancel()
         running.stop(0)
-
-
-def pb_stub(channel: grpc.Channel):
-    from cosserve.v1 import cosserve_pb2_grpc as pb_grpc
-
-    return pb_grpc.CosserveStub(channel)
 
 
 def test_sigterm_exits_within_grace_even_with_a_cpu_bound_call_in_flight():
