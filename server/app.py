@@ -27,13 +27,15 @@ from cosserve import limits
 from cosserve.server import servicer
 from cosserve.server import settings as settings_mod
 from cosserve.server.errors import CosserveError
+from cosserve.server.identity import Identities
 from cosserve.server.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
 from cosserve.server.metrics import Metrics
 from cosserve.server.scorer import Scorer
 from cosserve.server.servicer import SERVICE_NAME, CosserveServicer
 from cosserve.server.settings import Settings
 from cosserve.server.workers import Workers
-from cosserve.server.workspace import SessionStore, resolve_device
+from cosserve.server.sessions import SessionStore
+from cosserve.server.workspace import resolve_device
 
 __all__ = ["RunningServer", "build_server", "run", "serve"]
 
@@ -68,6 +70,7 @@ class RunningServer:
     scorer: Scorer
     metrics: Metrics | None
     metrics_port: int
+    identities: Identities | None
     _loop: asyncio.AbstractEventLoop
     _thread: threading.Thread
     _server: aio.Server
@@ -121,10 +124,11 @@ def build_server(settings: Settings) -> RunningServer:
 async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> RunningServer:
     store = SessionStore(settings)
     metrics = Metrics(store) if settings.metrics_port else None
+    identities = Identities.from_settings(settings)
     interceptors: list[aio.ServerInterceptor] = []
     if metrics is not None:
         interceptors.append(MetricsInterceptor(metrics.observe))
-    if settings.auth_token:
+    if identities is not None:
         interceptors.append(AuthInterceptor(settings.auth_token))
     interceptors.append(ErrorInterceptor())
     server = aio.server(
@@ -152,7 +156,9 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     metrics_port = metrics.start(host, settings.metrics_port) if metrics else 0
     loop.create_task(_expire_idle(store))
-    return RunningServer(port, address, store, workers, scorer, metrics, metrics_port, loop, thread, server, health)
+    return RunningServer(
+        port, address, store, workers, scorer, metrics, metrics_port, identities, loop, thread, server, health
+    )
 
 
 async def _expire_idle(store: SessionStore) -> None:
@@ -175,7 +181,13 @@ def serve(settings: Settings) -> int:
         log.info("received %s; draining for up to %.0f s", signal.Signals(signum).name, settings.grace_s)
         stop.set()
 
+    def on_hangup(signum: int, frame: object) -> None:
+        if running.identities is not None:
+            log.info("received SIGHUP; rereading the API keys")
+            running.identities.reload()
+
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
     try:
         while not stop.wait(1.0):
             pass
@@ -206,8 +218,12 @@ def run(ns: argparse.Namespace) -> int:
     except (ValueError, CosserveError) as err:
         print(f"cosserve serve: {err}", file=sys.stderr)
         return 2
+    _configure_logging(settings)
+    return serve(settings)
+
+
+def _configure_logging(settings: Settings) -> None:
     logging.basicConfig(
         level=getattr(logging, settings.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return serve(settings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cosserve.server.workspace import SessionStore
+    from cosserve.server.sessions import SessionStore
 
 __all__ = ["Metrics"]
 

@@ -11,7 +11,7 @@ from google.protobuf.message import DecodeError
 from grpc import aio
 
 from cosserve import limits, wire
-from cosserve.server import codec, engine, shm
+from cosserve.server import codec, engine, identity, shm
 from cosserve.server.errors import InvalidArgument, ResourceExhausted
 from cosserve.server.interceptors import HANDLER_KINDS
 from cosserve.server.registry import REGISTRY, ArgType, InputKind, OpSchema
@@ -19,7 +19,8 @@ from cosserve.server.scorer import Batch, Scorer
 from cosserve.server.settings import Settings
 from cosserve.server.status import MalformedRequest
 from cosserve.server.workers import Workers
-from cosserve.server.workspace import SessionStore, resolve_device
+from cosserve.server.sessions import SessionStore
+from cosserve.server.workspace import Workspace, resolve_device
 from cosserve.v1 import cosserve_pb2 as pb
 
 __all__ = ["SERVICE_NAME", "CosserveServicer", "add_to_server", "op_call", "schema_message"]
@@ -93,19 +94,23 @@ class CosserveServicer:
     # ---- sessions ------------------------------------------------------------------------
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context: aio.ServicerContext) -> pb.CreateSessionResponse:
-        workspace = self.store.create(request.device)
+        workspace = self.store.create(request.device, identity.CALLER.get())
         return pb.CreateSessionResponse(session_id=workspace.id, device=str(workspace.device))
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context: aio.ServicerContext) -> pb.CloseSessionResponse:
-        self.store.close(request.session_id)
+        self.store.close(request.session_id, identity.CALLER.get())
         return pb.CloseSessionResponse()
+
+    def _session(self, session_id: str) -> Workspace:
+        """The caller's session `session_id`; NOT_FOUND for a session of another identity."""
+        return self.store.get(session_id, identity.CALLER.get())
 
     # ---- blobs ---------------------------------------------------------------------------
     # The RPCs in wire.FRAMED_METHODS take or return encoded bytes, framed by cosserve.wire.
 
     async def FeedBlob(self, request: bytes, context: aio.ServicerContext) -> pb.FeedBlobResponse:
         frame = _decoded("FeedBlob", wire.decode_feed_blob_request, request)
-        workspace = self.store.get(frame.session_id)
+        workspace = self._session(frame.session_id)
         what = f"blob {frame.name!r}"
         tensor = codec.tensor_from_frame(what, request, frame.tensor, workspace.device, workspace.max_bytes)
         workspace.put(frame.name, tensor)
@@ -118,7 +123,7 @@ class CosserveServicer:
         if raw is None:
             raise InvalidArgument("FeedBlobStream: the stream was empty; the first message carries the header")
         first = _decoded("FeedBlobStream", wire.decode_feed_blob_chunk, raw)
-        workspace = self.store.get(first.session_id)
+        workspace = self._session(first.session_id)
         what = f"blob {first.name!r}"
         # Fail before allocating or receiving gigabytes that cannot be stored.
         workspace.reserve(first.name, codec.check_header(what, first.dtype, first.shape, workspace.max_bytes))
@@ -133,7 +138,7 @@ class CosserveServicer:
     async def FetchBlob(self, request: pb.FetchBlobRequest, context: aio.ServicerContext) -> bytes:
         """The encoded FetchBlobResponse, framed with one copy of the data; for blobs of one message
         (the client fetches every blob with FetchBlobStream, which has no such bound)."""
-        tensor = self.store.get(request.session_id).get(request.name)
+        tensor = self._session(request.session_id).get(request.name)
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes > limits.INLINE_BYTES:
             raise ResourceExhausted(
@@ -145,7 +150,7 @@ class CosserveServicer:
     async def FetchBlobStream(self, request: pb.FetchBlobRequest, context: aio.ServicerContext) -> AsyncIterator[bytes]:
         """Encoded FetchBlobChunks: the first has dtype, shape and the first bytes (all of them for a
         blob of one message), each framed with one copy of its data."""
-        tensor = self.store.get(request.session_id).get(request.name)
+        tensor = self._session(request.session_id).get(request.name)
         dtype = codec.WIRE_DTYPES[tensor.dtype]
         header = True
         for piece in codec.stream_chunks(tensor, limits.CHUNK_BYTES):
@@ -156,7 +161,7 @@ class CosserveServicer:
 
     async def FeedBlobShm(self, request: pb.FeedBlobShmRequest, context: aio.ServicerContext) -> pb.FeedBlobResponse:
         shm.check_access(self.settings.allow_shm, context.peer())
-        workspace = self.store.get(request.session_id)
+        workspace = self._session(request.session_id)
         args = (workspace, request.name, request.dtype, tuple(request.shape), request.shm_name, request.offset)
         await self.workers.run(_ALWAYS_THREAD, shm.feed, *args)
         return pb.FeedBlobResponse()
@@ -164,23 +169,23 @@ class CosserveServicer:
     async def FetchBlobShm(self, request: pb.FetchBlobShmRequest, context: aio.ServicerContext) -> pb.FetchBlobShmResponse:
         # An empty shm_name asks for dtype and shape only, so the client can size its region.
         shm.check_access(self.settings.allow_shm, context.peer())
-        workspace = self.store.get(request.session_id)
+        workspace = self._session(request.session_id)
         cost = _ALWAYS_THREAD if request.shm_name else 0
         tensor = await self.workers.run(cost, shm.fetch, workspace, request.name, request.shm_name, request.offset)
         return pb.FetchBlobShmResponse(dtype=codec.WIRE_DTYPES[tensor.dtype], shape=tensor.shape)
 
     async def HasBlob(self, request: pb.HasBlobRequest, context: aio.ServicerContext) -> pb.HasBlobResponse:
-        return pb.HasBlobResponse(exists=self.store.get(request.session_id).has(request.name))
+        return pb.HasBlobResponse(exists=self._session(request.session_id).has(request.name))
 
     async def ListBlobs(self, request: pb.ListBlobsRequest, context: aio.ServicerContext) -> pb.ListBlobsResponse:
-        return pb.ListBlobsResponse(names=self.store.get(request.session_id).names())
+        return pb.ListBlobsResponse(names=self._session(request.session_id).names())
 
     async def RemoveBlob(self, request: pb.RemoveBlobRequest, context: aio.ServicerContext) -> pb.RemoveBlobResponse:
-        self.store.get(request.session_id).remove(request.name)
+        self._session(request.session_id).remove(request.name)
         return pb.RemoveBlobResponse()
 
     async def ResetWorkspace(self, request: pb.ResetWorkspaceRequest, context: aio.ServicerContext) -> pb.ResetWorkspaceResponse:
-        self.store.get(request.session_id).reset()
+        self._session(request.session_id).reset()
         return pb.ResetWorkspaceResponse()
 
     # ---- operators -----------------------------------------------------------------------
@@ -194,7 +199,7 @@ class CosserveServicer:
         return pb.RunNetResponse()
 
     async def _run_net(self, session_id: str, calls: list[engine.OpCall]) -> None:
-        workspace = self.store.get(session_id)
+        workspace = self._session(session_id)
         await self.workers.run(engine.input_bytes(workspace, calls), engine.run_net, workspace, calls)
 
     async def Compute(self, request: pb.ComputeRequest, context: aio.ServicerContext) -> pb.ComputeResponse:
@@ -218,7 +223,7 @@ class CosserveServicer:
         return self._operators
 
     async def CheckGradient(self, request: pb.CheckGradientRequest, context: aio.ServicerContext) -> pb.CheckGradientResponse:
-        workspace = self.store.get(request.session_id)
+        workspace = self._session(request.session_id)
         rows = await self.workers.run(
             _ALWAYS_THREAD, engine.check_gradient, workspace, op_call(request.op), request.step_size, request.output_index
         )
@@ -240,7 +245,7 @@ class CosserveServicer:
         async for request in requests:
             if isinstance(request, MalformedRequest):
                 raise InvalidArgument(f"ScoreTopK: {request.message}")
-            workspace = self.store.get(request.session_id)
+            workspace = self._session(request.session_id)
             corpus = workspace.get(request.corpus)
             queries = codec.tensor_from_wire("ScoreTopK queries", request.queries, _CPU)
             yield Batch(workspace, request.corpus, corpus, queries, request.k)

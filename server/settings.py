@@ -39,8 +39,22 @@ class Settings:
     grace_s: float = _setting(10.0, "seconds in-flight calls get to finish on SIGTERM")
     allow_shm: bool = _setting(False, "let same-host clients feed and fetch blobs through shared memory")
     auth_token: str = _setting("", "require 'authorization: Bearer TOKEN' metadata on every call")
+    api_keys_file: str = _setting(
+        "", "file of 'name:sha256-hex-of-key' lines, one identity each; reread on SIGHUP (empty: no keys)"
+    )
+    max_identity_sessions: int = _setting(0, "open sessions one identity may hold (0: no limit of its own)")
+    max_identity_bytes: int = _setting(0, "bytes of blobs all sessions of one identity may hold (0: no limit)")
+    tls_cert: str = _setting("", "PEM certificate chain of the server; with --tls-key, serve TLS only")
+    tls_key: str = _setting("", "PEM private key of --tls-cert")
+    tls_client_ca: str = _setting(
+        "", "PEM CA bundle; clients must present a certificate it signed (mutual TLS); the subject is an identity"
+    )
+    reflection_open: bool = _setting(False, "serve gRPC reflection to callers without credentials")
+    max_connection_idle_s: float = _setting(300.0, "close connections with no call for this many seconds")
+    max_connection_age_s: float = _setting(0.0, "close connections this many seconds old, after a grace (0: never)")
     metrics_port: int = _setting(0, "serve Prometheus metrics on this port at /metrics (0: off)")
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = _setting("text", "text, or json: one JSON object per log line")
 
 
 # Shown as "(set)" in --help when given, never as the value.

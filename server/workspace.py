@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -11,9 +10,8 @@ import torch
 
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from cosserve.server.scoring import NormCache
-from cosserve.server.settings import Settings
 
-__all__ = ["SessionStore", "Transaction", "Workspace", "resolve_device"]
+__all__ = ["Transaction", "Workspace", "resolve_device"]
 
 
 def resolve_device(spec: str, default: str = "auto") -> torch.device:
@@ -211,63 +209,3 @@ class Transaction:
     def commit(self) -> None:
         if self.workspace is not None and self.staged:
             self.workspace.apply(self.staged)
-
-
-class SessionStore:
-    """Owns every open session; thread-safe."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._lock = threading.Lock()
-        self._sessions: dict[str, Workspace] = {}
-
-    def __len__(self) -> int:
-        return len(self._sessions)
-
-    def create(self, device: str) -> Workspace:
-        resolved = resolve_device(device, self.settings.device)
-        self.expire_idle()
-        with self._lock:
-            if len(self._sessions) >= self.settings.max_sessions:
-                raise ResourceExhausted(
-                    f"{len(self._sessions)} sessions are open, the limit is {self.settings.max_sessions}; "
-                    "close sessions you no longer use"
-                )
-            session_id = secrets.token_hex(16)
-            workspace = Workspace(session_id, resolved, self.settings.max_session_bytes)
-            self._sessions[session_id] = workspace
-            return workspace
-
-    def get(self, session_id: str) -> Workspace:
-        with self._lock:
-            workspace = self._sessions.get(session_id)
-        if workspace is None:
-            raise NotFound(f"session {session_id!r} does not exist (closed, expired, or never created)")
-        workspace.last_used = time.monotonic()
-        return workspace
-
-    def close(self, session_id: str) -> None:
-        with self._lock:
-            workspace = self._sessions.pop(session_id, None)
-        if workspace is None:
-            raise NotFound(f"session {session_id!r} does not exist (closed, expired, or never created)")
-        workspace.close()
-
-    def expire_idle(self) -> int:
-        """Close sessions idle longer than the timeout; return how many."""
-        timeout = self.settings.session_idle_timeout_s
-        if timeout <= 0:
-            return 0
-        cutoff = time.monotonic() - timeout
-        with self._lock:
-            stale = [sid for sid, ws in self._sessions.items() if ws.last_used < cutoff]
-        for sid in stale:
-            try:
-                self.close(sid)
-            except NotFound:
-                pass
-        return len(stale)
-
-    def __iter__(self) -> Iterator[Workspace]:
-        with self._lock:
-            return iter(list(self._sessions.values()))

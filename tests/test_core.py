@@ -19,7 +19,8 @@ from cosserve.server.scorer import Batch, Scorer  # noqa: E402
 from cosserve.server.settings import Settings  # noqa: E402
 from cosserve.server.status import STATUS_CODES, status_of  # noqa: E402
 from cosserve.server.workers import Workers  # noqa: E402
-from cosserve.server.workspace import SessionStore, Workspace  # noqa: E402
+from cosserve.server.sessions import SessionStore  # noqa: E402
+from cosserve.server.workspace import Workspace  # noqa: E402
 
 CPU = torch.device("cpu")
 
