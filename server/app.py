@@ -24,7 +24,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from cosserve import limits
-from cosserve.server import servicer
+from cosserve.server import observability, servicer
 from cosserve.server import settings as settings_mod
 from cosserve.server.errors import CosserveError
 from cosserve.server.identity import Identities
@@ -223,7 +223,4 @@ def run(ns: argparse.Namespace) -> int:
 
 
 def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    observability.configure_logging(settings.log_level, settings.log_format)

@@ -1,13 +1,20 @@
-"""Prometheus metrics of one server: calls by method and status, latency, sessions and bytes."""
+"""Prometheus metrics of one server: calls, refusals, op time, tensor bytes, resident bytes, process."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cosserve.server.sessions import SessionStore
 
 __all__ = ["Metrics"]
+
+# Codes that mean the caller's request or a limit stopped the call (not our bugs, not success).
+_REFUSALS = frozenset({
+    "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED", "PERMISSION_DENIED",
+    "FAILED_PRECONDITION", "DEADLINE_EXCEEDED", "OUT_OF_RANGE", "ALREADY_EXISTS",
+})
 
 
 class Metrics:
@@ -28,6 +35,30 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=self.registry,
         )
+        self.refused = prom.Counter(
+            "cosserve_refused_calls",
+            "Calls refused or failed because of the request or a limit, by status code",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.op_seconds = prom.Histogram(
+            "cosserve_op_seconds",
+            "Time of one operator run, by op and device",
+            ["op", "device"],
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.tensor_bytes = prom.Counter(
+            "cosserve_tensor_bytes",
+            "Tensor bytes received (in) and sent (out), by method",
+            ["direction", "method"],
+            registry=self.registry,
+        )
+        registry = self.registry
+        prom.ProcessCollector(registry=registry)
+        prom.PlatformCollector(registry=registry)
+        prom.GCCollector(registry=registry)
+        registry.register(_ResidentBytes(store, prom))
         sessions = prom.Gauge("cosserve_sessions", "Open sessions", registry=self.registry)
         sessions.set_function(lambda: len(store))
         held = prom.Gauge("cosserve_session_bytes", "Bytes of blobs held by all sessions", registry=self.registry)
@@ -37,6 +68,14 @@ class Metrics:
         name = method.rsplit("/", 1)[-1]
         self.calls.labels(name, code).inc()
         self.seconds.labels(name).observe(seconds)
+        if code in _REFUSALS:
+            self.refused.labels(code).inc()
+
+    def observe_op(self, op: str, device: str, seconds: float) -> None:
+        self.op_seconds.labels(op, device).observe(seconds)
+
+    def count_bytes(self, direction: str, method: str, nbytes: int) -> None:
+        self.tensor_bytes.labels(direction, method).inc(nbytes)
 
     def start(self, host: str, port: int) -> int:
         """Serve /metrics on host:port; return the bound port."""
@@ -49,3 +88,21 @@ class Metrics:
         if server is not None:
             server.shutdown()
             server.server_close()
+
+
+class _ResidentBytes:
+    """cosserve_resident_bytes{device}: bytes of blobs held, summed per device at scrape time."""
+
+    def __init__(self, store: SessionStore, prom: Any) -> None:
+        self._store = store
+        self._family = prom.metrics_core.GaugeMetricFamily
+
+    def collect(self) -> Iterator[Any]:
+        totals: dict[str, int] = {}
+        for workspace in self._store:
+            device = str(workspace.device)
+            totals[device] = totals.get(device, 0) + workspace.held_bytes()
+        family = self._family("cosserve_resident_bytes", "Bytes of blobs held, by device", labels=["device"])
+        for device, nbytes in sorted(totals.items()):
+            family.add_metric([device], nbytes)
+        yield family
