@@ -29,10 +29,12 @@ def start_server(**overrides: object) -> RunningServer:
     return build_server(settings)
 
 
-def start_process(*flags: str, env: dict[str, str] | None = None, gc_off: bool = False) -> tuple[subprocess.Popen, str]:
+def start_process(
+    *flags: str, env: dict[str, str] | None = None, gc_off: bool = False, log: list[str] | None = None
+) -> tuple[subprocess.Popen, str]:
     """`cosserve serve` in its own process on a free loopback port; returns it and its address.
     With gc_off, Python's cycle collector is disabled, so memory held through reference cycles
-    stays held and shows in RSS."""
+    stays held and shows in RSS. With `log`, every line the server writes to stderr is appended to it."""
     prelude = "import gc; gc.disable(); " if gc_off else ""
     script = prelude + "import sys; from cosserve.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen(
@@ -45,14 +47,23 @@ def start_process(*flags: str, env: dict[str, str] | None = None, gc_off: bool =
     assert proc.stderr is not None
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
+        if log is not None and line:
+            log.append(line)
         match = re.search(r"listening on (\S+)", line)
         if match:
-            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+            # Keep the pipe drained, so the server never blocks writing a log line.
+            threading.Thread(target=_drain, args=(proc.stderr, log), daemon=True).start()
             return proc, match.group(1)
         if not line and proc.poll() is not None:
             break
     proc.kill()
     raise AssertionError("server process did not report its address")
+
+
+def _drain(stream: object, log: list[str] | None) -> None:
+    for line in stream:  # type: ignore[attr-defined]
+        if log is not None:
+            log.append(line)
 
 
 @pytest.fixture(scope="session")
