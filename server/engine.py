@@ -15,7 +15,7 @@ from cosserve.server import ops as _ops  # noqa: F401  (fills the registry)
 from cosserve.server.codec import FLOAT_DTYPES, dtype_name, is_out_of_memory
 from cosserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from cosserve.server.registry import REGISTRY, ArgType, InputKind, Operator
-from cosserve.server.workspace import Transaction, Workspace
+from cosserve.server.workspace import Transaction, Workspace, check_name
 
 __all__ = [
     "ACCEPTED_DTYPES",
@@ -26,6 +26,7 @@ __all__ = [
     "check_inputs",
     "compute",
     "execute",
+    "expected_output_bytes",
     "input_bytes",
     "run_net",
 ]
@@ -73,6 +74,11 @@ def bind(call: OpCall) -> tuple[Operator, dict[str, Any]]:
     for name in (*call.inputs, *call.outputs):
         if not name:
             raise InvalidArgument(f"{schema.name}: blob names must not be empty")
+    for name in call.outputs:
+        try:
+            check_name(name)
+        except InvalidArgument as err:
+            raise InvalidArgument(f"{schema.name}: {err}") from None
     if len(set(call.outputs)) != len(call.outputs):
         raise InvalidArgument(f"{schema.name}: output names must differ, got {list(call.outputs)}")
     resolved = {a.name: a.default for a in schema.args}
@@ -125,17 +131,7 @@ def check_inputs(op: Operator, names: Sequence[str], inputs: Sequence[torch.Tens
         raise InvalidArgument(f"{schema.name}: {err} (blobs: {blobs})") from None
 
 
-def _apply(
-    op: Operator, names: Sequence[str], inputs: Sequence[torch.Tensor], args: Mapping[str, Any], room: int | None
-) -> list[torch.Tensor]:
-    check_inputs(op, names, inputs, args)
-    if room is not None and op.output_bytes is not None:  # room is None unless output_bytes is set
-        needed = op.output_bytes(inputs, args)
-        if needed > room:
-            raise ResourceExhausted(
-                f"{op.schema.name}: its outputs would take {needed} bytes, more than the {room} left "
-                "(session limit --max-session-bytes, or one message for Compute)"
-            )
+def _apply(op: Operator, names: Sequence[str], inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     try:
         return list(op.impl(inputs, args))
     except Exception as err:
@@ -144,21 +140,31 @@ def _apply(
         raise
 
 
+def expected_output_bytes(op: Operator, inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> int:
+    """The bytes an op's outputs will take, known before it runs: its declared `output_bytes`, or
+    else the bytes of its inputs (every op that declares none writes at most what it reads; its
+    actual outputs are charged again when staged, so one that wrote more is still refused)."""
+    if op.output_bytes is not None:
+        return int(op.output_bytes(inputs, args))
+    return sum(t.numel() * t.element_size() for t in inputs)
+
+
 def execute(calls: Sequence[OpCall], txn: Transaction) -> None:
     """Run `calls` in order, each reading the outputs staged by those before it; stage every output
-    in `txn`. An op whose declared outputs would not fit `txn.room()` is refused before it runs."""
+    in `txn`. Each op's outputs are charged to `txn` before it runs (`expected_output_bytes`), so
+    the call that would pass a limit is refused before it allocates."""
     for position, call in enumerate(calls):
         try:
             op, args = bind(call)
             inputs = [txn.get(name) for name in call.inputs]
-            room = txn.room(call.outputs) if op.output_bytes is not None else None
-            outputs = _apply(op, call.inputs, inputs, args, room)
+            check_inputs(op, call.inputs, inputs, args)
+            txn.expect(call.outputs, expected_output_bytes(op, inputs, args), op.schema.name)
+            outputs = _apply(op, call.inputs, inputs, args)
+            txn.stage_outputs(dict(zip(call.outputs, outputs)), op.schema.name)
         except (InvalidArgument, NotFound, ResourceExhausted) as err:
             if len(calls) == 1:
                 raise
             raise type(err)(f"op #{position} ({call.type}): {err}; nothing was changed") from None
-        for name, tensor in zip(call.outputs, outputs):
-            txn.stage(name, tensor)
 
 
 def input_bytes(workspace: Workspace, calls: Sequence[OpCall]) -> int:
@@ -169,9 +175,9 @@ def input_bytes(workspace: Workspace, calls: Sequence[OpCall]) -> int:
 
 def run_net(workspace: Workspace, calls: Sequence[OpCall]) -> None:
     """Run operators on a session, all or nothing."""
-    txn = workspace.transaction()
-    execute(calls, txn)
-    txn.commit()
+    with workspace.transaction() as txn:
+        execute(calls, txn)
+        txn.commit()
 
 
 def _not_sent(name: str) -> NotFound:
@@ -184,8 +190,8 @@ def compute(call: OpCall, inputs: Mapping[str, torch.Tensor], max_output_bytes: 
     The outputs must fit in `max_output_bytes` (one reply message); ops that declare their
     output size are refused before they run.
     """
-    # The room is max_bytes minus what is held: the inputs, which the reply does not carry.
-    txn = Transaction(dict(inputs), max_output_bytes + Workspace.bytes_of(inputs), _not_sent)
+    # Only the outputs are charged: the reply does not carry the inputs.
+    txn = Transaction(dict(inputs), max_output_bytes, _not_sent)
     execute([call], txn)
     outputs = [txn.staged[name] for name in call.outputs]
     size = Workspace.bytes_of(dict(zip(call.outputs, outputs)))

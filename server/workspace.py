@@ -4,14 +4,31 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
 
 import torch
 
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from cosserve.server.scoring import NormCache
 
-__all__ = ["Transaction", "Workspace", "resolve_device"]
+__all__ = [
+    "BLOB_OVERHEAD_BYTES",
+    "MAX_NAME_BYTES",
+    "Account",
+    "Reservation",
+    "Transaction",
+    "Workspace",
+    "blob_charge",
+    "check_name",
+    "resolve_device",
+]
+
+# What a stored blob costs besides its data and its name: the dict entry, the tensor and its
+# storage objects (a 4-byte blob named by 8 characters measured ~660 bytes of RSS, torch 2, CPython 3.11).
+BLOB_OVERHEAD_BYTES = 640
+# The longest blob name, in UTF-8 bytes; Caffe2 and our tests use names of a few dozen.
+MAX_NAME_BYTES = 1024
 
 
 def resolve_device(spec: str, default: str = "auto") -> torch.device:
@@ -37,9 +54,17 @@ def resolve_device(spec: str, default: str = "auto") -> torch.device:
     return torch.device("cuda", index)
 
 
-def _check_name(name: str) -> str:
+def _name_bytes(name: str) -> int:
+    return len(name.encode("utf-8", "surrogatepass"))
+
+
+def check_name(name: str) -> str:
+    """`name`, if a blob may have it: not empty and at most MAX_NAME_BYTES of UTF-8."""
     if not name:
         raise InvalidArgument("blob name must not be empty")
+    size = _name_bytes(name)
+    if size > MAX_NAME_BYTES:
+        raise InvalidArgument(f"blob name {name[:40]!r}... is {size} bytes of UTF-8, above the {MAX_NAME_BYTES} a name may have")
     return name
 
 
@@ -47,17 +72,62 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-class Workspace:
-    """Named tensors of one session. Its lock is held only for dict updates, never while computing:
-    readers take a snapshot, writers commit staged tensors (see Transaction)."""
+def blob_charge(name: str, nbytes: int) -> int:
+    """What a blob of nbytes of data named `name` counts against its session's and its identity's
+    limits: the data, the name's UTF-8 bytes and BLOB_OVERHEAD_BYTES."""
+    return nbytes + _name_bytes(name) + BLOB_OVERHEAD_BYTES
 
-    def __init__(self, session_id: str, device: torch.device, max_bytes: int) -> None:
+
+class Account:
+    """The bytes held by every session of one identity, against that identity's limit (0: none).
+    Thread-safe: its sessions charge it from many calls at once. Each Workspace charges its account
+    with every charge of its own, under the workspace's lock (workspace lock, then account lock)."""
+
+    def __init__(self, name: str, max_bytes: int = 0) -> None:
+        self.name = name
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._held = 0
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    def charge(self, nbytes: int, what: str = "this") -> None:
+        """Count nbytes more, or raise ResourceExhausted and count nothing if that passes the limit."""
+        with self._lock:
+            after = self._held + nbytes
+            if self.max_bytes and nbytes > 0 and after > self.max_bytes:
+                raise ResourceExhausted(
+                    f"{what} would take identity {self.name[:64]!r} to {after} bytes, above its limit of "
+                    f"{self.max_bytes} (--max-identity-bytes); remove blobs or close sessions"
+                )
+            self._held = after
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self._held -= nbytes
+
+
+class Workspace:
+    """Named tensors of one session. Its lock is held only for bookkeeping, never while computing:
+    readers take a snapshot, writers commit staged tensors (see Transaction).
+
+    What it holds is charged, before it is allocated, against `max_bytes` and against `account`
+    (the identity's limit, shared by its sessions): each stored blob's `blob_charge`, and the
+    reservations of blobs being built (a stream being received, a net's staged outputs). A blob
+    that replaces another is charged beside it until it is stored, as both are alive until then.
+    """
+
+    def __init__(self, session_id: str, device: torch.device, max_bytes: int, account: Account | None = None) -> None:
         self.id = session_id
         self.device = device
         self.max_bytes = max_bytes
+        self.account = account
         self._lock = threading.Lock()
         self._blobs: dict[str, torch.Tensor] = {}
-        self._held = 0  # bytes of _blobs, kept with it so no call sums every blob
+        self._stored = 0  # the charges of _blobs, kept with it so no call sums every blob
+        self._reserved = 0  # the charges of open reservations
         self.last_used = time.monotonic()
         self.closed = False
         # Corpus row norms for ScoreTopK, keyed weakly by tensor: an entry goes with its blob's tensor
@@ -66,13 +136,15 @@ class Workspace:
 
     @staticmethod
     def bytes_of(blobs: Mapping[str, torch.Tensor]) -> int:
+        """Data bytes of `blobs`."""
         return sum(_nbytes(t) for t in blobs.values())
 
     def held_bytes(self) -> int:
-        return self._held
+        """Everything charged to this session: stored blobs and open reservations."""
+        return self._stored + self._reserved
 
     def size_of(self, names: Iterable[str]) -> int:
-        """Bytes of the named blobs that exist."""
+        """Data bytes of the named blobs that exist."""
         with self._lock:
             return sum(_nbytes(self._blobs[n]) for n in set(names) if n in self._blobs)
 
@@ -84,44 +156,71 @@ class Workspace:
         if self.closed:
             raise NotFound(f"session {self.id!r} was closed")
 
-    def _check_room(self, sizes: Mapping[str, int]) -> None:
-        """ResourceExhausted unless the blobs fit with each named one at its new size (lock held)."""
-        after = self._held
-        for name, nbytes in sizes.items():
-            old = self._blobs.get(name)
-            after += nbytes - (0 if old is None else _nbytes(old))
-        if after <= self.max_bytes:
-            return
-        if len(sizes) == 1:
-            name, nbytes = next(iter(sizes.items()))
-            what, tail = f"blob {name!r} ({nbytes} bytes)", "remove blobs or raise --max-session-bytes"
-        else:
-            what, tail = "the outputs", "nothing was changed"
-        raise ResourceExhausted(
-            f"{what} would take session {self.id} to {after} bytes, above its limit of {self.max_bytes}; {tail}"
-        )
+    def _charge(self, delta: int, what: str, tail: str) -> None:
+        """Count delta more bytes against this session's limit, then its identity's (lock held);
+        raise ResourceExhausted and count nothing if either would be passed. The caller updates
+        _stored or _reserved."""
+        after = self._stored + self._reserved + delta
+        if delta > 0 and after > self.max_bytes:
+            raise ResourceExhausted(
+                f"{what} would take session {self.id} to {after} bytes, above its limit of {self.max_bytes} "
+                f"(--max-session-bytes); {tail}"
+            )
+        if self.account is not None:
+            if delta >= 0:
+                self.account.charge(delta, what)
+            else:
+                self.account.release(-delta)
+
+    def _charge_of(self, name: str) -> int:
+        old = self._blobs.get(name)
+        return 0 if old is None else blob_charge(name, _nbytes(old))
 
     def reserve(self, name: str, nbytes: int) -> None:
-        """Refuse now, before anything is received or allocated, a blob `name` of nbytes that
-        could not be stored (closed session, empty name, byte limit)."""
-        _check_name(name)
+        """Refuse now, before anything is received or allocated, a blob `name` of nbytes that could
+        not be stored (closed session, bad name, byte limits). A check only: `claim` also holds the room."""
+        self.claim(name, nbytes).release()
+
+    def claim(self, name: str, nbytes: int) -> Reservation:
+        """Charge now the blob `name` of nbytes that the caller is about to allocate and fill, or
+        raise (closed session, bad name, ResourceExhausted). Use it as a context manager: it is
+        released on leaving unless `store` turned it into the blob."""
+        check_name(name)
+        charge = blob_charge(name, nbytes)
         with self._lock:
             self._ensure_open()
-            self._check_room({name: nbytes})
+            self._charge(charge, f"blob {name!r} ({nbytes} bytes)", "remove blobs or raise the limit")
+            self._reserved += charge
+        return Reservation(self, name, charge)
+
+    def _reserve(self, delta: int, what: str, tail: str) -> None:
+        """Grow (or shrink, delta < 0) the unnamed reservation of a transaction."""
+        with self._lock:
+            if delta > 0:
+                self._ensure_open()
+            self._charge(delta, what, tail)
+            self._reserved += delta
+
+    def _store(self, blobs: Mapping[str, torch.Tensor], reserved: int) -> None:
+        """Set `blobs`, paid for by a reservation of `reserved` bytes, which this consumes."""
+        with self._lock:
+            self._ensure_open()
+            new = sum(blob_charge(name, _nbytes(t)) for name, t in blobs.items())
+            old = sum(self._charge_of(name) for name in blobs)
+            what = f"blob {next(iter(blobs))!r}" if len(blobs) == 1 else "the outputs"
+            self._charge(new - old - reserved, what, "nothing was changed")
+            self._reserved -= reserved
+            self._stored += new - old
+            self._blobs.update(blobs)
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
-        _check_name(name)
+        """Store a tensor that is already allocated (it frees the blob it replaces at once)."""
+        check_name(name)
         self.apply({name: tensor})
 
     def apply(self, changes: Mapping[str, torch.Tensor]) -> None:
         """Set every blob of `changes` at once or, if they do not fit, none of them."""
-        with self._lock:
-            self._ensure_open()
-            self._check_room({name: _nbytes(tensor) for name, tensor in changes.items()})
-            for name, tensor in changes.items():
-                old = self._blobs.get(name)
-                self._held += _nbytes(tensor) - (0 if old is None else _nbytes(old))
-                self._blobs[name] = tensor
+        self._store(changes, 0)
 
     def get(self, name: str) -> torch.Tensor:
         with self._lock:
@@ -142,32 +241,69 @@ class Workspace:
     def remove(self, name: str) -> None:
         with self._lock:
             self._ensure_open()
-            old = self._blobs.pop(name, None)
-            if old is None:
+            charge = self._charge_of(name)
+            if not charge:
                 raise self.missing(name)
-            self._held -= _nbytes(old)
+            del self._blobs[name]
+            self._charge(-charge, "", "")
+            self._stored -= charge
+
+    def _drop_blobs(self) -> None:
+        """Forget every stored blob (lock held); open reservations stay until their owners end them."""
+        self._charge(-self._stored, "", "")
+        self._blobs = {}
+        self._stored = 0
 
     def reset(self) -> None:
         with self._lock:
-            self._blobs = {}
-            self._held = 0
+            self._drop_blobs()
 
     def close(self) -> None:
         with self._lock:
             self.closed = True
-            self._blobs = {}
-            self._held = 0
+            self._drop_blobs()
 
     def transaction(self) -> Transaction:
-        """A snapshot to read from and a place to stage outputs; `commit` applies them all or none."""
+        """A snapshot to read from and a place to stage outputs; `commit` applies them all or none.
+        Use it as a context manager: what it holds charged is given back on leaving."""
         with self._lock:
             self._ensure_open()
-            return Transaction(dict(self._blobs), self.max_bytes, self.missing, self, self._held)
+            return Transaction(dict(self._blobs), self.max_bytes, self.missing, self)
+
+
+class Reservation:
+    """Bytes charged to a workspace (and its identity) for one blob being built. `store` turns them
+    into the blob; `release`, or leaving the with block without storing, gives them back."""
+
+    def __init__(self, workspace: Workspace, name: str, charge: int) -> None:
+        self.workspace = workspace
+        self.name = name
+        self._charge = charge  # 0 once stored or released
+
+    def store(self, tensor: torch.Tensor) -> None:
+        self.workspace._store({self.name: tensor}, self._charge)
+        self._charge = 0
+
+    def release(self) -> None:
+        if self._charge:
+            self.workspace._reserve(-self._charge, "", "")
+            self._charge = 0
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
 
 
 class Transaction:
     """Reads see a workspace as it was when the transaction began plus what was staged since;
-    `commit` applies the staged blobs together, or none of them if they no longer fit.
+    `commit` applies the staged blobs together.
+
+    Room is taken before each op runs (`expect`: the op's declared output size) and settled to the
+    actual outputs when they are staged, all charged to the workspace at once, so concurrent calls
+    cannot together pass its limit and a net is refused at the op that would. A staged output
+    replacing a stored blob does not free it: both are alive until commit.
 
     Commits are applied on top of the workspace as it is then: a concurrent call's changes to
     other blobs are kept, as if that call had run after this one. Without a workspace (one-shot
@@ -180,14 +316,14 @@ class Transaction:
         max_bytes: int,
         missing: Callable[[str], Exception],
         workspace: Workspace | None = None,
-        held: int | None = None,
     ) -> None:
         self.workspace = workspace
         self.max_bytes = max_bytes
         self._missing = missing
         self._view = blobs
-        self._held = Workspace.bytes_of(blobs) if held is None else held
         self.staged: dict[str, torch.Tensor] = {}
+        self._staged_charge = 0  # blob_charge of everything in `staged`
+        self._reserved = 0  # charged for this transaction: staged outputs, and the op now running
 
     def get(self, name: str) -> torch.Tensor:
         tensor = self._view.get(name)
@@ -195,17 +331,52 @@ class Transaction:
             raise self._missing(name)
         return tensor
 
-    def room(self, replacing: Sequence[str] = ()) -> int:
-        """Bytes that may still be staged, counting blobs named in `replacing` as freed."""
-        freed = sum(_nbytes(self._view[n]) for n in set(replacing) if n in self._view)
-        return self.max_bytes - self._held + freed
+    def _settle(self, target: int, what: str) -> None:
+        """Hold `target` bytes charged in all, or raise ResourceExhausted holding what was held."""
+        delta = target - self._reserved
+        if self.workspace is not None:
+            self.workspace._reserve(delta, what, "nothing was changed")
+        elif delta > 0 and target > self.max_bytes:
+            raise ResourceExhausted(
+                f"{what} would take the reply to {target} bytes, above the {self.max_bytes} of one message; "
+                "run it in a session and fetch the outputs (streamed)"
+            )
+        self._reserved = target
+
+    def expect(self, names: Iterable[str], nbytes: int, what: str) -> None:
+        """Take room for outputs `names` of nbytes in all before an op allocates them."""
+        names = list(names)
+        charge = nbytes + sum(blob_charge(name, 0) for name in names)
+        self._settle(self._staged_charge + charge, f"{what}: its outputs ({nbytes} bytes)")
 
     def stage(self, name: str, tensor: torch.Tensor) -> None:
-        old = self._view.get(name)
-        self._held += _nbytes(tensor) - (0 if old is None else _nbytes(old))
-        self._view[name] = tensor
-        self.staged[name] = tensor
+        self.stage_outputs({name: tensor}, f"output {name!r}")
+
+    def stage_outputs(self, outputs: Mapping[str, torch.Tensor], what: str) -> None:
+        """Stage an op's outputs; the room held becomes what is staged (more if the op wrote more
+        than `expect` was told, refused like it)."""
+        replaced = sum(blob_charge(name, _nbytes(self.staged[name])) for name in outputs if name in self.staged)
+        added = sum(blob_charge(name, _nbytes(tensor)) for name, tensor in outputs.items())
+        target = self._staged_charge - replaced + added
+        self._settle(target, f"{what}: its outputs ({Workspace.bytes_of(outputs)} bytes)")
+        self._staged_charge = target
+        self._view.update(outputs)
+        self.staged.update(outputs)
 
     def commit(self) -> None:
+        """Store the staged blobs, paid for by the room held."""
         if self.workspace is not None and self.staged:
-            self.workspace.apply(self.staged)
+            self.workspace._store(self.staged, self._reserved)
+            self._reserved = 0
+
+    def release(self) -> None:
+        """Give back the room still held (after a failure, or nothing staged)."""
+        if self.workspace is not None and self._reserved:
+            self.workspace._reserve(-self._reserved, "", "")
+        self._reserved = 0
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
