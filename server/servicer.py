@@ -125,14 +125,23 @@ class CosserveServicer:
         first = _decoded("FeedBlobStream", wire.decode_feed_blob_chunk, raw)
         workspace = self._session(first.session_id)
         what = f"blob {first.name!r}"
-        # Fail before allocating or receiving gigabytes that cannot be stored.
-        workspace.reserve(first.name, codec.check_header(what, first.dtype, first.shape, workspace.max_bytes))
-        assembler = codec.ChunkAssembler(what, first.dtype, first.shape, workspace.max_bytes, workspace.device)
-        assembler.add(memoryview(raw)[first.data.start : first.data.end])
-        async for chunk in chunks:
-            data = _decoded("FeedBlobStream", wire.decode_feed_blob_chunk, chunk).data
-            assembler.add(memoryview(chunk)[data.start : data.end])
-        workspace.put(first.name, assembler.finish(workspace.device))
+        nbytes = codec.check_header(what, first.dtype, first.shape, workspace.max_bytes)
+        # Charged from the first message, before anything is allocated or received, and held until
+        # the blob is stored or the stream fails: concurrent streams cannot together pass a limit.
+        with workspace.claim(first.name, nbytes) as claim:
+            assembler = codec.ChunkAssembler(what, first.dtype, first.shape, workspace.max_bytes, workspace.device)
+            chunk = b""
+            try:
+                assembler.add(memoryview(raw)[first.data.start : first.data.end])
+                async for chunk in chunks:
+                    data = _decoded("FeedBlobStream", wire.decode_feed_blob_chunk, chunk).data
+                    assembler.add(memoryview(chunk)[data.start : data.end])
+                claim.store(assembler.finish(workspace.device))
+            finally:
+                # A failed or cancelled call's traceback holds this frame, in a reference cycle of
+                # grpc's: free the buffer and the messages now, not at the next GC cycle.
+                assembler.discard()
+                raw = chunk = b""
         return pb.FeedBlobResponse()
 
     async def FetchBlob(self, request: pb.FetchBlobRequest, context: aio.ServicerContext) -> bytes:
