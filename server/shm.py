@@ -1,24 +1,32 @@
-"""Blobs through POSIX shared memory: the server maps a same-host client's region, copies once,
-unmaps. Opt-in (Settings.allow_shm) and loopback peers only. No gRPC here.
+"""Blobs through POSIX shared memory: the server copies a same-host client's region into a blob,
+or a blob into the region, once. Opt-in (Settings.allow_shm) and loopback peers only. No gRPC here.
 
-The region belongs to the client: the server opens it by name without
-`multiprocessing.shared_memory.SharedMemory`, whose Python 3.11 attach registers the name with
-the resource tracker (which would unlink the client's region when the server exits) and unlinks
-it on a failed attach. A feed maps the region copy-on-write, so the server cannot change it.
+The region belongs to the client, and so does everything the client may do to it while the
+server copies: shrink it, replace it with a FIFO, a directory or a link. So the server never maps
+it (a mapping of a file that shrinks faults with SIGBUS, which kills the server and every
+session). It reads with pread into the blob's own memory and writes with pwrite, in chunks of
+_CHUNK_BYTES; a file that shrank gives a short read or a failed size check, answered
+InvalidArgument. It opens only regular files on the shared-memory filesystem, non-blocking and
+without following links, so no open or read can wait on the client.
+
+The server opens a region by name without `multiprocessing.shared_memory.SharedMemory`, whose
+Python 3.11 attach registers the name with the resource tracker (which would unlink the client's
+region when the server exits) and unlinks it on a failed attach.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
-import mmap
 import os
-from collections.abc import Sequence
+import stat
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from cosserve.limits import SHM_PREFIX
 from cosserve.server import codec
-from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from cosserve.server.workspace import Workspace
 
 try:  # POSIX only; without it every shared-memory call is refused.
@@ -30,6 +38,12 @@ __all__ = ["check_access", "feed", "fetch", "is_local_peer"]
 
 # Longest region name we pass to shm_open (NAME_MAX is 255 with the leading slash).
 _MAX_NAME = 250
+# Bytes per pread or pwrite: Linux moves at most 2 GiB per call, and on CUDA this is the size of
+# the host buffer a chunk passes through.
+_CHUNK_BYTES = 16 * 1024 * 1024
+# Where shm_open keeps regions on Linux. A region must be a file of that filesystem: a user may
+# mount a FUSE filesystem on a file they own, and a read there could wait forever.
+_SHM_DIR = "/dev/shm"
 
 
 def is_local_peer(peer: str) -> bool:
@@ -63,7 +77,8 @@ def check_access(allowed: bool, peer: str) -> None:
 
 
 class _Region:
-    """A client's region, opened by name; `size` from fstat, mapped only when there are bytes to move."""
+    """A client's region, opened by name as a regular file of the shared-memory filesystem; `size`
+    from fstat after the open. Only pread and pwrite touch its bytes."""
 
     def __init__(self, shm_name: str, writable: bool, session_id: str) -> None:
         prefix = f"{SHM_PREFIX}{session_id}_"
@@ -77,24 +92,58 @@ class _Region:
                 "(as multiprocessing.shared_memory gives it: no '/', at most 250 characters)"
             )
         self.name = shm_name.lstrip("/")
-        self.writable = writable
+        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer, and a file under a lease
+        # for its holder. O_NOFOLLOW: a link could point anywhere (glibc adds it too; we do not
+        # count on that).
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            self.fd = _posixshmem.shm_open("/" + self.name, os.O_RDWR if writable else os.O_RDONLY, mode=0o600)
+            self.fd = _posixshmem.shm_open("/" + self.name, flags, mode=0o600)
         except FileNotFoundError:
             raise NotFound(f"shared memory region {self.name!r} does not exist on the server's host") from None
         except PermissionError:
             raise PermissionDenied(f"the server may not open shared memory region {self.name!r}") from None
         except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise InvalidArgument(
+                    f"shared memory region {self.name!r} is a symbolic link; the server follows none"
+                ) from None
+            # glibc's shm_open turns EISDIR into EINVAL: say what the name is, when it can be seen.
+            mode = self._mode_by_name()
+            if mode is not None and not stat.S_ISREG(mode):
+                raise self._not_regular(mode) from None
             raise InvalidArgument(f"shared memory region {self.name!r} cannot be opened: {err.strerror}") from None
-        self.size = os.fstat(self.fd).st_size
-        self.map: mmap.mmap | None = None
+        try:
+            self.size = self._checked_size()
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _checked_size(self) -> int:
+        """The size of the open file; InvalidArgument unless it is a regular shared-memory file."""
+        opened = os.fstat(self.fd)
+        if not stat.S_ISREG(opened.st_mode):
+            raise self._not_regular(opened.st_mode)
+        if os.path.isdir(_SHM_DIR) and opened.st_dev != os.stat(_SHM_DIR).st_dev:
+            raise InvalidArgument(f"shared memory region {self.name!r} is not on the shared-memory filesystem")
+        return opened.st_size
+
+    def _mode_by_name(self) -> int | None:
+        """The file mode of the name in the shared-memory directory, without following a link."""
+        try:
+            return os.lstat(os.path.join(_SHM_DIR, self.name)).st_mode
+        except OSError:
+            return None
+
+    def _not_regular(self, mode: int) -> InvalidArgument:
+        return InvalidArgument(
+            f"shared memory region {self.name!r} is a {_kind(mode)}, not a regular file; "
+            "create it with shm_open or multiprocessing.shared_memory"
+        )
 
     def __enter__(self) -> _Region:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.map is not None:
-            self.map.close()
         os.close(self.fd)
 
     def check_span(self, offset: int, nbytes: int, what: str) -> None:
@@ -107,30 +156,108 @@ class _Region:
                 f"of {self.size} bytes"
             )
 
-    def bytes_at(self, offset: int, nbytes: int) -> torch.Tensor:
-        """A uint8 view of [offset, offset + nbytes) of the mapped region (nbytes > 0)."""
-        if self.writable:
-            self.map = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        else:
-            # Copy-on-write: the view is writable as torch wants, and nothing reaches the client.
-            self.map = mmap.mmap(self.fd, self.size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        return torch.frombuffer(self.map, dtype=torch.uint8, count=nbytes, offset=offset)
+    def _changed(self, what: str, verb: str, done: int, nbytes: int) -> InvalidArgument:
+        return InvalidArgument(
+            f"{what}: shared memory region {self.name!r} changed while it was {verb} "
+            f"({done} of {nbytes} bytes done); a client must not resize its region during the call"
+        )
+
+    def _failed(
+        self, what: str, verb: str, err: OSError, done: int, nbytes: int
+    ) -> InvalidArgument | ResourceExhausted:
+        if err.errno == errno.ENOSPC:
+            # The filesystem, not the request, is out of room: a region made with ftruncate gets
+            # its pages only as they are written.
+            return ResourceExhausted(
+                f"{what}: the shared-memory filesystem has no room for the pages of region {self.name!r} "
+                f"({done} of {nbytes} bytes {verb})"
+            )
+        return InvalidArgument(
+            f"{what}: shared memory region {self.name!r} could not be {verb}: {err.strerror} "
+            f"({done} of {nbytes} bytes done)"
+        )
+
+    def read_into(self, tensor: torch.Tensor, offset: int, what: str) -> None:
+        """Fill `tensor` (fresh, contiguous) from the region's bytes at `offset`, already checked to fit."""
+        target = codec.byte_view(tensor)
+        nbytes = target.numel()
+        # On CUDA each chunk passes through one host buffer; on the CPU pread writes into the blob.
+        staging = None if target.device.type == "cpu" else torch.empty(min(nbytes, _CHUNK_BYTES), dtype=torch.uint8)
+        for start in range(0, nbytes, _CHUNK_BYTES):
+            size = min(_CHUNK_BYTES, nbytes - start)
+            into = target[start : start + size] if staging is None else staging[:size]
+            try:
+                got = os.preadv(self.fd, [into.numpy().data], offset + start)
+            except OSError as err:
+                raise self._failed(what, "read", err, start, nbytes) from None
+            # A read of a regular file comes up short only at its end: the client shrank it.
+            if got != size:
+                raise self._changed(what, "read", start + got, nbytes)
+            if staging is not None:
+                target[start : start + size].copy_(into)
+
+    def write_from(self, tensor: torch.Tensor, offset: int, what: str) -> None:
+        """Write `tensor`'s bytes into the region at `offset`, already checked to fit."""
+        nbytes = tensor.numel() * tensor.element_size()
+        for start, chunk in _host_chunks(tensor):
+            # A write past the end would grow the file again rather than fail, so the size is
+            # checked before each chunk: a region that shrank is refused, not silently regrown.
+            if os.fstat(self.fd).st_size < offset + nbytes:
+                raise self._changed(what, "written", start, nbytes)
+            try:
+                written = os.pwrite(self.fd, chunk, offset + start)
+            except OSError as err:
+                raise self._failed(what, "written", err, start, nbytes) from None
+            if written != len(chunk):
+                raise self._changed(what, "written", start + written, nbytes)
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "directory"),
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular file is, for an error message."""
+    return next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), "special file")
+
+
+def _host_chunks(tensor: torch.Tensor) -> Iterator[tuple[int, memoryview]]:
+    """(offset, bytes) of a tensor's bytes in host memory, _CHUNK_BYTES at a time: views of a
+    CPU tensor, one host copy per chunk of a CUDA tensor."""
+    source = codec.byte_view(tensor)
+    for start in range(0, source.numel(), _CHUNK_BYTES):
+        chunk = source[start : start + _CHUNK_BYTES]
+        yield start, chunk.cpu().numpy().data
+
+
+def _allocate(what: str, dtype_code: int, shape: tuple[int, ...], nbytes: int, device: torch.device) -> torch.Tensor:
+    """An empty tensor for the blob; ResourceExhausted when the host or device cannot hold it
+    (the session's limit allowed it, the memory is not there)."""
+    try:
+        return codec.empty(codec.TORCH_DTYPES[dtype_code], shape, device)
+    except (MemoryError, RuntimeError) as err:
+        if not codec.is_out_of_memory(err):
+            raise
+        raise ResourceExhausted(f"{what}: the server cannot allocate {nbytes} bytes on {device} for it now") from None
 
 
 def feed(workspace: Workspace, name: str, dtype_code: int, shape: Sequence[int], shm_name: str, offset: int) -> None:
-    """Create or overwrite blob `name` from a region; every check comes before the allocation, and
-    on any failure the old blob stays as it was."""
+    """Create or overwrite blob `name` from a region; the session is charged and every check made
+    before the allocation, and on any failure the old blob stays as it was."""
     what = f"blob {name!r}"
     shape = tuple(shape)
     nbytes = codec.check_header(what, dtype_code, shape, workspace.max_bytes)
     workspace.reserve(name, nbytes)
     with _Region(shm_name, writable=False, session_id=workspace.id) as region:
         region.check_span(offset, nbytes, what)
-        tensor = codec.empty(codec.TORCH_DTYPES[dtype_code], shape, workspace.device)
+        tensor = _allocate(what, dtype_code, shape, nbytes, workspace.device)
         if nbytes:
-            source = region.bytes_at(offset, nbytes)
-            codec.byte_view(tensor).copy_(source)
-            del source  # the mapping cannot close while a view exports it
+            region.read_into(tensor, offset, what)
     workspace.put(name, tensor)
 
 
@@ -144,7 +271,5 @@ def fetch(workspace: Workspace, name: str, shm_name: str, offset: int) -> torch.
     with _Region(shm_name, writable=True, session_id=workspace.id) as region:
         region.check_span(offset, nbytes, f"blob {name!r}")
         if nbytes:
-            target = region.bytes_at(offset, nbytes)
-            target.copy_(codec.byte_view(tensor))
-            del target
+            region.write_from(tensor, offset, f"blob {name!r}")
     return tensor

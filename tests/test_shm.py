@@ -17,7 +17,7 @@ from cosserve.server import shm
 from cosserve.server.errors import FailedPrecondition, PermissionDenied
 from cosserve.v1 import cosserve_pb2 as pb
 
-from tests.conftest import start_server
+from tests.conftest import DEVICES, start_server
 
 DTYPES = [
     np.bool_, np.uint8, np.int8, np.int16, np.int32, np.int64,
@@ -177,6 +177,32 @@ def test_fetch_at_an_offset_and_describe(ws, region) -> None:
     request = pb.FetchBlobShmRequest(session_id=ws.id, name="keep", shm_name=region.name, offset=8)
     ws.client._call("FetchBlobShm", request)
     assert np.frombuffer(region.buf, np.float32, 6, 8).tolist() == KEEP.tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_copies_in_chunks_at_odd_offsets(shm_client, monkeypatch: pytest.MonkeyPatch, device: str) -> None:
+    # The server copies _CHUNK_BYTES at a time (on CUDA through a host buffer of that size).
+    # With chunks of 64 bytes, 1000 bytes are 15 full chunks and a partial one.
+    monkeypatch.setattr(shm, "_CHUNK_BYTES", 64)
+    value = np.random.default_rng(3).standard_normal(250).astype(np.float32)
+    with shm_client.session(device) as session:
+        region = shared_memory.SharedMemory(create=True, size=1100, name=_name(session))
+        try:
+            region.buf[:1100] = b"\xcd" * 1100
+            region.buf[13:1013] = value.tobytes()
+            feed = pb.FeedBlobShmRequest(
+                session_id=session.id, name="x", dtype=pb.FLOAT32, shape=[250], shm_name=region.name, offset=13
+            )
+            session.client._call("FeedBlobShm", feed)
+            assert _same_bits(session.fetch_blob("x"), value)
+            region.buf[:1100] = b"\xcd" * 1100
+            fetch = pb.FetchBlobShmRequest(session_id=session.id, name="x", shm_name=region.name, offset=37)
+            session.client._call("FetchBlobShm", fetch)
+            assert bytes(region.buf[37:1037]) == value.tobytes()
+            assert bytes(region.buf[:37]) + bytes(region.buf[1037:1100]) == b"\xcd" * 100  # nothing outside
+        finally:
+            region.close()
+            region.unlink()
 
 
 def test_server_leaves_the_clients_region(ws, region) -> None:
