@@ -15,6 +15,7 @@ from cosserve.server import ops as _ops  # noqa: F401  (fills the registry)
 from cosserve.server.codec import FLOAT_DTYPES, dtype_name, is_out_of_memory
 from cosserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from cosserve.server.registry import REGISTRY, ArgType, InputKind, Operator
+from cosserve.server.workers import StopSignal
 from cosserve.server.workspace import Transaction, Workspace, check_name
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "compute",
     "execute",
     "expected_output_bytes",
+    "gradient_check_cost",
     "input_bytes",
     "run_net",
 ]
@@ -34,8 +36,15 @@ __all__ = [
 LABEL_DTYPES = (torch.int32, torch.int64)
 ACCEPTED_DTYPES = {InputKind.FLOAT: FLOAT_DTYPES, InputKind.LABEL: LABEL_DTYPES}
 
-# The finite-difference check evaluates the op twice per input element.
-MAX_GRADIENT_CHECK_ELEMENTS = 20_000
+# The finite-difference check evaluates the op twice per floating input element; each evaluation
+# reads every input and writes every output, and costs besides about as much as this many
+# elements (one op call from Python). Every op with a gradient is elementwise or row-wise, so its
+# work is in proportion to those elements.
+GRADIENT_CHECK_CALL_ELEMENTS = 10_000
+# A check costs evaluations x (input and output elements + GRADIENT_CHECK_CALL_ELEMENTS); this
+# bound is a few seconds of one idle core (Cos of 12,000 elements: 8.2e8, about 3 s; Cos of
+# 20,000, once allowed, is 2e9 and took 30-140 s on a loaded host).
+MAX_GRADIENT_CHECK_COST = 1_000_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,14 +212,20 @@ def compute(call: OpCall, inputs: Mapping[str, torch.Tensor], max_output_bytes: 
     return outputs
 
 
+def gradient_check_cost(perturbed: int, elements_per_evaluation: int) -> int:
+    """The cost of a finite-difference check, in element visits (see MAX_GRADIENT_CHECK_COST)."""
+    return 2 * perturbed * (elements_per_evaluation + GRADIENT_CHECK_CALL_ELEMENTS)
+
+
 def check_gradient(
-    workspace: Workspace, call: OpCall, step_size: float, output_index: int
+    workspace: Workspace, call: OpCall, step_size: float, output_index: int, stop: StopSignal | None = None
 ) -> list[tuple[str, float, float]]:
     """Compare the gradient op of `call` with central differences, in float64.
 
     Loss = sum(output[output_index] * G) for a fixed pseudo-random G, so the analytic gradient
     is the gradient op fed with dOutput = G. Returns (input name, max abs, max rel error) per
-    floating input.
+    floating input. Refused above MAX_GRADIENT_CHECK_COST; between evaluations it checks `stop`
+    and raises workers.Stopped once it is set.
     """
     op = REGISTRY.get(call.type)
     if op is not None and not call.outputs:
@@ -228,13 +243,19 @@ def check_gradient(
     check_inputs(op, call.inputs, stored, args)
     inputs = [t.to(torch.float64) if t.dtype in FLOAT_DTYPES else t for t in stored]
     floating = [i for i, spec in enumerate(schema.inputs) if spec.kind is InputKind.FLOAT]
-    elements = sum(inputs[i].numel() for i in floating)
-    if elements > MAX_GRADIENT_CHECK_ELEMENTS:
+    perturbed = sum(inputs[i].numel() for i in floating)
+    first = op.impl(inputs, args)
+    per_evaluation = sum(t.numel() for t in inputs) + sum(t.numel() for t in first)
+    cost = gradient_check_cost(perturbed, per_evaluation)
+    if cost > MAX_GRADIENT_CHECK_COST:
         raise ResourceExhausted(
-            f"{schema.name}: {elements} input elements is above the {MAX_GRADIENT_CHECK_ELEMENTS} a "
-            "finite-difference check evaluates; check a smaller sample"
+            f"{schema.name}: checking {perturbed} input elements takes {2 * perturbed} evaluations of "
+            f"{per_evaluation} elements each, a cost of {cost}, above the {MAX_GRADIENT_CHECK_COST} a check may "
+            "have (2 x perturbed elements x (elements per evaluation + "
+            f"{GRADIENT_CHECK_CALL_ELEMENTS})); check a smaller sample"
         )
-    output = op.impl(inputs, args)[output_index]
+    output = first[output_index]
+    del first
     generator = torch.Generator().manual_seed(0)
     weights = torch.randn(output.shape, generator=generator, dtype=torch.float64).to(output.device)
     grad_op = REGISTRY[schema.gradient]
@@ -242,6 +263,8 @@ def check_gradient(
     analytic = list(grad_op.impl(grad_inputs, args))
 
     def loss(values: list[torch.Tensor]) -> float:
+        if stop is not None:
+            stop.check()  # the thread is free again within one evaluation of a cancel or deadline
         return float((op.impl(values, args)[output_index] * weights).sum())
 
     results = []

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from google.protobuf.message import DecodeError
+import grpc
 from grpc import aio
 
 from cosserve import limits, wire
@@ -18,7 +19,7 @@ from cosserve.server.registry import REGISTRY, ArgType, InputKind, OpSchema
 from cosserve.server.scorer import Batch, Scorer
 from cosserve.server.settings import Settings
 from cosserve.server.status import MalformedRequest
-from cosserve.server.workers import Workers
+from cosserve.server.workers import StopSignal, Stopped, Workers
 from cosserve.server.sessions import SessionStore
 from cosserve.server.workspace import Workspace, resolve_device
 from cosserve.v1 import cosserve_pb2 as pb
@@ -233,9 +234,22 @@ class CosserveServicer:
 
     async def CheckGradient(self, request: pb.CheckGradientRequest, context: aio.ServicerContext) -> pb.CheckGradientResponse:
         workspace = self._session(request.session_id)
-        rows = await self.workers.run(
-            _ALWAYS_THREAD, engine.check_gradient, workspace, op_call(request.op), request.step_size, request.output_index
-        )
+        # Set when the call is cancelled (a client's cancel, or grpc at the deadline), and due at
+        # the deadline: the check stops between evaluations and frees its thread.
+        stop = StopSignal(context.time_remaining())
+        try:
+            rows = await self.workers.run(
+                _ALWAYS_THREAD,
+                engine.check_gradient,
+                workspace,
+                op_call(request.op),
+                request.step_size,
+                request.output_index,
+                stop,
+                stop=stop,
+            )
+        except Stopped:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "CheckGradient: the deadline passed during the check")
         return pb.CheckGradientResponse(
             inputs=[pb.InputGradientError(input=n, max_abs_error=a, max_rel_error=r) for n, a, r in rows],
             max_abs_error=max((a for _, a, _ in rows), default=0.0),

@@ -3,13 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
 from typing import TypeVar
 
-__all__ = ["Workers"]
+__all__ = ["StopSignal", "Stopped", "Workers"]
 
 T = TypeVar("T")
+
+
+class Stopped(Exception):
+    """Raised by work that found its StopSignal set: its caller is gone or its deadline passed."""
+
+
+class StopSignal:
+    """Tells work on a thread, which cannot be interrupted, to stop at its next check: set when
+    the awaiting call is cancelled, and due once `timeout_s` (the call's deadline) has passed."""
+
+    def __init__(self, timeout_s: float | None = None) -> None:
+        self._event = threading.Event()
+        self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set() or (self._deadline is not None and time.monotonic() >= self._deadline)
+
+    def check(self) -> None:
+        if self.is_set():
+            raise Stopped("the call was cancelled or its deadline passed")
 
 
 class Workers:
@@ -21,14 +46,20 @@ class Workers:
         self.inline_bytes = inline_bytes
         self._pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
 
-    async def run(self, cost_bytes: int, fn: Callable[..., T], *args: object) -> T:
-        """fn(*args), inline or on a thread by its cost. A cancelled caller stops waiting at once;
-        work already on a thread runs to its end and its result is dropped."""
+    async def run(self, cost_bytes: int, fn: Callable[..., T], *args: object, stop: StopSignal | None = None) -> T:
+        """fn(*args), inline or on a thread by its cost. A cancelled caller stops waiting at once
+        and sets `stop`; work already on a thread runs until it checks `stop` (or to its end), and
+        its result is dropped."""
         if cost_bytes <= self.inline_bytes:
             return fn(*args)
-        # No local holds the future: an exception it carries would otherwise reach this frame
-        # through its traceback and make a reference cycle that keeps the call's tensors alive.
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        try:
+            # No local holds the future: an exception it carries would otherwise reach this frame
+            # through its traceback and make a reference cycle that keeps the call's tensors alive.
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        except asyncio.CancelledError:
+            if stop is not None:
+                stop.set()
+            raise
 
     def shutdown(self) -> None:
         """Drop queued work and return at once; calls still running are abandoned, not awaited."""

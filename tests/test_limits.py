@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import subprocess
 import sys
 
@@ -102,7 +103,7 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 def test_bad_environment_variable_fails_serve_cleanly_and_not_other_commands():
     assert _cli("--version", env={"COSSERVE_ALLOW_SHM": "maybe", "COSSERVE_PORT": "abc"}).returncode == 0
-    for env, needle in (({"COSSERVE_PORT": "abc"}, "invalid int value"), ({"COSSERVE_ALLOW_SHM": "maybe"}, "COSSERVE_ALLOW_SHM")):
+    for env, needle in (({"COSSERVE_PORT": "abc"}, "COSSERVE_PORT"), ({"COSSERVE_ALLOW_SHM": "maybe"}, "COSSERVE_ALLOW_SHM")):
         out = _cli("serve", env=env)
         assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr
 
@@ -125,3 +126,34 @@ def test_stream_to_an_empty_name_or_closed_session_is_refused_at_the_header(clie
     with pytest.raises(grpc.RpcError) as err:
         client.stub.FeedBlobStream(iter([header]))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _check_gradient(client: Client, session_id: str, blob: str, timeout: float) -> pb.CheckGradientResponse:
+    op = pb.OperatorDef(type="Cos", input=[blob])
+    return client.stub.CheckGradient(pb.CheckGradientRequest(session_id=session_id, op=op), timeout=timeout)
+
+
+def test_a_gradient_check_is_bounded_by_its_cost_not_its_element_count(client, cpu_ws):
+    cpu_ws.feed_blob("X", np.linspace(-1, 1, 20_000))  # 160 KB: 40,000 evaluations of 40,000 elements
+    with pytest.raises(grpc.RpcError) as err:
+        _check_gradient(client, cpu_ws.id, "X", timeout=10)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "a cost of 2000000000" in err.value.details() and "check a smaller sample" in err.value.details()
+
+
+def test_a_gradient_check_past_its_deadline_frees_its_worker_at_once():
+    running = start_server(max_workers=1)
+    try:
+        with Client(running.address) as c, c.session("cpu") as s:
+            s.feed_blob("X", np.linspace(-1, 1, 12_000))  # under the cost bound, seconds of work
+            s.feed_blob("small", np.linspace(-1, 1, 8))
+            with pytest.raises(grpc.RpcError) as err:
+                _check_gradient(c, s.id, "X", timeout=1)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            started = time.monotonic()
+            result = _check_gradient(c, s.id, "small", timeout=2)  # needs the one worker thread
+            freed_after = time.monotonic() - started
+            assert result.max_abs_error < 1e-6
+            assert freed_after < 1.0, f"the worker was busy {freed_after:.2f} s after the deadline"
+    finally:
+        running.stop(0)
