@@ -159,10 +159,11 @@ def test_a_closed_workspace_refuses_every_change():
 
 
 def test_idle_sessions_expire_and_used_ones_stay():
-    store = SessionStore(dataclasses.replace(Settings(), session_idle_timeout_s=0.2))
+    store = SessionStore(dataclasses.replace(Settings(), session_idle_timeout_s=0.5))
     idle, used = store.create("cpu"), store.create("cpu")
     time.sleep(0.3)
     store.get(used.id)  # touching a session keeps it alive
+    time.sleep(0.3)
     assert store.expire_idle() == 1
     with pytest.raises(errors.NotFound):
         store.get(idle.id)
