@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "CosserveError",
+    "quoted",
     "InvalidArgument",
     "NotFound",
     "ResourceExhausted",
@@ -39,3 +40,15 @@ class PermissionDenied(CosserveError):
 
 class Unauthenticated(CosserveError):
     """The call carries no valid credentials."""
+
+
+# Characters of a client's name (blob, session, identity) shown in a message.
+_QUOTED_CHARS = 64
+
+
+def quoted(name: str) -> str:
+    """repr() of a client-supplied name, cut to a few dozen characters: messages echo names, and a
+    20,000-character name must not become a 20,000-character status message."""
+    if len(name) <= _QUOTED_CHARS:
+        return repr(name)
+    return f"{name[:_QUOTED_CHARS]!r}... ({len(name)} chars)"

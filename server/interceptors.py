@@ -1,4 +1,4 @@
-"""Three small grpc.aio interceptors: bearer-token auth, per-call metrics, errors to status codes."""
+"""Three small grpc.aio interceptors: identities (auth), per-call metrics, errors to status codes."""
 
 from __future__ import annotations
 
@@ -8,13 +8,17 @@ import inspect
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 from grpc import aio
 
-from cosserve.server.errors import Unauthenticated
+from grpc._cython import cygrpc
+
+from cosserve.server import identity
+from cosserve.server.errors import InvalidArgument, Unauthenticated
+from cosserve.server.identity import Identities
 from cosserve.server.status import MalformedRequest, bounded, status_of
 
 __all__ = ["HANDLER_KINDS", "AuthInterceptor", "ErrorInterceptor", "MetricsInterceptor", "Observer"]
@@ -24,8 +28,15 @@ log = logging.getLogger("cosserve.server")
 # Called with (method, status code name, seconds) after every call, e.g. by Metrics.observe.
 Observer = Callable[[str, str, float], None]
 
-# Paths every caller may use without a token: Kubernetes probes and reflection tooling.
-_OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Paths every caller may use without credentials: Kubernetes probes; reflection with --reflection-open.
+_HEALTH_PREFIX = "/grpc.health.v1.Health/"
+_REFLECTION_PREFIX = "/grpc.reflection."
+
+# What grpc raises when it cannot send on a call: the client cancelled or the connection is
+# gone (grpc's own type, not exported by grpc.aio).
+_SEND_FAILED: tuple[type[BaseException], ...] = tuple(
+    t for t in (getattr(cygrpc, "ExecuteBatchError", None),) if isinstance(t, type)
+)
 
 Behavior = Callable[..., Any]
 # Wraps a behavior: (behavior, is an async generator) -> new behavior of the same kind.
@@ -46,60 +57,66 @@ async def _reraise(err: BaseException, context: aio.ServicerContext) -> None:
     raise err
 
 
-def rewrap(handler: grpc.RpcMethodHandler, wrap: Wrapper, *, deserializer: bool = True) -> grpc.RpcMethodHandler:
-    """A handler of the same kind and serializers whose behavior is wrap(behavior)."""
+_SAME: Any = object()
+
+
+def rewrap(handler: grpc.RpcMethodHandler, wrap: Wrapper, *, request_deserializer: Any = _SAME) -> grpc.RpcMethodHandler:
+    """A handler of the same kind and serializers (or with `request_deserializer`) whose behavior
+    is wrap(behavior)."""
     field, factory = HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
     behavior = getattr(handler, field)
     return factory(
         wrap(behavior, inspect.isasyncgenfunction(behavior)),
-        request_deserializer=handler.request_deserializer if deserializer else None,
+        request_deserializer=handler.request_deserializer if request_deserializer is _SAME else request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
 
+async def _write(context: aio.ServicerContext, reply: Any) -> None:
+    try:
+        await context.write(reply)
+        return
+    except _SEND_FAILED:
+        pass
+    # The client cancelled or went away: the call is cancelled, not failed (grpc logs nothing
+    # for a CancelledError, where it would log the send error with a traceback). Raised outside
+    # the except block, so it does not carry grpc's error along.
+    raise asyncio.CancelledError()
+
+
 def _around(before: Callable[[Any, aio.ServicerContext], Awaitable[None]] | None,
             failed: Callable[[BaseException, aio.ServicerContext], Awaitable[None]],
-            done: Callable[[aio.ServicerContext, BaseException | None, float], None] | None = None) -> Wrapper:
-    """A wrapper that calls `before(request, context)`, the behavior, then `failed` on an exception
-    (which decides what leaves) and `done` at the end."""
+            done: Callable[[aio.ServicerContext, BaseException | None, float], None] | None = None,
+            requests: Callable[[Any], Any] | None = None) -> Wrapper:
+    """A wrapper that calls `before(request, context)`, the behavior (on `requests(request)` if
+    given), then `failed` on an exception (which decides what leaves) and `done` at the end.
+
+    The wrapper of a streaming behavior (an async generator) is a coroutine that writes each reply
+    itself with context.write: a write that fails because the client is gone then happens here,
+    where it becomes CANCELLED, not in grpc, which would log it as the servicer's error."""
 
     # `failed` runs outside the `except` block: an abort raised inside it would chain the error
     # (and through its traceback every frame and tensor of the call) to grpc's record of the abort,
     # which outlives the call.
 
     def wrap(behavior: Behavior, generator: bool) -> Behavior:
-        if generator:
-
-            async def stream(request: Any, context: aio.ServicerContext) -> Any:
-                error: BaseException | None = None
-                started = time.perf_counter()
-                try:
-                    if before is not None:
-                        await before(request, context)
-                    async with contextlib.aclosing(behavior(request, context)) as replies:
-                        async for reply in replies:
-                            yield reply
-                except BaseException as err:  # noqa: BLE001  (failed() re-raises or aborts)
-                    error = err
-                try:
-                    if error is not None:
-                        await failed(error, context)
-                finally:
-                    if done is not None:
-                        done(context, error, time.perf_counter() - started)
-                    error = None
-
-            return stream
-
-        async def unary(request: Any, context: aio.ServicerContext) -> Any:
+        async def call(request: Any, context: aio.ServicerContext) -> Any:
             error: BaseException | None = None
             reply: Any = None
             started = time.perf_counter()
             try:
                 if before is not None:
                     await before(request, context)
-                reply = await behavior(request, context)
-            except BaseException as err:  # noqa: BLE001
+                if requests is not None:
+                    request = requests(request)
+                if generator:
+                    async with contextlib.aclosing(behavior(request, context)) as replies:
+                        async for item in replies:
+                            await _write(context, item)
+                            item = None
+                else:
+                    reply = await behavior(request, context)
+            except BaseException as err:  # noqa: BLE001  (failed() re-raises or aborts)
                 error = err
             try:
                 if error is not None:
@@ -108,20 +125,55 @@ def _around(before: Callable[[Any, aio.ServicerContext], Awaitable[None]] | None
             finally:
                 if done is not None:
                     done(context, error, time.perf_counter() - started)
-                error = reply = None  # no reference cycle through this frame
+                error = reply = request = None  # no reference cycle through this frame
 
-        return unary
+        return call
 
     return wrap
 
 
+def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """A request deserializer that hands bytes it cannot parse on as a MalformedRequest (grpc
+    would answer UNKNOWN and log a traceback per request)."""
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except Exception as err:  # noqa: BLE001  (any parse failure is the client's bytes)
+            return MalformedRequest(f"the request is not a valid message: {err}")
+
+    return parse
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """The messages of a request stream; one that did not parse fails the call as INVALID_ARGUMENT."""
+    async for request in requests:
+        if isinstance(request, MalformedRequest):
+            raise InvalidArgument(request.message)
+        yield request
+
+
+class _GrpcDecodingNoise(logging.Filter):
+    """Drops grpc's log line, with traceback, for metadata that is not UTF-8: grpc writes it
+    for every such header before any interceptor runs, so anyone could fill the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "Invalid encoding on %s"
+
+
+_GRPC_DECODING_NOISE = _GrpcDecodingNoise()
+
+
 class ErrorInterceptor(aio.ServerInterceptor):
     """Domain errors leave as their status code (status.STATUS_CODES) with a bounded message; any
-    other exception is our bug: INTERNAL with an opaque id, the traceback in the log only. A
-    client's cancel and grpc's own aborts pass through untouched."""
+    other exception is our bug: INTERNAL with an opaque id, the traceback in the log only. Bytes
+    that do not parse, on every method (health and reflection too), are INVALID_ARGUMENT. A
+    client's cancel, and a send that fails because the client is gone, leave as CANCELLED;
+    grpc's own aborts pass through untouched."""
 
     def __init__(self) -> None:
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        logging.getLogger("grpc._cython.cygrpc").addFilter(_GRPC_DECODING_NOISE)  # added once
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         method = details.method
@@ -134,9 +186,11 @@ class ErrorInterceptor(aio.ServerInterceptor):
 
         async def check(request: Any, context: aio.ServicerContext) -> None:
             if isinstance(request, MalformedRequest):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(request.message))
+                raise InvalidArgument(request.message)
 
         async def failed(err: BaseException, context: aio.ServicerContext) -> None:
+            if isinstance(err, _SEND_FAILED):
+                raise asyncio.CancelledError()  # the client is gone (see _write)
             if isinstance(err, (aio.AbortError, asyncio.CancelledError)) or not isinstance(err, Exception):
                 raise err
             code = status_of(err)
@@ -147,33 +201,51 @@ class ErrorInterceptor(aio.ServerInterceptor):
                 log.error("internal error %s in %s", error_id, method, exc_info=err)
                 code, message = grpc.StatusCode.INTERNAL, f"internal error {error_id}; the server log has the details"
             del err
-            await context.abort(code, message)
+            try:
+                await context.abort(code, message)
+            except _SEND_FAILED:
+                pass  # a request stream the client cancelled ends like a short one: no one to tell
+            raise asyncio.CancelledError()
 
-        wrapped = rewrap(handler, _around(check, failed))
+        deserialize = handler.request_deserializer
+        streaming = handler.request_streaming and deserialize is not None
+        wrapped = rewrap(
+            handler,
+            _around(None if handler.request_streaming else check, failed, requests=_checked if streaming else None),
+            request_deserializer=None if deserialize is None else _lenient(deserialize),
+        )
         self._wrapped[method] = wrapped
         return wrapped
 
 
 class AuthInterceptor(aio.ServerInterceptor):
-    """With a token configured, a call without "authorization: Bearer <token>" is refused with
-    UNAUTHENTICATED before its request is even decoded (health and reflection stay open)."""
+    """Every call must prove an identity (identity.Identities): a bearer key in 'authorization'
+    metadata, or with mutual TLS the client certificate. A call that proves none is refused with
+    UNAUTHENTICATED before its request is even decoded. The identity is set in identity.CALLER for
+    the call's handler. Health stays open; reflection too with `reflection_open`."""
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, identities: Identities, *, reflection_open: bool = False) -> None:
+        self._identities = identities
+        self._open = (_HEALTH_PREFIX, _REFLECTION_PREFIX) if reflection_open else (_HEALTH_PREFIX,)
         self._refusals: dict[str, grpc.RpcMethodHandler] = {}
-
-    def _allowed(self, details: grpc.HandlerCallDetails) -> bool:
-        if details.method.startswith(_OPEN_PREFIXES):
-            return True
-        for key, value in details.invocation_metadata or ():
-            if key == "authorization":
-                sent = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
-                return secrets.compare_digest(sent, self._expected)
-        return False
+        self._by_certificate: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
-        if self._allowed(details):
+        method = details.method
+        if method.startswith(self._open):
             return await continuation(details)
+        metadata = details.invocation_metadata
+        if self._identities.certificates and not identity.authorization(metadata):
+            return await self._certified(continuation, details)
+        caller = self._identities.caller(metadata)
+        if caller is None:
+            return await self._refusal(continuation, details)
+        # The interceptors run in the call's own task, before its handler: the handler, and the
+        # tasks it starts, see this value; no other call does.
+        identity.CALLER.set(caller)
+        return await continuation(details)
+
+    async def _refusal(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         refusal = self._refusals.get(details.method)
         if refusal is None:
             handler = await continuation(details)
@@ -181,18 +253,55 @@ class AuthInterceptor(aio.ServerInterceptor):
                 return None
 
             async def refuse(request: Any, context: aio.ServicerContext) -> None:
-                err = Unauthenticated("missing or wrong bearer token in 'authorization' metadata")
-                await context.abort(status_of(err) or grpc.StatusCode.UNAUTHENTICATED, str(err))
+                await _unauthenticated(context, "missing or wrong bearer token in 'authorization' metadata")
 
-            refusal = rewrap(handler, _around(refuse, _reraise), deserializer=False)
+            # No deserializer: the bytes of a caller without credentials are never parsed.
+            refusal = rewrap(handler, _around(refuse, _reraise), request_deserializer=None)
             self._refusals[details.method] = refusal
         return refusal
+
+    async def _certified(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        """The handler that takes the caller from the client certificate, which only the call's
+        context shows (the handshake has verified it against --tls-client-ca already)."""
+        certified = self._by_certificate.get(details.method)
+        if certified is None:
+            handler = await continuation(details)
+            if handler is None:
+                return None
+            identities = self._identities
+
+            async def from_certificate(request: Any, context: aio.ServicerContext) -> None:
+                caller = identities.of_subject(_subject(context))
+                if caller is None:
+                    await _unauthenticated(context, "no bearer token and no client certificate")
+                    return
+                identity.CALLER.set(caller)
+
+            certified = rewrap(handler, _around(from_certificate, _reraise))
+            self._by_certificate[details.method] = certified
+        return certified
+
+
+async def _unauthenticated(context: aio.ServicerContext, message: str) -> None:
+    err = Unauthenticated(message)
+    await context.abort(status_of(err) or grpc.StatusCode.UNAUTHENTICATED, str(err))
+
+
+def _subject(context: aio.ServicerContext) -> str | None:
+    """The subject of the peer's verified certificate (RFC 4514 text), or None."""
+    auth = context.auth_context() or {}
+    for key in ("x509_subject", "x509_common_name"):
+        values = auth.get(key)
+        if values:
+            value = values[0]
+            return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
+    return None
 
 
 def _code_name(context: aio.ServicerContext, error: BaseException | None) -> str:
     if error is None:
         return "OK"
-    if isinstance(error, asyncio.CancelledError):
+    if isinstance(error, (asyncio.CancelledError, *_SEND_FAILED)):
         return "CANCELLED"
     if isinstance(error, Exception):
         code = status_of(error)

@@ -2,30 +2,42 @@
 
 from __future__ import annotations
 
+import collections
 import secrets
 import threading
 import time
 from collections.abc import Iterator
 
-from cosserve.server.errors import NotFound, ResourceExhausted
+from cosserve.server.errors import NotFound, ResourceExhausted, quoted
 from cosserve.server.settings import Settings
-from cosserve.server.workspace import Workspace, resolve_device
+from cosserve.server.workspace import Account, Workspace, resolve_device
 
-__all__ = ["ANONYMOUS", "SessionStore"]
+__all__ = ["ANONYMOUS", "EXPIRED_REMEMBERED", "SessionStore"]
 
 # The identity of every caller when the server has no authentication.
 ANONYMOUS = ""
 
+# Ids of expired sessions remembered, so their owner is told "expired" rather than "does not
+# exist"; the oldest are forgotten first (about 100 bytes each).
+EXPIRED_REMEMBERED = 4096
+
 
 class SessionStore:
     """Owns every open session; thread-safe. A session belongs to the identity that created it:
-    to any other identity it does not exist (the same NOT_FOUND as a session never created)."""
+    to any other identity it does not exist (the same NOT_FOUND as a session never created).
+
+    A session idle for longer than --session-idle-timeout-s is expired: from that moment every
+    call on it is NOT_FOUND saying so (to its owner), whether or not a sweep has freed it yet."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._lock = threading.Lock()
         self._sessions: dict[str, Workspace] = {}
         self._owners: dict[str, str] = {}
+        self._counts: collections.Counter[str] = collections.Counter()  # open sessions per owner
+        # One Account per identity with open sessions: their bytes against --max-identity-bytes.
+        self._accounts: dict[str, Account] = {}
+        self._expired: collections.OrderedDict[str, str] = collections.OrderedDict()  # id -> owner
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -39,52 +51,99 @@ class SessionStore:
                     f"{len(self._sessions)} sessions are open, the limit is {self.settings.max_sessions}; "
                     "close sessions you no longer use"
                 )
+            limit = self.settings.max_identity_sessions
+            if limit and self._counts[owner] >= limit:
+                raise ResourceExhausted(
+                    f"this identity has {self._counts[owner]} open sessions, its limit is {limit} "
+                    "(--max-identity-sessions); close sessions it no longer uses"
+                )
+            account = self._accounts.get(owner)
+            if account is None:
+                account = self._accounts[owner] = Account(owner, self.settings.max_identity_bytes)
             session_id = secrets.token_hex(16)
-            workspace = Workspace(session_id, resolved, self.settings.max_session_bytes)
+            workspace = Workspace(session_id, resolved, self.settings.max_session_bytes, account)
             self._sessions[session_id] = workspace
             self._owners[session_id] = owner
+            self._counts[owner] += 1
             return workspace
 
     def get(self, session_id: str, owner: str = ANONYMOUS) -> Workspace:
+        """The session `session_id` of `owner`, marked used now.
+
+        Raises:
+            NotFound: it does not exist, is another identity's, or has expired (its owner alone
+                is told that it expired).
+        """
+        now = time.monotonic()
         with self._lock:
             workspace = self._sessions.get(session_id)
-            if workspace is None or self._owners.get(session_id) != owner:
-                raise _no_such_session(session_id)
-        workspace.last_used = time.monotonic()
+            if workspace is None or self._owners[session_id] != owner:
+                raise self._missing(session_id, owner)
+            expired = self._idle_too_long(workspace, now)
+            if expired:  # a sweep has not come yet: expire it now, as it would have
+                self._remove(session_id, expired=True)
+                error = self._missing(session_id, owner)
+            else:
+                workspace.last_used = now
+        if expired:
+            workspace.close()
+            raise error
         return workspace
 
     def close(self, session_id: str, owner: str = ANONYMOUS) -> None:
         with self._lock:
             if self._owners.get(session_id) != owner:
-                raise _no_such_session(session_id)
-            workspace = self._sessions.pop(session_id)
-            del self._owners[session_id]
+                raise self._missing(session_id, owner)
+            workspace = self._remove(session_id, expired=False)
         workspace.close()
 
     def expire_idle(self) -> int:
         """Close sessions idle longer than the timeout; return how many."""
-        timeout = self.settings.session_idle_timeout_s
-        if timeout <= 0:
-            return 0
-        cutoff = time.monotonic() - timeout
+        now = time.monotonic()
         with self._lock:
-            stale = [sid for sid, ws in self._sessions.items() if ws.last_used < cutoff]
-        closed = 0
-        for sid in stale:
-            with self._lock:
-                workspace = self._sessions.pop(sid, None)
-                self._owners.pop(sid, None)
-            if workspace is not None:
-                workspace.close()
-                closed += 1
-        return closed
+            stale = [self._remove(sid, expired=True) for sid, ws in list(self._sessions.items()) if self._idle_too_long(ws, now)]
+        for workspace in stale:
+            workspace.close()
+        return len(stale)
+
+    def held_by(self, owner: str) -> int:
+        """Bytes charged to the identity `owner` across its sessions."""
+        with self._lock:
+            account = self._accounts.get(owner)
+        return 0 if account is None else account.held
 
     def __iter__(self) -> Iterator[Workspace]:
         with self._lock:
             return iter(list(self._sessions.values()))
 
+    # ---- under the lock -----------------------------------------------------------------
 
-def _no_such_session(session_id: str) -> NotFound:
-    # One message whether the session never existed, was closed, or is someone else's: the
-    # refusal must not tell another identity that it exists.
-    return NotFound(f"session {session_id[:64]!r} does not exist (closed, expired, or never created)")
+    def _idle_too_long(self, workspace: Workspace, now: float) -> bool:
+        timeout = self.settings.session_idle_timeout_s
+        return timeout > 0 and now - workspace.last_used > timeout
+
+    def _remove(self, session_id: str, *, expired: bool) -> Workspace:
+        """Take a session out of the table (the caller closes it outside the lock)."""
+        workspace = self._sessions.pop(session_id)
+        owner = self._owners.pop(session_id)
+        self._counts[owner] -= 1
+        if not self._counts[owner]:
+            del self._counts[owner]
+            # Its sessions are closed, so it holds nothing; a call still finishing on one of
+            # them gives its charges back to this object, never to the owner's next account.
+            del self._accounts[owner]
+        if expired:
+            self._expired[session_id] = owner
+            while len(self._expired) > EXPIRED_REMEMBERED:
+                self._expired.popitem(last=False)
+        return workspace
+
+    def _missing(self, session_id: str, owner: str) -> NotFound:
+        if self._expired.get(session_id, None) == owner:
+            return NotFound(
+                f"session {quoted(session_id)} expired: it was idle for more than "
+                f"{self.settings.session_idle_timeout_s:g} s (--session-idle-timeout-s); create a new session"
+            )
+        # One message whether the session never existed, was closed, or is someone else's
+        # (expired or not): the refusal must not tell another identity that it exists.
+        return NotFound(f"session {quoted(session_id)} does not exist (closed, expired, or never created)")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ast
+import re
+
 import grpc
 
 from cosserve.server import errors
 
-__all__ = ["MAX_DETAILS", "STATUS_CODES", "MalformedRequest", "bounded", "status_of"]
+__all__ = ["MAX_DETAILS", "STATUS_CODES", "MalformedRequest", "bounded", "status_of", "wire_bytes"]
 
 STATUS_CODES: dict[type[errors.CosserveError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -17,9 +20,17 @@ STATUS_CODES: dict[type[errors.CosserveError], grpc.StatusCode] = {
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
-# Characters of an error message sent to the client: status details travel in HTTP/2 headers,
-# and a message that echoes a huge blob name must not turn into a metadata-size failure.
+# Bytes of an error message on the wire. Status details travel in an HTTP/2 header
+# (grpc-message), which grpc percent-encodes: a byte outside printable ASCII takes three. The
+# client refuses a header block over its metadata limit (8 KiB by default) with its own
+# RESOURCE_EXHAUSTED, so a message that echoes a client's huge or non-ASCII name must stay
+# well within it.
 MAX_DETAILS = 1024
+
+# A quoted name in a message, as repr() writes one: 'text' or "text", escapes included.
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"')
+# Characters of a quoted name kept when a message is too long.
+_QUOTED_KEPT = 48
 
 
 def status_of(err: BaseException) -> grpc.StatusCode | None:
@@ -32,10 +43,41 @@ def status_of(err: BaseException) -> grpc.StatusCode | None:
     return None
 
 
+def wire_bytes(message: str) -> int:
+    """Bytes of `message` in grpc-message: UTF-8, percent-encoded outside printable ASCII."""
+    return sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in message.encode("utf-8", "backslashreplace"))
+
+
+def _cut_quoted(match: re.Match[str]) -> str:
+    text = match.group()
+    if len(text) <= _QUOTED_KEPT + 2:
+        return text
+    try:
+        chars = len(ast.literal_eval(text))  # the name's own length, not its escapes'
+    except (ValueError, SyntaxError):
+        chars = len(text) - 2
+    return f"{text[: _QUOTED_KEPT + 1]}...{text[0]} ({chars} chars)"
+
+
 def bounded(message: str) -> str:
-    if len(message) <= MAX_DETAILS:
+    """`message`, made safe to send as status details: at most MAX_DETAILS bytes on the wire.
+    Long quoted names are cut first, so the message keeps what it says about them."""
+    # A lone surrogate (a name decoded with surrogateescape) cannot be encoded by grpc at all.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    if wire_bytes(message) <= MAX_DETAILS:
         return message
-    return message[: MAX_DETAILS - 24] + f" ... ({len(message)} chars)"
+    message = _QUOTED.sub(_cut_quoted, message)
+    if wire_bytes(message) <= MAX_DETAILS:
+        return message
+    tail = f" ... ({len(message)} chars)"
+    room = MAX_DETAILS - len(tail)
+    kept = []
+    for char in message:
+        room -= wire_bytes(char)
+        if room < 0:
+            break
+        kept.append(char)
+    return "".join(kept) + tail
 
 
 class MalformedRequest:
