@@ -43,8 +43,9 @@ log = logging.getLogger("cosserve.server")
 
 # Name prefixes of the threads that run calls' work (Workers, Scorer).
 _WORK_THREADS = ("cosserve-work", "cosserve-score")
-# How often idle sessions are looked for.
-_EXPIRY_PERIOD_S = 60.0
+# The longest wait between two looks for idle sessions: an expired session's memory is freed
+# within this of its expiry, with no call needed (a shorter timeout looks twice per timeout).
+_EXPIRY_PERIOD_S = 0.5
 
 
 def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -129,7 +130,7 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
     if metrics is not None:
         interceptors.append(MetricsInterceptor(metrics.observe))
     if identities is not None:
-        interceptors.append(AuthInterceptor(settings.auth_token))
+        interceptors.append(AuthInterceptor(identities, reflection_open=settings.reflection_open))
     interceptors.append(ErrorInterceptor())
     server = aio.server(
         interceptors=interceptors,
@@ -162,8 +163,12 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
 
 
 async def _expire_idle(store: SessionStore) -> None:
+    timeout = store.settings.session_idle_timeout_s
+    if timeout <= 0:
+        return  # sessions never expire
+    period = min(_EXPIRY_PERIOD_S, max(timeout / 2, 0.01))
     while True:
-        await asyncio.sleep(_EXPIRY_PERIOD_S)
+        await asyncio.sleep(period)
         expired = store.expire_idle()
         if expired:
             log.info("closed %d idle session(s)", expired)
@@ -182,8 +187,9 @@ def serve(settings: Settings) -> int:
         stop.set()
 
     def on_hangup(signum: int, frame: object) -> None:
+        # Identities.reload logs what it did; a bad file keeps the keys already loaded.
+        log.info("received SIGHUP; rereading the API keys")
         if running.identities is not None:
-            log.info("received SIGHUP; rereading the API keys")
             running.identities.reload()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
