@@ -450,3 +450,30 @@ def test_cert_identity_names_cannot_be_key_names():
     assert ids.caller((), subject="CN=alice") == "x509:CN=alice"
     assert ids.caller((("authorization", "Bearer nope"),), subject="CN=alice") is None  # a wrong key decides
     assert identity.Identities().of_subject("CN=alice") is None
+
+
+def test_a_client_certificate_is_an_identity_of_its_own(tmp_path):
+    """With --tls-client-ca a call without a key is its certificate's subject; a key on the same
+    connection is the key's identity, and neither sees the other's sessions."""
+    certs = pytest.importorskip("tests.certs").make_certs(tmp_path / "certs")
+    running = start_server(
+        tls_cert=str(certs.server.cert), tls_key=str(certs.server.key), tls_client_ca=str(certs.ca.pem),
+        api_keys_file=keys_file(tmp_path, "alice"),
+    )
+    try:
+        credentials = grpc.ssl_channel_credentials(certs.ca.pem_bytes, certs.client.key_pem, certs.client.cert_pem)
+        with grpc.secure_channel(f"localhost:{running.port}", credentials) as channel:
+            create = channel.unary_unary(
+                "/cosserve.v1.Cosserve/CreateSession",
+                request_serializer=pb.CreateSessionRequest.SerializeToString,
+                response_deserializer=pb.CreateSessionResponse.FromString,
+            )
+            session_id = create(pb.CreateSessionRequest(device="cpu"), timeout=10).session_id
+            assert _rpc(channel, "ListBlobs", pb.ListBlobsRequest(session_id=session_id), ()) == ("OK", "")
+            code, _ = _rpc(channel, "ListBlobs", pb.ListBlobsRequest(session_id=session_id), bearer("alice"))
+            assert code == "NOT_FOUND"
+            assert _rpc(channel, "ListOperators", pb.ListOperatorsRequest(), (("authorization", "Bearer wrong"),))[0] == "UNAUTHENTICATED"
+        owners = set(running.store._owners.values())
+        assert len(owners) == 1 and next(iter(owners)).startswith("x509:") and "CN=client" in next(iter(owners))
+    finally:
+        running.stop(0)
