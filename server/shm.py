@@ -235,30 +235,22 @@ def _host_chunks(tensor: torch.Tensor) -> Iterator[tuple[int, memoryview]]:
         yield start, chunk.cpu().numpy().data
 
 
-def _allocate(what: str, dtype_code: int, shape: tuple[int, ...], nbytes: int, device: torch.device) -> torch.Tensor:
-    """An empty tensor for the blob; ResourceExhausted when the host or device cannot hold it
-    (the session's limit allowed it, the memory is not there)."""
-    try:
-        return codec.empty(codec.TORCH_DTYPES[dtype_code], shape, device)
-    except (MemoryError, RuntimeError) as err:
-        if not codec.is_out_of_memory(err):
-            raise
-        raise ResourceExhausted(f"{what}: the server cannot allocate {nbytes} bytes on {device} for it now") from None
-
-
 def feed(workspace: Workspace, name: str, dtype_code: int, shape: Sequence[int], shm_name: str, offset: int) -> None:
     """Create or overwrite blob `name` from a region; the session is charged and every check made
     before the allocation, and on any failure the old blob stays as it was."""
     what = f"blob {name!r}"
     shape = tuple(shape)
     nbytes = codec.check_header(what, dtype_code, shape, workspace.max_bytes)
-    workspace.reserve(name, nbytes)
-    with _Region(shm_name, writable=False, session_id=workspace.id) as region:
-        region.check_span(offset, nbytes, what)
-        tensor = _allocate(what, dtype_code, shape, nbytes, workspace.device)
-        if nbytes:
-            region.read_into(tensor, offset, what)
-    workspace.put(name, tensor)
+    # Charged before the region is opened or the blob allocated, and held until it is stored:
+    # concurrent feeds cannot pass the limits together.
+    with workspace.claim(name, nbytes) as claim:
+        with _Region(shm_name, writable=False, session_id=workspace.id) as region:
+            region.check_span(offset, nbytes, what)
+            # ResourceExhausted when the host or device cannot allocate what the limits allowed.
+            tensor = codec.empty(codec.TORCH_DTYPES[dtype_code], shape, workspace.device, f"{what} ({nbytes} bytes)")
+            if nbytes:
+                region.read_into(tensor, offset, what)
+        claim.store(tensor)
 
 
 def fetch(workspace: Workspace, name: str, shm_name: str, offset: int) -> torch.Tensor:
