@@ -18,6 +18,7 @@ import threading
 import warnings
 from concurrent import futures
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -49,15 +50,52 @@ _EXPIRY_PERIOD_S = 0.5
 
 
 def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
-    return [
+    options = [
         *limits.GRPC_OPTIONS,
+        # grpc sets SO_REUSEPORT by default: a second server on a port in use would share it, and
+        # clients would land on either process. Off, a port in use is refused.
+        ("grpc.so_reuseport", 0),
         ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
         # Ping idle connections so that a peer that vanished without closing is noticed and its
         # calls are cancelled, freeing what they hold.
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # A peer may ping at most every 10 s without data; two pings sooner and it gets GOAWAY
+        # (ENHANCE_YOUR_CALM), so pings cannot be a flood that costs nothing.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
     ]
+    # A connection with no call (one that finished the handshake and went quiet included) is
+    # closed after --max-connection-idle-s; any connection after --max-connection-age-s, its
+    # calls given --grace-s. 0 leaves grpc's default: never.
+    if settings.max_connection_idle_s:
+        options.append(("grpc.max_connection_idle_ms", max(1, round(settings.max_connection_idle_s * 1000))))
+    if settings.max_connection_age_s:
+        options.append(("grpc.max_connection_age_ms", max(1, round(settings.max_connection_age_s * 1000))))
+        options.append(("grpc.max_connection_age_grace_ms", round(settings.grace_s * 1000)))
+    return options
+
+
+def _tls_credentials(settings: Settings) -> grpc.ServerCredentials:
+    """TLS only, with the client certificate required under --tls-client-ca. grpc asks `fetch` at
+    every handshake; it rereads the files when they changed, so rotated certificates are used by
+    new connections without a restart."""
+    watcher = settings_mod.TlsWatcher(settings)  # SettingError for files that are bad now
+
+    def configuration(files: settings_mod.TlsFiles) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration(
+            [(files.private_key, files.cert_chain)], root_certificates=files.client_ca
+        )
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        files = watcher.changed()
+        return None if files is None else configuration(files)
+
+    return grpc.dynamic_ssl_server_credentials(
+        configuration(watcher.current), fetch, require_client_authentication=bool(settings.tls_client_ca)
+    )
 
 
 @dataclasses.dataclass
@@ -147,8 +185,15 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
         server,
     )
     host = settings.host
+    # A bad host or a port in use (ours or --metrics-port) is one SettingError here, before grpc
+    # would log its own error and raise RuntimeError.
+    settings_mod.check_listen(settings)
     bind = f"[{host}]:{settings.port}" if ":" in host else f"{host}:{settings.port}"
-    port = server.add_insecure_port(bind)
+    try:
+        credentials = _tls_credentials(settings) if settings.tls_cert else None
+        port = server.add_insecure_port(bind) if credentials is None else server.add_secure_port(bind, credentials)
+    except RuntimeError as err:  # taken since check_listen looked
+        raise settings_mod.SettingError("port", settings.port, f"cannot listen on {bind}") from err
     if port == 0:
         raise OSError(f"could not bind {bind}")
     await server.start()
@@ -217,15 +262,26 @@ def serve(settings: Settings) -> int:
 
 
 def run(ns: argparse.Namespace) -> int:
-    """`cosserve serve` with parsed flags: 2 with a one-line message for a bad setting."""
+    """`cosserve serve` with parsed flags: 2 with one line naming the flag or the variable for a bad
+    setting, a host it cannot listen on or a port in use."""
     try:
         settings = settings_mod.from_args(ns)
-        resolve_device(settings.device)
-    except (ValueError, CosserveError) as err:
-        print(f"cosserve serve: {err}", file=sys.stderr)
+        try:
+            resolve_device(settings.device)
+        except CosserveError as err:
+            raise settings_mod.SettingError("device", settings.device, str(err)) from None
+    except settings_mod.SettingError as err:
+        print(f"cosserve serve: {settings_mod.with_source(err, ns)}", file=sys.stderr)
         return 2
     _configure_logging(settings)
-    return serve(settings)
+    try:
+        return serve(settings)
+    except settings_mod.SettingError as err:
+        print(f"cosserve serve: {settings_mod.with_source(err, ns)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file or a port that changed between the checks and their use
+        print(f"cosserve serve: {err}", file=sys.stderr)
+        return 2
 
 
 def _configure_logging(settings: Settings) -> None:

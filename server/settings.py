@@ -1,60 +1,249 @@
-"""Server settings: one frozen dataclass, filled from flags over COSSERVE_* environment variables."""
+"""Server settings: one frozen dataclass, filled from flags over COSSERVE_* environment variables.
+
+Each field carries its help and its check; `Settings` refuses a bad value when it is made, so a
+server is never built from one, and `from_args` names the flag or the variable that gave it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import ipaddress
+import logging
+import math
 import os
+import re
+import shlex
+import socket
+import ssl
+import threading
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["Settings", "add_arguments", "from_args"]
+__all__ = [
+    "SettingError",
+    "Settings",
+    "TlsFiles",
+    "TlsWatcher",
+    "add_arguments",
+    "check_files",
+    "check_listen",
+    "format_size",
+    "from_args",
+    "parse_size",
+    "read_tls_files",
+    "with_source",
+]
+
+log = logging.getLogger("cosserve.server")
+
+# A field's check: raises ValueError(reason) for a bad value; the reason completes "--flag VALUE: ".
+Check = Callable[[Any], None]
+
+# The largest connection time grpc takes: its channel arguments are int32 milliseconds.
+_MAX_CONNECTION_S = 2_000_000.0
 
 
-def _setting(default: Any, help: str) -> Any:
-    """A Settings field with its --help text; the flag and the variable are derived from its name."""
-    return dataclasses.field(default=default, metadata={"help": help})
+class SettingError(ValueError):
+    """A bad setting. str() names its flag (`--port 70000: must be 0–65535`), or its variable
+    (`COSSERVE_PORT=70000: ...`) for a value that came from the environment."""
+
+    def __init__(self, name: str, value: object, reason: str, *, from_environment: bool = False) -> None:
+        super().__init__(name, value, reason)
+        self.name = name
+        self.value = value
+        self.reason = reason
+        self.from_environment = from_environment
+
+    def __str__(self) -> str:
+        text = _shown_value(self.name, self.value)
+        if self.from_environment:
+            return f"{_env_var(self.name)}={text}: {self.reason}"
+        return f"{_flag(self.name)} {text}: {self.reason}"
+
+
+def _shown_value(name: str, value: object) -> str:
+    if name in _SECRETS:
+        return "(hidden)"
+    text = value if isinstance(value, str) else _readable(name, value)
+    if len(text) > 100:
+        text = text[:100] + "..."
+    return shlex.quote(text)
+
+
+def _setting(default: Any, help: str, check: Check, *, size: bool = False) -> Any:
+    """A Settings field with its --help text and its check; the flag and the variable follow from
+    its name. size=True: an int of bytes, given as 123, 16GiB or 16GB."""
+    return dataclasses.field(default=default, metadata={"help": help, "check": check, "size": size})
+
+
+# ---- checks (each raises ValueError with the reason) ----
+
+
+def _between(low: float, high: float) -> Check:
+    def check(value: float) -> None:
+        if not low <= value <= high:
+            raise ValueError(f"must be {low:g}–{high:g}")
+
+    return check
+
+
+def _at_least(low: float) -> Check:
+    def check(value: float) -> None:
+        if not value >= low:  # also refuses NaN
+            raise ValueError(f"must be at least {low:g}")
+
+    return check
+
+
+def _seconds(high: float = math.inf) -> Check:
+    def check(value: float) -> None:
+        if not (0 <= value <= high and math.isfinite(value)):
+            raise ValueError("must be a number of seconds ≥ 0" + (f", at most {high:g}" if math.isfinite(high) else ""))
+
+    return check
+
+
+def _one_of(*choices: str) -> Check:
+    def check(value: str) -> None:
+        if value.lower() not in {c.lower() for c in choices}:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+
+    return check
+
+
+def _any_bool(value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _host(value: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+        return
+    except ValueError:
+        pass
+    if value.startswith("["):
+        raise ValueError("an IPv6 address is written without brackets, e.g. ::1")
+    labels = value.rstrip(".").split(".")
+    if not value or len(value) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise ValueError("must be an IP address or a host name, e.g. 127.0.0.1, 0.0.0.0, ::, localhost")
+
+
+def _device(value: str) -> None:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value.strip().lower()):
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+
+def _token(value: str) -> None:
+    # Metadata values travel as visible ASCII; a token with anything else could never be sent.
+    if value and not re.fullmatch(r"[\x21-\x7e]+", value):
+        raise ValueError("must be printable ASCII without spaces")
+
+
+def _path(value: str) -> None:
+    if "\0" in value:
+        raise ValueError("must be a file path")
+
+
+_PORT = _between(0, 65535)
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Every setting of the server. Field `some_name` is flag --some-name and variable COSSERVE_SOME_NAME."""
 
-    host: str = _setting("127.0.0.1", "address to listen on (0.0.0.0 in a container)")
-    port: int = _setting(50051, "port to listen on; 0 picks a free one")
-    device: str = _setting("auto", "default device of sessions: auto (CUDA if available), cpu, cuda, cuda:N")
-    max_workers: int = _setting(16, "threads that run large operators, gradient checks and shared-memory copies")
-    max_concurrent_rpcs: int = _setting(
-        4096, "calls served at once, all clients together; more answer RESOURCE_EXHAUSTED"
+    host: str = _setting("127.0.0.1", "address to listen on (0.0.0.0 in a container)", _host)
+    port: int = _setting(50051, "port to listen on; 0 picks a free one; a port in use is refused", _PORT)
+    device: str = _setting(
+        "auto", "default device of sessions: auto (CUDA if available), cpu, cuda, cuda:N", _device
     )
-    max_streams_per_connection: int = _setting(256, "concurrent calls one connection may open (HTTP/2 streams)")
+    max_workers: int = _setting(
+        16, "threads that run large operators, gradient checks and shared-memory copies", _at_least(1)
+    )
+    max_concurrent_rpcs: int = _setting(
+        4096, "calls served at once, all clients together; more answer RESOURCE_EXHAUSTED", _at_least(1)
+    )
+    max_streams_per_connection: int = _setting(
+        256, "concurrent calls one connection may open (HTTP/2 streams)", _at_least(1)
+    )
     inline_op_bytes: int = _setting(
         262144,
-        "ops whose inputs total at most this many bytes run on the event loop; larger ones on the worker threads",
+        "ops whose inputs total at most this many bytes run on the event loop; larger ones on the worker threads"
+        " (0: all on the worker threads)",
+        _at_least(0),
+        size=True,
     )
-    max_sessions: int = _setting(1024, "open sessions at most; more answer RESOURCE_EXHAUSTED")
-    max_session_bytes: int = _setting(16 * 1024**3, "bytes of blobs one session may hold")
-    session_idle_timeout_s: float = _setting(3600.0, "close sessions idle this many seconds (0: never)")
-    grace_s: float = _setting(10.0, "seconds in-flight calls get to finish on SIGTERM")
-    allow_shm: bool = _setting(False, "let same-host clients feed and fetch blobs through shared memory")
-    auth_token: str = _setting("", "require 'authorization: Bearer TOKEN' metadata on every call")
+    max_sessions: int = _setting(1024, "open sessions at most; more answer RESOURCE_EXHAUSTED", _at_least(1))
+    max_session_bytes: int = _setting(16 * 1024**3, "bytes of blobs one session may hold", _at_least(1), size=True)
+    session_idle_timeout_s: float = _setting(3600.0, "close sessions idle this many seconds (0: never)", _seconds())
+    grace_s: float = _setting(10.0, "seconds in-flight calls get to finish on SIGTERM", _seconds())
+    allow_shm: bool = _setting(
+        False, "let same-host clients feed and fetch blobs through shared memory", _any_bool
+    )
+    auth_token: str = _setting("", "require 'authorization: Bearer TOKEN' metadata on every call", _token)
     api_keys_file: str = _setting(
-        "", "file of 'name:sha256-hex-of-key' lines, one identity each; reread on SIGHUP (empty: no keys)"
+        "", "file of 'name:sha256-hex-of-key' lines, one identity each; reread on SIGHUP (empty: no keys)", _path
     )
-    max_identity_sessions: int = _setting(0, "open sessions one identity may hold (0: no limit of its own)")
-    max_identity_bytes: int = _setting(0, "bytes of blobs all sessions of one identity may hold (0: no limit)")
-    tls_cert: str = _setting("", "PEM certificate chain of the server; with --tls-key, serve TLS only")
-    tls_key: str = _setting("", "PEM private key of --tls-cert")
+    max_identity_sessions: int = _setting(
+        0, "open sessions one identity may hold (0: no limit of its own)", _at_least(0)
+    )
+    max_identity_bytes: int = _setting(
+        0, "bytes of blobs all sessions of one identity may hold (0: no limit)", _at_least(0), size=True
+    )
+    tls_cert: str = _setting(
+        "", "PEM certificate chain of the server; with --tls-key, serve TLS only; reread when the file changes", _path
+    )
+    tls_key: str = _setting("", "PEM private key of --tls-cert; reread when the file changes", _path)
     tls_client_ca: str = _setting(
-        "", "PEM CA bundle; clients must present a certificate it signed (mutual TLS); the subject is an identity"
+        "",
+        "PEM CA bundle; clients must present a certificate it signed (mutual TLS); the subject is an identity",
+        _path,
     )
-    reflection_open: bool = _setting(False, "serve gRPC reflection to callers without credentials")
-    max_connection_idle_s: float = _setting(300.0, "close connections with no call for this many seconds")
-    max_connection_age_s: float = _setting(0.0, "close connections this many seconds old, after a grace (0: never)")
-    metrics_port: int = _setting(0, "serve Prometheus metrics on this port at /metrics (0: off)")
-    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
-    log_format: str = _setting("text", "text, or json: one JSON object per log line")
+    reflection_open: bool = _setting(False, "serve gRPC reflection to callers without credentials", _any_bool)
+    max_connection_idle_s: float = _setting(
+        300.0, "close connections with no call for this many seconds (0: never)", _seconds(_MAX_CONNECTION_S)
+    )
+    max_connection_age_s: float = _setting(
+        0.0,
+        "close connections this many seconds old; their calls get --grace-s to finish (0: never)",
+        _seconds(_MAX_CONNECTION_S),
+    )
+    metrics_port: int = _setting(0, "serve Prometheus metrics on this port at /metrics (0: off)", _PORT)
+    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR", _one_of("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_format: str = _setting("text", "text, or json: one JSON object per log line", _one_of("text", "json"))
+
+    def __post_init__(self) -> None:
+        for name, kind, meta in _fields():
+            value = getattr(self, name)
+            if not _is_kind(value, kind):
+                raise SettingError(name, value, f"must be {'an' if kind is int else 'a'} {kind.__name__}")
+            try:
+                meta["check"](value)
+            except ValueError as err:
+                raise SettingError(name, value, str(err)) from None
+        # Settings that only mean something together.
+        if self.tls_key and not self.tls_cert:
+            raise SettingError("tls_key", self.tls_key, "needs --tls-cert, the certificate of this key")
+        if self.tls_cert and not self.tls_key:
+            raise SettingError("tls_cert", self.tls_cert, "needs --tls-key, the private key of this certificate")
+        if self.tls_client_ca and not self.tls_cert:
+            raise SettingError("tls_client_ca", self.tls_client_ca, "mutual TLS needs --tls-cert and --tls-key")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise SettingError("metrics_port", self.metrics_port, "must differ from --port")
+
+
+def _is_kind(value: object, kind: type) -> bool:
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
 
 
 # Shown as "(set)" in --help when given, never as the value.
@@ -62,16 +251,16 @@ _SECRETS = frozenset({"auth_token"})
 _KINDS = (str, int, float, bool)
 
 
-def _fields() -> list[tuple[str, type, str]]:
-    """(name, type, help) of every Settings field, in declaration order."""
+def _fields() -> list[tuple[str, type, Mapping[str, Any]]]:
+    """(name, type, metadata) of every Settings field, in declaration order."""
     # `from __future__ import annotations` leaves field.type a string; get_type_hints resolves it.
     hints = typing.get_type_hints(Settings)
-    out = []
+    out: list[tuple[str, type, Mapping[str, Any]]] = []
     for field in dataclasses.fields(Settings):
         kind = hints[field.name]
         if kind not in _KINDS:
             raise TypeError(f"Settings.{field.name}: flags can be {', '.join(k.__name__ for k in _KINDS)}, not {kind}")
-        out.append((field.name, kind, field.metadata["help"]))
+        out.append((field.name, kind, field.metadata))
     return out
 
 
@@ -85,41 +274,302 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# ---- text <-> values ----
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    **{f"{p}b": 1000 ** (i + 1) for i, p in enumerate("kmgt")},
+    **{f"{p}ib": 1024 ** (i + 1) for i, p in enumerate("kmgt")},
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "1048576", "16GiB" (1024-based: KiB, MiB, GiB, TiB) or "16GB" (1000-based)."""
+    match = _SIZE.fullmatch(text)
+    unit = match and _SIZE_UNITS.get(match.group(2).lower())
+    if match is None or unit is None:
+        raise ValueError("must be a number of bytes, e.g. 1048576, 512MiB, 16GiB or 16GB")
+    whole, _, fraction = match.group(1).partition(".")
+    scaled = int(whole) * unit + int(fraction or "0") * unit // 10 ** len(fraction)
+    if fraction and int(fraction or "0") * unit % 10 ** len(fraction):
+        raise ValueError("must be a whole number of bytes")
+    return scaled
+
+
+def format_size(value: int) -> str:
+    """The shortest exact 1024-based spelling of a byte count: 16GiB, 256KiB, 1000."""
+    for power, unit in ((4, "TiB"), (3, "GiB"), (2, "MiB"), (1, "KiB")):
+        if value and value % 1024**power == 0:
+            return f"{value // 1024**power}{unit}"
+    return str(value)
+
+
+def _readable(name: str, value: object) -> str:
+    """A value as a person would type it."""
+    meta = _METADATA[name]
+    if meta["size"] and isinstance(value, int) and not isinstance(value, bool):
+        return format_size(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off", ""):
         return False
-    raise ValueError(f"not a boolean: {text!r}")
+    raise ValueError("must be true or false (1/0, yes/no, on/off)")
+
+
+def _parse(name: str, kind: type, text: str) -> Any:
+    """A field's value from its text; ValueError with the reason."""
+    if kind is bool:
+        return _parse_bool(text)
+    if kind is int:
+        if _METADATA[name]["size"]:
+            return parse_size(text)
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError("must be a whole number") from None
+    if kind is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("must be a number") from None
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+    return text
+
+
+_METADATA: Mapping[str, Mapping[str, Any]] = {f.name: f.metadata for f in dataclasses.fields(Settings)}
+
+
+# ---- flags and variables ----
+
+
+@dataclasses.dataclass(frozen=True)
+class _FromEnvironment:
+    """A flag's default taken from its COSSERVE_* variable: kept as text until from_args, so a bad
+    variable fails `serve` with a message naming the variable, not every command."""
+
+    text: str
+
+
+# The default of a flag with neither the flag nor its variable given.
+_UNSET = object()
 
 
 def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None) -> None:
     """Add one kebab-case flag per Settings field; defaults come from COSSERVE_* variables."""
     env = os.environ if environ is None else environ
     defaults = Settings()
-    for name, kind, text in _fields():
+    for name, kind, meta in _fields():
         var = _env_var(name)
-        # A variable's text stays text here: argparse converts string defaults with `type` only
-        # when this command is run, and from_args checks booleans, so a bad variable fails `serve`
-        # with a message, not every command with a traceback.
-        default = env.get(var, getattr(defaults, name))
-        shown = "(set)" if name in _SECRETS and default else repr(default)
-        help_text = f"{text} [env {var}; default {shown}]"
+        default: object = _FromEnvironment(env[var]) if var in env else _UNSET
+        if name in _SECRETS:
+            shown = "(set)" if var in env and env[var] else "none"
+        elif var in env:
+            shown = f"{shlex.quote(env[var])} (from the environment)"
+        else:
+            shown = shlex.quote(_readable(name, getattr(defaults, name))) if getattr(defaults, name) != "" else "none"
+        help_text = f"{meta['help']} [env {var}; default {shown}]"
         if kind is bool:
             parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            parser.add_argument(_flag(name), type=kind, default=default, help=help_text)
+            # Text here, parsed by from_args: so a bad value gets one line naming the flag, where
+            # argparse would print its usage and a message of its own.
+            metavar = _metavar(name, kind, meta)
+            parser.add_argument(_flag(name), default=default, help=help_text, metavar=metavar)
+
+
+def _metavar(name: str, kind: type, meta: Mapping[str, Any]) -> str:
+    if meta["size"]:
+        return "BYTES"
+    if meta["check"] is _path:
+        return "FILE"
+    if kind is float:
+        return "SECONDS"
+    return "N" if kind is int else name.rsplit("_", 1)[-1].upper()
 
 
 def from_args(ns: argparse.Namespace) -> Settings:
-    """Settings from parsed flags; ValueError naming the variable for a bad boolean in the environment."""
-    values = {}
-    for name, kind, _ in _fields():
-        value = getattr(ns, name)
-        if kind is bool and isinstance(value, str):
+    """Checked Settings from parsed flags; SettingError naming the flag or the variable of a bad value."""
+    values: dict[str, Any] = {}
+    for name, kind, meta in _fields():
+        raw = getattr(ns, name)
+        if raw is _UNSET:
+            continue
+        from_environment = isinstance(raw, _FromEnvironment)
+        if isinstance(raw, bool):  # a boolean flag given on the command line
+            values[name] = raw
+            continue
+        text = raw.text if isinstance(raw, _FromEnvironment) else str(raw)
+        try:
+            values[name] = _parse(name, kind, text)
+            meta["check"](values[name])
+        except ValueError as err:
+            raise SettingError(name, text, str(err), from_environment=from_environment) from None
+    try:
+        settings = Settings(**values)
+        check_files(settings)
+    except SettingError as err:
+        raise with_source(err, ns) from None
+    return settings
+
+
+def with_source(err: SettingError, ns: argparse.Namespace) -> SettingError:
+    """`err` naming the variable instead of the flag when the value came from the environment."""
+    if isinstance(getattr(ns, err.name, None), _FromEnvironment) and not err.from_environment:
+        return SettingError(err.name, err.value, err.reason, from_environment=True)
+    return err
+
+
+# ---- files named by settings ----
+
+
+def _read(name: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as err:
+        raise SettingError(name, path, f"cannot read it: {err.strerror or err}") from None
+
+
+def check_files(settings: Settings) -> None:
+    """The files the settings name exist, are readable and, for TLS, hold a matching cert and key."""
+    if settings.api_keys_file:
+        _read("api_keys_file", settings.api_keys_file)
+    if settings.tls_cert:
+        read_tls_files(settings)
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsFiles:
+    """The PEM bytes of the server's TLS files, checked to belong together."""
+
+    cert_chain: bytes
+    private_key: bytes
+    client_ca: bytes | None
+
+
+def _ssl_reason(err: ssl.SSLError) -> str:
+    return str(err.reason or err).lower().replace("_", " ")
+
+
+def read_tls_files(settings: Settings) -> TlsFiles:
+    """Read --tls-cert, --tls-key and --tls-client-ca; SettingError naming the flag of a bad one."""
+    cert = _read("tls_cert", settings.tls_cert)
+    key = _read("tls_key", settings.tls_key)
+    ca = _read("tls_client_ca", settings.tls_client_ca) if settings.tls_client_ca else None
+    if b"-----BEGIN CERTIFICATE-----" not in cert:
+        raise SettingError("tls_cert", settings.tls_cert, "holds no PEM certificate")
+    if b"PRIVATE KEY-----" not in key:
+        raise SettingError("tls_key", settings.tls_key, "holds no PEM private key")
+    # The ssl module checks that the key belongs to the certificate, as grpc would only at the
+    # first handshake. It reads the paths again: compare the bytes so a file replaced in between
+    # is never taken for the one checked.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except ssl.SSLError as err:
+        if "mismatch" in _ssl_reason(err):
+            raise SettingError("tls_key", settings.tls_key, f"is not the key of --tls-cert {settings.tls_cert}") from None
+        raise SettingError("tls_cert", settings.tls_cert, f"not a usable certificate and key ({_ssl_reason(err)})") from None
+    except OSError as err:
+        raise SettingError("tls_cert", settings.tls_cert, f"cannot read it: {err.strerror or err}") from None
+    if ca is not None:
+        if b"-----BEGIN CERTIFICATE-----" not in ca:
+            raise SettingError("tls_client_ca", settings.tls_client_ca, "holds no PEM certificate")
+        try:
+            ssl.create_default_context(cadata=ca.decode("ascii", errors="replace"))
+        except (ssl.SSLError, ValueError) as err:
+            raise SettingError("tls_client_ca", settings.tls_client_ca, f"not a usable CA bundle ({err})") from None
+    if _read("tls_cert", settings.tls_cert) != cert or _read("tls_key", settings.tls_key) != key:
+        raise SettingError("tls_cert", settings.tls_cert, "changed while it was being read; try again")
+    return TlsFiles(cert, key, ca)
+
+
+class TlsWatcher:
+    """The server's TLS files, reread when they change: `changed()` is asked on every handshake."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._lock = threading.Lock()  # handshakes may ask from several grpc threads at once
+        self._stamp = self._stat()
+        self.current = read_tls_files(settings)
+
+    def _stat(self) -> tuple[tuple[int, int, int], ...]:
+        paths = [self._settings.tls_cert, self._settings.tls_key]
+        if self._settings.tls_client_ca:
+            paths.append(self._settings.tls_client_ca)
+        stamps = []
+        for path in paths:
             try:
-                value = _parse_bool(value)
-            except ValueError as err:
-                raise ValueError(f"{_env_var(name)}: {err}") from None
-        values[name] = value
-    return Settings(**values)
+                st = os.stat(path)
+                stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:
+                stamps.append((0, 0, 0))
+        return tuple(stamps)
+
+    def changed(self) -> TlsFiles | None:
+        """The new files when they changed and still belong together; None to keep the current ones.
+        A half-written rotation (a new certificate, the old key) keeps the current ones and is
+        tried again once the files change again."""
+        with self._lock:
+            stamp = self._stat()
+            if stamp == self._stamp:
+                return None
+            self._stamp = stamp
+            try:
+                files = read_tls_files(self._settings)
+            except SettingError as err:
+                log.warning("TLS files changed but cannot be used yet (%s); keeping the previous ones", err)
+                return None
+            if files == self.current:
+                return None
+            self.current = files
+        log.info("TLS files changed; new connections use them")
+        return files
+
+
+# ---- addresses named by settings ----
+
+
+def _check_port_free(name: str, host: str, port: int) -> None:
+    """SettingError unless host:port can be listened on now (port 0 always can)."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as err:
+        raise SettingError("host", host, f"is not an address or a name this machine resolves ({err})") from None
+    if port == 0:
+        return
+    for family, kind, proto, _, address in addresses:
+        # SO_REUSEADDR as grpc and http.server set it: a port left in TIME_WAIT is free, one with
+        # a listener is not. grpc's SO_REUSEPORT is off (app._grpc_options), so nobody shares it.
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    raise SettingError(name, port, f"{host}:{port} is in use by another process") from None
+                if err.errno == errno.EADDRNOTAVAIL:
+                    raise SettingError("host", host, "is not an address of this machine") from None
+                if err.errno == errno.EACCES:
+                    raise SettingError(name, port, "needs privileges this process lacks (ports below 1024)") from None
+                raise SettingError(name, port, f"cannot listen on {host}:{port}: {err.strerror}") from None
+
+
+def check_listen(settings: Settings) -> None:
+    """SettingError unless --host resolves and --port and --metrics-port are free: checked before
+    grpc binds, so a port in use is one line here, not grpc's log and a RuntimeError."""
+    _check_port_free("port", settings.host, settings.port)
+    if settings.metrics_port:
+        _check_port_free("metrics_port", settings.host, settings.metrics_port)
