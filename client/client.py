@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
+import os
 import secrets
 import threading
 import time
@@ -19,7 +20,7 @@ from cosserve.errors import CosserveRpcError
 from cosserve.v1 import cosserve_pb2 as pb
 from cosserve.v1 import cosserve_pb2_grpc as pb_grpc
 
-__all__ = ["ArgInfo", "Client", "InputInfo", "OpInfo", "Session", "OpSpec"]
+__all__ = ["ArgInfo", "Client", "InputInfo", "OpInfo", "Session", "OpSpec", "PemSource", "channel_credentials"]
 
 # One operator of a net: (type, inputs, outputs) or (type, inputs, outputs, {arg: value}),
 # or a mapping with keys "type", "inputs", "outputs" and optionally "args".
@@ -103,14 +104,47 @@ def _op_from_spec(spec: OpSpec) -> pb.OperatorDef:
     raise TypeError(f"an op is (type, inputs, outputs[, args]), got {spec!r}")
 
 
+# PEM text as bytes, or the path of a PEM file.
+PemSource = bytes | str | os.PathLike[str]
+
+
+def _pem(source: PemSource | None) -> bytes | None:
+    if source is None or isinstance(source, bytes):
+        return source
+    text = os.fspath(source)
+    if text.lstrip().startswith("-----BEGIN "):  # PEM given as text rather than a path
+        return text.encode("ascii")
+    with open(text, "rb") as file:
+        return file.read()
+
+
+def channel_credentials(
+    *,
+    root_certificates: PemSource | None = None,
+    client_cert: PemSource | None = None,
+    client_key: PemSource | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS credentials of a channel: the CAs to trust (None: the system's) and, for mutual TLS,
+    this client's certificate and key. Each is PEM bytes or the path of a PEM file."""
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("client_cert and client_key go together: give both or neither")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(root_certificates), private_key=_pem(client_key), certificate_chain=_pem(client_cert)
+    )
+
+
 class Client:
     """A connection to a cosserve server.
 
     Args:
         target: "host:port" of the server.
         timeout: default deadline in seconds of every call (streams get more per byte).
-        credentials: channel credentials for TLS; None for a plaintext channel.
+        credentials: channel credentials made by hand; None for the TLS options below, or plaintext.
         token: bearer token sent with every call, for servers started with an auth token.
+        tls: TLS, trusting the system's root certificates (unless root_certificates is given).
+        root_certificates: PEM bytes or a path: the CAs the server's certificate must chain to.
+        client_cert, client_key: PEM bytes or paths: this client's certificate and key, for a
+            server that requires them (mutual TLS). Any TLS option means TLS.
     """
 
     def __init__(
@@ -120,10 +154,20 @@ class Client:
         timeout: float = 30.0,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
+        tls: bool = False,
+        root_certificates: PemSource | None = None,
+        client_cert: PemSource | None = None,
+        client_key: PemSource | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         options = list(limits.GRPC_OPTIONS)
+        if tls or root_certificates is not None or client_cert is not None or client_key is not None:
+            if credentials is not None:
+                raise ValueError("give credentials, or the TLS options (tls, root_certificates, client_cert, client_key)")
+            credentials = channel_credentials(
+                root_certificates=root_certificates, client_cert=client_cert, client_key=client_key
+            )
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
