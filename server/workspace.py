@@ -380,3 +380,5 @@ class Transaction:
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
         self.release()
+        # A failed call's traceback may keep this transaction alive: let its tensors go now.
+        self._view, self.staged = {}, {}
