@@ -29,7 +29,7 @@ from cosserve.server import observability, servicer
 from cosserve.server import settings as settings_mod
 from cosserve.server.errors import CosserveError
 from cosserve.server.identity import Identities
-from cosserve.server.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
+from cosserve.server.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor, RequestIdInterceptor
 from cosserve.server.metrics import Metrics
 from cosserve.server.scorer import Scorer
 from cosserve.server.servicer import SERVICE_NAME, CosserveServicer
@@ -164,7 +164,7 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
     store = SessionStore(settings)
     metrics = Metrics(store) if settings.metrics_port else None
     identities = Identities.from_settings(settings)
-    interceptors: list[aio.ServerInterceptor] = []
+    interceptors: list[aio.ServerInterceptor] = [RequestIdInterceptor()]
     if metrics is not None:
         interceptors.append(MetricsInterceptor(metrics.observe))
     if identities is not None:

@@ -1,4 +1,4 @@
-"""Three small grpc.aio interceptors: identities (auth), per-call metrics, errors to status codes."""
+"""The grpc.aio interceptors: request ids, per-call metrics, identities (auth), errors to status codes."""
 
 from __future__ import annotations
 
@@ -16,12 +16,14 @@ from grpc import aio
 
 from grpc._cython import cygrpc
 
-from cosserve.server import identity
+from cosserve.server import identity, observability
 from cosserve.server.errors import InvalidArgument, Unauthenticated
 from cosserve.server.identity import Identities
 from cosserve.server.status import MalformedRequest, bounded, status_of
 
-__all__ = ["HANDLER_KINDS", "AuthInterceptor", "ErrorInterceptor", "MetricsInterceptor", "Observer"]
+__all__ = [
+    "HANDLER_KINDS", "AuthInterceptor", "ErrorInterceptor", "MetricsInterceptor", "Observer", "RequestIdInterceptor",
+]
 
 log = logging.getLogger("cosserve.server")
 
@@ -199,7 +201,9 @@ class ErrorInterceptor(aio.ServerInterceptor):
             else:
                 error_id = secrets.token_hex(6)
                 log.error("internal error %s in %s", error_id, method, exc_info=err)
-                code, message = grpc.StatusCode.INTERNAL, f"internal error {error_id}; the server log has the details"
+                request_id = observability.REQUEST_ID.get()
+                code = grpc.StatusCode.INTERNAL
+                message = f"internal error {error_id} in request {request_id}; the server log has the details"
             del err
             try:
                 await context.abort(code, message)
@@ -332,5 +336,38 @@ class MetricsInterceptor(aio.ServerInterceptor):
             observe(method, _code_name(context, error), seconds)
 
         wrapped = rewrap(handler, _around(None, _reraise, done))
+        self._wrapped[id(handler)] = (handler, wrapped)
+        return wrapped
+
+
+class RequestIdInterceptor(aio.ServerInterceptor):
+    """Gives every call a request id: the caller's x-request-id if it is plain and short, else a
+    new one. The id is in observability.REQUEST_ID for every log line of the call, returned in the
+    trailing metadata (also of a refused or failed call), and at DEBUG each call logs one line."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        # Set here, in the call's own task before its handler runs (as identity.CALLER is).
+        request_id = observability.request_id_of(details.invocation_metadata)
+        observability.REQUEST_ID.set(request_id)
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        entry = self._wrapped.get(id(handler))
+        if entry is not None and entry[0] is handler:
+            return entry[1]
+        method = details.method
+
+        async def returned(request: Any, context: aio.ServicerContext) -> None:
+            # Kept by grpc when an inner interceptor aborts the call.
+            context.set_trailing_metadata(((observability.REQUEST_ID_KEY, observability.REQUEST_ID.get()),))
+
+        def done(context: aio.ServicerContext, error: BaseException | None, seconds: float) -> None:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s %s %.1f ms", method, _code_name(context, error), seconds * 1e3)
+
+        wrapped = rewrap(handler, _around(returned, _reraise, done))
         self._wrapped[id(handler)] = (handler, wrapped)
         return wrapped

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from cosserve import Client, CosserveRpcError
 from cosserve.v1 import cosserve_pb2 as pb
+from cosserve.server.workspace import BLOB_OVERHEAD_BYTES
 from tests.conftest import start_process, start_server
 
 pytest.importorskip("torch")
@@ -224,6 +225,8 @@ def test_metrics_count_calls_by_method_and_code():
         assert 'cosserve_rpcs_total{code="NOT_FOUND",method="FetchBlobStream"} 1.0' in text
         assert 'code="RESOURCE_EXHAUSTED"' not in text
         assert "cosserve_sessions 1.0" in text
-        assert "cosserve_session_bytes 3.14574e+06" in text  # 12 + 3 MiB, as Prometheus writes it
+        # 12 + 3 MiB of data, plus each blob's name and its fixed overhead, as Prometheus writes it
+        held = 12 + 3 * 1024 * 1024 + len("x") + len("big") + 2 * BLOB_OVERHEAD_BYTES
+        assert float(re.search(r"^cosserve_session_bytes (\S+)$", text, re.M).group(1)) == held
     finally:
         running.stop(0)
