@@ -36,10 +36,11 @@ STREAMED_ELEMENTS = 3 * MiB // 4  # float32: 3 MiB
 DECLARED = 128 * MiB
 STREAMS = 6
 # RSS allowed above the baseline once six 128 MiB feeds were cancelled or failed half way (each
-# held 64 MiB when it died). Measured: +40 to +63 MiB after 1 to 12 such feeds, gc on or off: the
-# allocator keeps freed chunks in its arenas, and that slack does not grow with the count; six
-# feeds that kept their buffers would hold 384 MiB.
-AFTER_STREAMS = 96 * MiB
+# held 64 MiB when it died). Measured: +28 to +63 MiB after 1 to 12 such feeds, gc on or off (once
+# +109 MiB, gc on, with the machine loaded): the allocator keeps freed chunks in its arenas, and
+# that slack does not grow with the count. Below one declared feed; six that kept their buffers
+# would hold 384 MiB.
+AFTER_STREAMS = DECLARED
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -142,7 +143,7 @@ def test_cancelled_and_failed_128mib_feeds_return_their_memory(gc_off: bool):
                         outcomes.append(err.code().name)
                 time.sleep(0.2)
             # Freed memory shows in RSS at once; allow the loop a moment to drop the dead calls.
-            deadline = time.monotonic() + 3
+            deadline = time.monotonic() + 5
             while rss(proc) - base >= AFTER_STREAMS and time.monotonic() < deadline:
                 time.sleep(0.1)
             grown = rss(proc) - base
