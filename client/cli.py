@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     health.add_argument("--server", default="127.0.0.1:50051", help="host:port [default 127.0.0.1:50051]")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait [default 3]")
+    health.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
+    health.add_argument("--root-certificates", metavar="FILE", help="PEM CAs to trust (implies --tls)")
+    health.add_argument("--client-cert", metavar="FILE", help="PEM client certificate, for mutual TLS")
+    health.add_argument("--client-key", metavar="FILE", help="PEM key of --client-cert")
     score = commands.add_parser(
         "score",
         help="exact cosine top-k of a .npy query file against a .npy corpus",
@@ -43,12 +47,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _health(server: str, timeout: float) -> int:
+def _health(ns: argparse.Namespace) -> int:
     import grpc
 
+    from cosserve.client import channel_credentials
+
+    server, timeout = ns.server, ns.timeout
+    tls = ns.tls or any((ns.root_certificates, ns.client_cert, ns.client_key))
+    try:
+        credentials = channel_credentials(
+            root_certificates=ns.root_certificates, client_cert=ns.client_cert, client_key=ns.client_key
+        ) if tls else None
+    except (OSError, ValueError) as err:
+        print(f"cosserve health: {err}", file=sys.stderr)
+        return 2
     # grpc.health.v1.Health/Check with an empty HealthCheckRequest; the reply SERVING encodes
     # as field 1 = 1. Hand-encoded so the client needs no grpcio-health-checking.
-    with grpc.insecure_channel(server) as channel:
+    channel = grpc.secure_channel(server, credentials) if credentials else grpc.insecure_channel(server)
+    with channel:
         check = channel.unary_unary("/grpc.health.v1.Health/Check")
         try:
             reply = check(b"", timeout=timeout)
@@ -70,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return app.run(ns)
     if ns.command == "health":
-        return _health(ns.server, ns.timeout)
+        return _health(ns)
     if ns.command == "score":
         from cosserve import score as score_command
 

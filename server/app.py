@@ -196,11 +196,12 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
         raise settings_mod.SettingError("port", settings.port, f"cannot listen on {bind}") from err
     if port == 0:
         raise OSError(f"could not bind {bind}")
+    # Metrics first: if its port was taken since check_listen looked, nothing has started yet.
+    metrics_port = metrics.start(host, settings.metrics_port) if metrics else 0
     await server.start()
     for service in ("", SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    metrics_port = metrics.start(host, settings.metrics_port) if metrics else 0
     loop.create_task(_expire_idle(store))
     return RunningServer(
         port, address, store, workers, scorer, metrics, metrics_port, identities, loop, thread, server, health

@@ -136,3 +136,18 @@ def test_rotated_server_certificate_is_used_by_new_connections_without_a_restart
         assert _refused(stale) == grpc.StatusCode.UNAVAILABLE
     finally:
         running.stop(0)
+
+
+def test_health_command_speaks_mutual_tls(mtls_server, certs):
+    import subprocess
+    import sys
+
+    def health(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cosserve.cli", "health", "--server", mtls_server.address,
+                               "--timeout", "5", *flags], capture_output=True, text=True, timeout=60)
+
+    ok = health("--root-certificates", str(certs.ca.pem), "--client-cert", str(certs.client.cert),
+                "--client-key", str(certs.client.key))
+    assert ok.returncode == 0 and "SERVING" in ok.stdout, ok.stderr
+    plaintext = health()
+    assert plaintext.returncode == 1 and "UNAVAILABLE" in plaintext.stderr
