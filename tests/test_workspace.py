@@ -203,7 +203,8 @@ def test_idle_sessions_expire():
             import time
 
             time.sleep(0.1)
-            assert running.store.expire_idle() == 1
+            running.store.expire_idle()  # the server's own sweep may have closed it already
+            assert len(running.store) == 0
             with pytest.raises(CosserveRpcError) as err:
                 s.blobs()
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
