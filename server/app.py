@@ -177,7 +177,7 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
     )
     workers = Workers(settings.max_workers, settings.inline_op_bytes)
     scorer = Scorer(limits.INLINE_BYTES)
-    servicer.add_to_server(CosserveServicer(store, settings, workers, scorer), server)
+    servicer.add_to_server(CosserveServicer(store, settings, workers, scorer, metrics), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ __all__ = [
     "ACCEPTED_DTYPES",
     "LABEL_DTYPES",
     "OpCall",
+    "OpObserver",
     "bind",
     "check_gradient",
     "check_inputs",
@@ -45,6 +47,10 @@ GRADIENT_CHECK_CALL_ELEMENTS = 10_000
 # bound is a few seconds of one idle core (Cos of 12,000 elements: 8.2e8, about 3 s; Cos of
 # 20,000, once allowed, is 2e9 and took 30-140 s on a loaded host).
 MAX_GRADIENT_CHECK_COST = 1_000_000_000
+
+
+# Told (op name, device, seconds) after each op runs, e.g. by Metrics.observe_op.
+OpObserver = Callable[[str, str, float], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +164,7 @@ def expected_output_bytes(op: Operator, inputs: Sequence[torch.Tensor], args: Ma
     return sum(t.numel() * t.element_size() for t in inputs)
 
 
-def execute(calls: Sequence[OpCall], txn: Transaction) -> None:
+def execute(calls: Sequence[OpCall], txn: Transaction, observe: OpObserver | None = None) -> None:
     """Run `calls` in order, each reading the outputs staged by those before it; stage every output
     in `txn`. Each op's outputs are charged to `txn` before it runs (`expected_output_bytes`), so
     the call that would pass a limit is refused before it allocates."""
@@ -168,7 +174,11 @@ def execute(calls: Sequence[OpCall], txn: Transaction) -> None:
             inputs = [txn.get(name) for name in call.inputs]
             check_inputs(op, call.inputs, inputs, args)
             txn.expect(call.outputs, expected_output_bytes(op, inputs, args), op.schema.name)
+            started = time.perf_counter()
             outputs = _apply(op, call.inputs, inputs, args)
+            if observe is not None:
+                device = str(inputs[0].device) if inputs else "cpu"
+                observe(op.schema.name, device, time.perf_counter() - started)
             txn.stage_outputs(dict(zip(call.outputs, outputs)), op.schema.name)
         except (InvalidArgument, NotFound, ResourceExhausted) as err:
             if len(calls) == 1:
@@ -182,10 +192,10 @@ def input_bytes(workspace: Workspace, calls: Sequence[OpCall]) -> int:
     return workspace.size_of(n for call in calls for n in call.inputs)
 
 
-def run_net(workspace: Workspace, calls: Sequence[OpCall]) -> None:
+def run_net(workspace: Workspace, calls: Sequence[OpCall], observe: OpObserver | None = None) -> None:
     """Run operators on a session, all or nothing."""
     with workspace.transaction() as txn:
-        execute(calls, txn)
+        execute(calls, txn, observe)
         txn.commit()
 
 
@@ -193,7 +203,9 @@ def _not_sent(name: str) -> NotFound:
     return NotFound(f"input blob {name!r} was not sent with the call")
 
 
-def compute(call: OpCall, inputs: Mapping[str, torch.Tensor], max_output_bytes: int) -> list[torch.Tensor]:
+def compute(
+    call: OpCall, inputs: Mapping[str, torch.Tensor], max_output_bytes: int, observe: OpObserver | None = None
+) -> list[torch.Tensor]:
     """Run one operator on tensors given with the call; return its outputs in order.
 
     The outputs must fit in `max_output_bytes` (one reply message); ops that declare their
@@ -201,7 +213,7 @@ def compute(call: OpCall, inputs: Mapping[str, torch.Tensor], max_output_bytes: 
     """
     # Only the outputs are charged: the reply does not carry the inputs.
     txn = Transaction(dict(inputs), max_output_bytes, _not_sent)
-    execute([call], txn)
+    execute([call], txn, observe)
     outputs = [txn.staged[name] for name in call.outputs]
     size = Workspace.bytes_of(dict(zip(call.outputs, outputs)))
     if size > max_output_bytes:

@@ -15,6 +15,7 @@ from cosserve import limits, wire
 from cosserve.server import codec, engine, identity, shm
 from cosserve.server.errors import InvalidArgument, ResourceExhausted
 from cosserve.server.interceptors import HANDLER_KINDS
+from cosserve.server.metrics import Metrics
 from cosserve.server.registry import REGISTRY, ArgType, InputKind, OpSchema
 from cosserve.server.scorer import Batch, Scorer
 from cosserve.server.settings import Settings
@@ -82,11 +83,15 @@ class CosserveServicer:
     """Every RPC of cosserve.v1.Cosserve, as coroutines on the server's event loop. Domain errors
     are mapped to status codes by interceptors.ErrorInterceptor; work is run by `workers`."""
 
-    def __init__(self, store: SessionStore, settings: Settings, workers: Workers, scorer: Scorer) -> None:
+    def __init__(
+        self, store: SessionStore, settings: Settings, workers: Workers, scorer: Scorer, metrics: Metrics | None = None
+    ) -> None:
         self.store = store
         self.settings = settings
         self.workers = workers
         self.scorer = scorer
+        self.metrics = metrics
+        self._observe_op = metrics.observe_op if metrics is not None else None
         # Built once: the registry does not change while serving.
         self._operators = pb.ListOperatorsResponse(
             operators=[schema_message(REGISTRY[name].schema) for name in sorted(REGISTRY)]
@@ -106,6 +111,11 @@ class CosserveServicer:
         """The caller's session `session_id`; NOT_FOUND for a session of another identity."""
         return self.store.get(session_id, identity.CALLER.get())
 
+    def _count(self, direction: str, method: str, nbytes: int) -> None:
+        """Tensor bytes received ("in") or sent ("out") over the socket, for the metrics."""
+        if self.metrics is not None:
+            self.metrics.count_bytes(direction, method, nbytes)
+
     # ---- blobs ---------------------------------------------------------------------------
     # The RPCs in wire.FRAMED_METHODS take or return encoded bytes, framed by cosserve.wire.
 
@@ -115,6 +125,7 @@ class CosserveServicer:
         what = f"blob {frame.name!r}"
         tensor = codec.tensor_from_frame(what, request, frame.tensor, workspace.device, workspace.max_bytes)
         workspace.put(frame.name, tensor)
+        self._count("in", "FeedBlob", frame.tensor.data.end - frame.tensor.data.start)
         return pb.FeedBlobResponse()
 
     async def FeedBlobStream(self, requests: AsyncIterator[bytes], context: aio.ServicerContext) -> pb.FeedBlobResponse:
@@ -138,6 +149,7 @@ class CosserveServicer:
                     data = _decoded("FeedBlobStream", wire.decode_feed_blob_chunk, chunk).data
                     assembler.add(memoryview(chunk)[data.start : data.end])
                 claim.store(assembler.finish(workspace.device))
+                self._count("in", "FeedBlobStream", nbytes)
             finally:
                 # A failed or cancelled call's traceback holds this frame, in a reference cycle of
                 # grpc's: free the buffer and the messages now, not at the next GC cycle.
@@ -155,6 +167,7 @@ class CosserveServicer:
                 f"blob {request.name!r} is {nbytes} bytes, above the {limits.INLINE_BYTES} of one message; "
                 "use FetchBlobStream"
             )
+        self._count("out", "FetchBlob", nbytes)
         return b"".join(wire.fetch_blob_response(codec.WIRE_DTYPES[tensor.dtype], tensor.shape, codec.tensor_bytes(tensor)))
 
     async def FetchBlobStream(self, request: pb.FetchBlobRequest, context: aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -162,6 +175,7 @@ class CosserveServicer:
         blob of one message), each framed with one copy of its data."""
         tensor = self._session(request.session_id).get(request.name)
         dtype = codec.WIRE_DTYPES[tensor.dtype]
+        self._count("out", "FetchBlobStream", tensor.numel() * tensor.element_size())
         header = True
         for piece in codec.stream_chunks(tensor, limits.CHUNK_BYTES):
             yield b"".join(wire.fetch_blob_chunk(dtype, tensor.shape, piece, header=header))
@@ -210,7 +224,7 @@ class CosserveServicer:
 
     async def _run_net(self, session_id: str, calls: list[engine.OpCall]) -> None:
         workspace = self._session(session_id)
-        await self.workers.run(engine.input_bytes(workspace, calls), engine.run_net, workspace, calls)
+        await self.workers.run(engine.input_bytes(workspace, calls), engine.run_net, workspace, calls, self._observe_op)
 
     async def Compute(self, request: pb.ComputeRequest, context: aio.ServicerContext) -> pb.ComputeResponse:
         # Plain protobuf: for tensors of one message its parser is faster than framing by hand.
@@ -223,10 +237,13 @@ class CosserveServicer:
             inputs[item.name] = codec.tensor_from_wire(f"input {item.name!r}", item.tensor, device)
             nbytes += len(item.tensor.data)
         call = op_call(request.op)
-        outputs = await self.workers.run(nbytes, engine.compute, call, inputs, limits.MAX_MESSAGE_BYTES - 64 * 1024)
+        max_reply = limits.MAX_MESSAGE_BYTES - 64 * 1024
+        outputs = await self.workers.run(nbytes, engine.compute, call, inputs, max_reply, self._observe_op)
         response = pb.ComputeResponse()
         for name, tensor in zip(call.outputs, outputs):
             codec.tensor_to_wire(tensor, response.outputs.add(name=name).tensor)
+        self._count("in", "Compute", nbytes)
+        self._count("out", "Compute", sum(len(item.tensor.data) for item in response.outputs))
         return response
 
     async def ListOperators(self, request: pb.ListOperatorsRequest, context: aio.ServicerContext) -> pb.ListOperatorsResponse:
@@ -262,6 +279,7 @@ class CosserveServicer:
             response = pb.TopKResponse()
             codec.tensor_to_wire(scores, response.scores)
             codec.tensor_to_wire(indices, response.indices)
+            self._count("out", "ScoreTopK", len(response.scores.data) + len(response.indices.data))
             yield response
 
     async def _batches(self, requests: AsyncIterator[pb.TopKRequest]) -> AsyncIterator[Batch]:
@@ -271,6 +289,7 @@ class CosserveServicer:
             workspace = self._session(request.session_id)
             corpus = workspace.get(request.corpus)
             queries = codec.tensor_from_wire("ScoreTopK queries", request.queries, _CPU)
+            self._count("in", "ScoreTopK", len(request.queries.data))
             yield Batch(workspace, request.corpus, corpus, queries, request.k)
 
 
