@@ -10,6 +10,26 @@ from cosserve import __version__
 
 __all__ = ["main"]
 
+# The end of `cosserve serve --help`; README.md's "Security model" says the same at length.
+_SECURITY_MODEL = """\
+security model:
+  identities   With --auth-token, --api-keys-file or --tls-client-ca, every call must prove an
+               identity (a bearer key, or a client certificate) or it is refused with
+               UNAUTHENTICATED before its request is decoded. With none of them, every caller
+               is one anonymous identity: run it so only where the network is trusted.
+  ownership    A session belongs to the identity that created it; to any other identity it does
+               not exist (NOT_FOUND, as for an id never created).
+  TLS          --tls-cert/--tls-key serve TLS only; --tls-client-ca requires client certificates.
+               Certificate files are reread when they change.
+  open         Health is open to every caller; reflection only with --reflection-open; shared
+               memory only with --allow-shm, for same-host clients.
+  limits       --max-sessions, --max-identity-sessions, --max-session-bytes and
+               --max-identity-bytes (names, outputs being computed and feeds being received are
+               charged too, before they are allocated), --max-concurrent-rpcs,
+               --max-streams-per-connection, --max-connection-idle-s, --max-connection-age-s,
+               --session-idle-timeout-s.
+"""
+
 _NEEDS_SERVER = "this command needs the server extra (torch): pip install 'cosserve[server]'"
 
 
@@ -20,7 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cosserve {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    serve = commands.add_parser("serve", help="run the gRPC server", description="Run the cosserve gRPC server.")
+    serve = commands.add_parser(
+        "serve",
+        help="run the gRPC server",
+        description="Run the cosserve gRPC server.",
+        epilog=_SECURITY_MODEL,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     from cosserve.server import settings  # pure Python: no torch needed to show the flags
 
     settings.add_arguments(serve)

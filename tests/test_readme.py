@@ -50,3 +50,17 @@ def test_scoring_example_runs_against_a_server(server):
         corpus / np.linalg.norm(corpus, axis=1, keepdims=True)
     ).T
     np.testing.assert_array_equal(namespace["indices"], np.argsort(-sims, axis=1, kind="stable")[:, :10])
+
+
+
+def test_the_flag_table_names_every_setting_and_no_other():
+    import dataclasses
+
+    from cosserve.server.settings import Settings
+
+    table = README[README.index("## Running the server"):README.index("### Security model")]
+    first_cells = re.findall(r"^\| ([^|]+) \|", table, re.M)
+    documented = {flag for cell in first_cells for flag in re.findall(r"`(--[a-z0-9-]+)`", cell)}
+    flags = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(Settings)}
+    assert flags - documented == set(), "flags missing from the README's table"
+    assert documented - flags <= {"--no-allow-shm"}, "README rows for flags that do not exist"
