@@ -134,15 +134,16 @@ def _around(before: Callable[[Any, aio.ServicerContext], Awaitable[None]] | None
     return wrap
 
 
-def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+def _lenient(deserialize: Callable[[bytes], Any], method: str) -> Callable[[bytes], Any]:
     """A request deserializer that hands bytes it cannot parse on as a MalformedRequest (grpc
     would answer UNKNOWN and log a traceback per request)."""
+    name = method.rsplit("/", 1)[-1]
 
     def parse(raw: bytes) -> Any:
         try:
             return deserialize(raw)
         except Exception as err:  # noqa: BLE001  (any parse failure is the client's bytes)
-            return MalformedRequest(f"the request is not a valid message: {err}")
+            return MalformedRequest(f"{name}: the request is not a valid message: {err}")
 
     return parse
 
@@ -216,7 +217,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
         wrapped = rewrap(
             handler,
             _around(None if handler.request_streaming else check, failed, requests=_checked if streaming else None),
-            request_deserializer=None if deserialize is None else _lenient(deserialize),
+            request_deserializer=None if deserialize is None else _lenient(deserialize, method),
         )
         self._wrapped[method] = wrapped
         return wrapped

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
-from google.protobuf.message import DecodeError
 import grpc
 from grpc import aio
 
@@ -19,7 +18,6 @@ from cosserve.server.metrics import Metrics
 from cosserve.server.registry import REGISTRY, ArgType, InputKind, OpSchema
 from cosserve.server.scorer import Batch, Scorer
 from cosserve.server.settings import Settings
-from cosserve.server.status import MalformedRequest
 from cosserve.server.workers import StopSignal, Stopped, Workers
 from cosserve.server.sessions import SessionStore
 from cosserve.server.workspace import Workspace, resolve_device
@@ -284,8 +282,6 @@ class CosserveServicer:
 
     async def _batches(self, requests: AsyncIterator[pb.TopKRequest]) -> AsyncIterator[Batch]:
         async for request in requests:
-            if isinstance(request, MalformedRequest):
-                raise InvalidArgument(f"ScoreTopK: {request.message}")
             workspace = self._session(request.session_id)
             corpus = workspace.get(request.corpus)
             queries = codec.tensor_from_wire("ScoreTopK queries", request.queries, _CPU)
@@ -300,22 +296,11 @@ def _decoded(method: str, decode: Any, raw: bytes) -> Any:
         raise InvalidArgument(f"{method}: malformed request: {err}") from None
 
 
-def _lenient(message: Any) -> Any:
-    """A request deserializer that hands bytes protobuf cannot parse on as a MalformedRequest."""
-    name = message.DESCRIPTOR.name
-
-    def parse(raw: bytes) -> Any:
-        try:
-            return message.FromString(raw)
-        except DecodeError as err:
-            return MalformedRequest(f"the request is not a valid {name}: {err}")
-
-    return parse
-
-
 def add_to_server(servicer: CosserveServicer, server: aio.Server) -> None:
     """Register every RPC of the service on `server`, read from the service descriptor: protobuf
-    messages, except the sides wire.FRAMED_METHODS lists as bytes (decoded and framed by wire)."""
+    messages, except the sides wire.FRAMED_METHODS lists as bytes (decoded and framed by wire).
+    interceptors.ErrorInterceptor makes every deserializer answer bytes it cannot parse with
+    INVALID_ARGUMENT."""
     handlers = {}
     for method in pb.DESCRIPTOR.services_by_name["Cosserve"].methods:
         framed = wire.FRAMED_METHODS.get(method.name)
@@ -326,7 +311,7 @@ def add_to_server(servicer: CosserveServicer, server: aio.Server) -> None:
         _, factory = HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = factory(
             getattr(servicer, method.name),
-            request_deserializer=None if request_bytes else _lenient(request_type),
+            request_deserializer=None if request_bytes else request_type.FromString,
             response_serializer=None if response_bytes else response_type.SerializeToString,
         )
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
