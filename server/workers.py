@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 from collections.abc import Callable
@@ -52,10 +53,12 @@ class Workers:
         its result is dropped."""
         if cost_bytes <= self.inline_bytes:
             return fn(*args)
+        # The call's context goes with its work: log lines on the thread carry its request id.
+        context = contextvars.copy_context()
         try:
             # No local holds the future: an exception it carries would otherwise reach this frame
             # through its traceback and make a reference cycle that keeps the call's tensors alive.
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, context.run, fn, *args)
         except asyncio.CancelledError:
             if stop is not None:
                 stop.set()

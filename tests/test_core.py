@@ -241,3 +241,23 @@ def test_a_subclass_of_a_domain_error_takes_its_parents_code():
 
     assert status_of(Deeper("x")) is grpc.StatusCode.INVALID_ARGUMENT
     assert set(STATUS_CODES) <= set(_domain_errors())
+
+
+def test_work_on_a_thread_sees_its_calls_request_id():
+    from cosserve.server.observability import REQUEST_ID
+
+    workers = Workers(threads=1, inline_bytes=0)
+
+    async def call(request_id: str) -> tuple[str, str]:
+        REQUEST_ID.set(request_id)
+        return await workers.run(1, lambda: (threading.current_thread().name, REQUEST_ID.get()))
+
+    async def both() -> list[tuple[str, str]]:
+        return list(await asyncio.gather(call("first"), call("second")))
+
+    try:
+        results = asyncio.run(both())
+    finally:
+        workers.shutdown()
+    assert [r[1] for r in results] == ["first", "second"]
+    assert all(r[0].startswith("cosserve-work") for r in results)
