@@ -12,7 +12,7 @@ from grpc import aio
 
 from cosserve import limits, wire
 from cosserve.server import codec, engine, identity, shm
-from cosserve.server.errors import InvalidArgument, ResourceExhausted
+from cosserve.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from cosserve.server.interceptors import HANDLER_KINDS
 from cosserve.server.metrics import Metrics
 from cosserve.server.registry import REGISTRY, ArgType, InputKind, OpSchema
@@ -288,6 +288,23 @@ class CosserveServicer:
             self._count("in", "ScoreTopK", len(request.queries.data))
             yield Batch(workspace, request.corpus, corpus, queries, request.k)
 
+
+    # ---- snapshots and shared corpora (issue 10; filled in by its work) --------------------
+
+    async def SaveWorkspace(self, request: pb.SaveWorkspaceRequest, context: aio.ServicerContext) -> pb.SaveWorkspaceResponse:
+        self._session(request.session_id)
+        raise FailedPrecondition("SaveWorkspace: snapshots are not built yet")
+
+    async def LoadWorkspace(self, request: pb.LoadWorkspaceRequest, context: aio.ServicerContext) -> pb.LoadWorkspaceResponse:
+        self._session(request.session_id)
+        raise FailedPrecondition("LoadWorkspace: snapshots are not built yet")
+
+    async def ListCorpora(self, request: pb.ListCorporaRequest, context: aio.ServicerContext) -> pb.ListCorporaResponse:
+        return pb.ListCorporaResponse()
+
+    async def PublishCorpus(self, request: pb.PublishCorpusRequest, context: aio.ServicerContext) -> pb.PublishCorpusResponse:
+        self._session(request.session_id)
+        raise FailedPrecondition("PublishCorpus: shared corpora are not built yet")
 
 def _decoded(method: str, decode: Any, raw: bytes) -> Any:
     try:

@@ -214,6 +214,22 @@ class Settings:
         "close connections this many seconds old; their calls get --grace-s to finish (0: never)",
         _seconds(_MAX_CONNECTION_S),
     )
+    state_dir: str = _setting(
+        "", "directory for snapshots and, with --durability, the sessions themselves (empty: none)", _path
+    )
+    durability: str = _setting(
+        "auto",
+        "none, snapshot (sessions written on SIGTERM and every --snapshot-interval-s, restored at start) or "
+        "sync (snapshot, and every acknowledged change logged and fsynced first); auto: snapshot with "
+        "--state-dir, else none",
+        _one_of("auto", "none", "snapshot", "sync"),
+    )
+    snapshot_interval_s: float = _setting(
+        300.0, "with --durability snapshot or sync, write every session this often (0: only on SIGTERM)", _seconds()
+    )
+    sync_log_max_bytes: int = _setting(
+        1024**3, "with --durability sync, compact the change log into a snapshot past this size", _at_least(1), size=True
+    )
     metrics_port: int = _setting(0, "serve Prometheus metrics on this port at /metrics (0: off)", _PORT)
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR", _one_of("DEBUG", "INFO", "WARNING", "ERROR"))
     log_format: str = _setting("text", "text, or json: one JSON object per log line", _one_of("text", "json"))
@@ -234,6 +250,8 @@ class Settings:
             raise SettingError("tls_cert", self.tls_cert, "needs --tls-key, the private key of this certificate")
         if self.tls_client_ca and not self.tls_cert:
             raise SettingError("tls_client_ca", self.tls_client_ca, "mutual TLS needs --tls-cert and --tls-key")
+        if self.durability in ("snapshot", "sync") and not self.state_dir:
+            raise SettingError("durability", self.durability, "needs --state-dir, where the sessions are written")
         if self.metrics_port and self.metrics_port == self.port:
             raise SettingError("metrics_port", self.metrics_port, "must differ from --port")
 

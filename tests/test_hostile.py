@@ -401,7 +401,22 @@ class Strategies:
                 k=st.one_of(INTS, st.sampled_from([16, 17])),
                 queries=st.one_of(tensors(), st.builds(valid_tensor, st.sampled_from([1, 2, 5]), st.sampled_from([8, 7]))),
             ), max_size=4),
+            "SaveWorkspace": one(st.builds(pb.SaveWorkspaceRequest, session_id=sid, name=self.snapshot_names())),
+            "LoadWorkspace": one(st.builds(pb.LoadWorkspaceRequest, session_id=sid, name=self.snapshot_names())),
+            "ListCorpora": one(st.just(pb.ListCorporaRequest())),
+            "PublishCorpus": one(st.builds(
+                pb.PublishCorpusRequest, session_id=sid, blob=name,
+                name=st.one_of(self.snapshot_names(), st.sampled_from(["@x", "shared", "C"])),
+            )),
         }
+
+    def snapshot_names(self) -> st.SearchStrategy[str]:
+        """Names a path could be made of: traversal, separators, absolute paths, dot files."""
+        return st.one_of(
+            st.sampled_from(["s1", "../s1", "../../etc/passwd", "/tmp/x", "a/b", "a\\b", ".hidden", ".", "..",
+                             "x" * 129, "x" * 5000, "", "\x00", "nul\x00x", "CON", "s1.safetensors"]),
+            HOSTILE_TEXT,
+        )
 
     def shm_names(self) -> st.SearchStrategy[str]:
         prefix = f"cosserve_{self.state.playground}_"

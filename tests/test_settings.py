@@ -47,6 +47,10 @@ BAD: dict[str, list[tuple[str, str]]] = {
     "reflection_open": [("sometimes", "must be true or false")],
     "max_connection_idle_s": [("-1", "must be a number of seconds ≥ 0"), ("3e6", "at most 2e+06")],
     "max_connection_age_s": [("-1", "must be a number of seconds ≥ 0")],
+    "state_dir": [("a\x00b", "must be a file path")],
+    "durability": [("always", "must be one of auto, none, snapshot, sync")],
+    "snapshot_interval_s": [("-1", "must be a number of seconds ≥ 0")],
+    "sync_log_max_bytes": [("0", "must be at least 1")],
     "metrics_port": [("65536", "must be 0–65535")],
     "log_level": [("LOUD", "must be one of DEBUG, INFO, WARNING, ERROR")],
     "log_format": [("xml", "must be one of text, json")],
@@ -103,7 +107,7 @@ def _other_value(field: dataclasses.Field[typing.Any], certs: CertSet, keys_file
         "tls_client_ca": str(certs.ca.pem),
         "api_keys_file": str(keys_file),
     }
-    texts = {"device": "cpu", "log_level": "DEBUG", "log_format": "json", "host": "localhost", **files}
+    texts = {"device": "cpu", "log_level": "DEBUG", "log_format": "json", "host": "localhost", "durability": "none", **files}
     beside = _tls_flags(certs, name) if name in TLS else []
     if name in texts:
         return texts[name], texts[name], beside

@@ -125,6 +125,26 @@ class CosserveStub(object):
                 request_serializer=cosserve_dot_v1_dot_cosserve__pb2.TopKRequest.SerializeToString,
                 response_deserializer=cosserve_dot_v1_dot_cosserve__pb2.TopKResponse.FromString,
                 _registered_method=True)
+        self.SaveWorkspace = channel.unary_unary(
+                '/cosserve.v1.Cosserve/SaveWorkspace',
+                request_serializer=cosserve_dot_v1_dot_cosserve__pb2.SaveWorkspaceRequest.SerializeToString,
+                response_deserializer=cosserve_dot_v1_dot_cosserve__pb2.SaveWorkspaceResponse.FromString,
+                _registered_method=True)
+        self.LoadWorkspace = channel.unary_unary(
+                '/cosserve.v1.Cosserve/LoadWorkspace',
+                request_serializer=cosserve_dot_v1_dot_cosserve__pb2.LoadWorkspaceRequest.SerializeToString,
+                response_deserializer=cosserve_dot_v1_dot_cosserve__pb2.LoadWorkspaceResponse.FromString,
+                _registered_method=True)
+        self.ListCorpora = channel.unary_unary(
+                '/cosserve.v1.Cosserve/ListCorpora',
+                request_serializer=cosserve_dot_v1_dot_cosserve__pb2.ListCorporaRequest.SerializeToString,
+                response_deserializer=cosserve_dot_v1_dot_cosserve__pb2.ListCorporaResponse.FromString,
+                _registered_method=True)
+        self.PublishCorpus = channel.unary_unary(
+                '/cosserve.v1.Cosserve/PublishCorpus',
+                request_serializer=cosserve_dot_v1_dot_cosserve__pb2.PublishCorpusRequest.SerializeToString,
+                response_deserializer=cosserve_dot_v1_dot_cosserve__pb2.PublishCorpusResponse.FromString,
+                _registered_method=True)
 
 
 class CosserveServicer(object):
@@ -258,6 +278,34 @@ class CosserveServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaveWorkspace(self, request, context):
+        """Save every blob of a session as a named snapshot under the server's --state-dir.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadWorkspace(self, request, context):
+        """Replace a session's blobs with a named snapshot's, all or nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCorpora(self, request, context):
+        """The shared corpora (--corpus NAME=FILE, PublishCorpus), readable by every session as @NAME.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishCorpus(self, request, context):
+        """Publish one of the session's blobs as a shared, read-only corpus.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CosserveServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -350,6 +398,26 @@ def add_CosserveServicer_to_server(servicer, server):
                     servicer.ScoreTopK,
                     request_deserializer=cosserve_dot_v1_dot_cosserve__pb2.TopKRequest.FromString,
                     response_serializer=cosserve_dot_v1_dot_cosserve__pb2.TopKResponse.SerializeToString,
+            ),
+            'SaveWorkspace': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveWorkspace,
+                    request_deserializer=cosserve_dot_v1_dot_cosserve__pb2.SaveWorkspaceRequest.FromString,
+                    response_serializer=cosserve_dot_v1_dot_cosserve__pb2.SaveWorkspaceResponse.SerializeToString,
+            ),
+            'LoadWorkspace': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadWorkspace,
+                    request_deserializer=cosserve_dot_v1_dot_cosserve__pb2.LoadWorkspaceRequest.FromString,
+                    response_serializer=cosserve_dot_v1_dot_cosserve__pb2.LoadWorkspaceResponse.SerializeToString,
+            ),
+            'ListCorpora': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCorpora,
+                    request_deserializer=cosserve_dot_v1_dot_cosserve__pb2.ListCorporaRequest.FromString,
+                    response_serializer=cosserve_dot_v1_dot_cosserve__pb2.ListCorporaResponse.SerializeToString,
+            ),
+            'PublishCorpus': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishCorpus,
+                    request_deserializer=cosserve_dot_v1_dot_cosserve__pb2.PublishCorpusRequest.FromString,
+                    response_serializer=cosserve_dot_v1_dot_cosserve__pb2.PublishCorpusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -839,6 +907,114 @@ class Cosserve(object):
             '/cosserve.v1.Cosserve/ScoreTopK',
             cosserve_dot_v1_dot_cosserve__pb2.TopKRequest.SerializeToString,
             cosserve_dot_v1_dot_cosserve__pb2.TopKResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveWorkspace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cosserve.v1.Cosserve/SaveWorkspace',
+            cosserve_dot_v1_dot_cosserve__pb2.SaveWorkspaceRequest.SerializeToString,
+            cosserve_dot_v1_dot_cosserve__pb2.SaveWorkspaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadWorkspace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cosserve.v1.Cosserve/LoadWorkspace',
+            cosserve_dot_v1_dot_cosserve__pb2.LoadWorkspaceRequest.SerializeToString,
+            cosserve_dot_v1_dot_cosserve__pb2.LoadWorkspaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCorpora(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cosserve.v1.Cosserve/ListCorpora',
+            cosserve_dot_v1_dot_cosserve__pb2.ListCorporaRequest.SerializeToString,
+            cosserve_dot_v1_dot_cosserve__pb2.ListCorporaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishCorpus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cosserve.v1.Cosserve/PublishCorpus',
+            cosserve_dot_v1_dot_cosserve__pb2.PublishCorpusRequest.SerializeToString,
+            cosserve_dot_v1_dot_cosserve__pb2.PublishCorpusResponse.FromString,
             options,
             channel_credentials,
             insecure,
