@@ -9,6 +9,7 @@ __all__ = [
     "NotFound",
     "ResourceExhausted",
     "FailedPrecondition",
+    "SnapshotError",
     "PermissionDenied",
     "Unauthenticated",
 ]
@@ -32,6 +33,10 @@ class ResourceExhausted(CosserveError):
 
 class FailedPrecondition(CosserveError):
     """The request is well formed but the server is not in a state to serve it."""
+
+
+class SnapshotError(FailedPrecondition):
+    """A snapshot on disk is missing a file, truncated or corrupt; the message names the file."""
 
 
 class PermissionDenied(CosserveError):
