@@ -20,7 +20,7 @@ from cosserve.errors import CosserveRpcError
 from cosserve.v1 import cosserve_pb2 as pb
 from cosserve.v1 import cosserve_pb2_grpc as pb_grpc
 
-__all__ = ["ArgInfo", "Client", "InputInfo", "OpInfo", "Session", "OpSpec", "PemSource", "channel_credentials"]
+__all__ = ["ArgInfo", "Client", "CorpusInfo", "InputInfo", "OpInfo", "Session", "OpSpec", "PemSource", "channel_credentials"]
 
 # One operator of a net: (type, inputs, outputs) or (type, inputs, outputs, {arg: value}),
 # or a mapping with keys "type", "inputs", "outputs" and optionally "args".
@@ -60,6 +60,17 @@ class OpInfo:
     doc: str
     gradient: str | None
     caffe2: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusInfo:
+    """A shared corpus of the server: every session reads it as the blob `@name`, read-only."""
+
+    name: str  # without the '@'
+    dtype: str  # "float32", ...
+    shape: tuple[int, ...]
+    nbytes: int  # its data, held once by the server whatever the number of sessions
+    source: str  # the file it was mapped from, or "published by <identity>"
 
 
 def _argument(name: str, value: Any) -> pb.Argument:
@@ -215,6 +226,20 @@ class Client:
         reply = self._call("CreateSession", pb.CreateSessionRequest(device=device))
         return Session(self, reply.session_id, reply.device)
 
+    def attach(self, session_id: str) -> Session:
+        """The existing session `session_id` of this client's identity: one made by another client,
+        another process, or before the server restarted (see --durability).
+
+        Raises:
+            CosserveRpcError: NOT_FOUND if this identity has no such session (never created,
+                closed, expired, or another identity's); FAILED_PRECONDITION if the server could
+                not restore it after a restart (the details say why).
+        """
+        # One cheap call that names the session: the server checks it exists and is ours.
+        self._call("ListBlobs", pb.ListBlobsRequest(session_id=session_id))
+        # The device is the server's to know; this reply does not say it.
+        return Session(self, session_id, "unknown")
+
     def operators(self) -> list[OpInfo]:
         """Schemas of the server's operators, sorted by name."""
         reply = self._call("ListOperators", pb.ListOperatorsRequest())
@@ -235,6 +260,14 @@ class Client:
                 caffe2=s.caffe2,
             )
             for s in reply.operators
+        ]
+
+    def corpora(self) -> list[CorpusInfo]:
+        """The server's shared corpora (`--corpus NAME=FILE`, `Session.publish_corpus`), sorted by name."""
+        reply = self._call("ListCorpora", pb.ListCorporaRequest())
+        return [
+            CorpusInfo(c.name, pb.DType.Name(c.dtype).lower(), tuple(c.shape), int(c.bytes), c.source)
+            for c in reply.corpora
         ]
 
     def compute(
@@ -424,6 +457,42 @@ class Session:
         """Drop every blob; the session stays open."""
         self.client._call("ResetWorkspace", pb.ResetWorkspaceRequest(session_id=self.id))
 
+    def save(self, name: str, *, timeout: float | None = None) -> tuple[int, int]:
+        """Write every blob of this session, bit-exact, to the server's state directory
+        (`--state-dir`) as the snapshot `name` of this identity, replacing one of that name
+        atomically. Returns (blobs, bytes): the blobs and tensor bytes written.
+
+        `name`: 1 to 128 letters, digits, '.', '_' or '-', not starting with '.' and without '..'.
+        Raises CosserveRpcError: INVALID_ARGUMENT for such a name, FAILED_PRECONDITION on a server
+        without a state directory, RESOURCE_EXHAUSTED when its disk has no room. `timeout`: the
+        deadline in seconds (default the client's); a large session takes about a second per GB."""
+        request = pb.SaveWorkspaceRequest(session_id=self.id, name=name)
+        reply = self.client._call("SaveWorkspace", request, timeout=timeout)
+        return int(reply.blobs), int(reply.bytes)
+
+    def load(self, name: str, *, timeout: float | None = None) -> tuple[int, int]:
+        """Replace every blob of this session with those of the snapshot `name` (saved by this
+        identity): all of them or, on any error, none (the session is left as it was). Returns
+        (blobs, bytes): the blobs and tensor bytes loaded.
+
+        Raises CosserveRpcError: NOT_FOUND for a snapshot this identity has not saved,
+        RESOURCE_EXHAUSTED when the blobs would pass the session's limits (checked before
+        anything is read), FAILED_PRECONDITION for a damaged snapshot (the message says what
+        and which file) or a server without a state directory."""
+        request = pb.LoadWorkspaceRequest(session_id=self.id, name=name)
+        reply = self.client._call("LoadWorkspace", request, timeout=timeout)
+        return int(reply.blobs), int(reply.bytes)
+
+    def publish_corpus(self, blob: str, name: str) -> None:
+        """Make this session's blob `blob` the shared corpus `@name`, read by every session (and
+        identity) of the server, without a copy. The session keeps its blob (still charged to it
+        while it holds it; remove it to give that back); the corpus stays until the server stops.
+
+        Raises CosserveRpcError: FAILED_PRECONDITION for a name already in use (or a server that
+        publishes nothing), RESOURCE_EXHAUSTED past the server's --max-published-bytes,
+        INVALID_ARGUMENT for a bad name, NOT_FOUND for a blob the session does not hold."""
+        self.client._call("PublishCorpus", pb.PublishCorpusRequest(session_id=self.id, blob=blob, name=name))
+
     # ---- operators -----------------------------------------------------------------------
 
     def run_operator(self, op_type: str, inputs: Sequence[str], outputs: Sequence[str], **args: Any) -> None:
@@ -475,7 +544,8 @@ class Session:
         batch_size: int = 256,
         timeout: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact cosine top-k of each query row among the rows of blob `corpus`.
+        """Exact cosine top-k of each query row among the rows of blob `corpus` (or of the
+        server's shared corpus `"@NAME"`, see `Client.corpora`).
 
         `queries` is an (N, D) array (numpy, torch or memory-mapped), sent in batches of
         `batch_size` rows, or an iterable of (n, D) batches whose results are concatenated. All
