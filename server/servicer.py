@@ -11,7 +11,7 @@ import grpc
 from grpc import aio
 
 from cosserve import limits, wire
-from cosserve.server import codec, engine, identity, shm
+from cosserve.server import codec, engine, identity, shm, snapshots
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from cosserve.server.interceptors import HANDLER_KINDS
 from cosserve.server.metrics import Metrics
@@ -292,12 +292,16 @@ class CosserveServicer:
     # ---- snapshots and shared corpora (issue 10; filled in by its work) --------------------
 
     async def SaveWorkspace(self, request: pb.SaveWorkspaceRequest, context: aio.ServicerContext) -> pb.SaveWorkspaceResponse:
-        self._session(request.session_id)
-        raise FailedPrecondition("SaveWorkspace: snapshots are not built yet")
+        workspace = self._session(request.session_id)
+        args = (self.settings.state_dir, identity.CALLER.get(), request.name, workspace)
+        blobs, nbytes = await self.workers.run(_ALWAYS_THREAD, snapshots.save_workspace, *args)
+        return pb.SaveWorkspaceResponse(blobs=blobs, bytes=nbytes)
 
     async def LoadWorkspace(self, request: pb.LoadWorkspaceRequest, context: aio.ServicerContext) -> pb.LoadWorkspaceResponse:
-        self._session(request.session_id)
-        raise FailedPrecondition("LoadWorkspace: snapshots are not built yet")
+        workspace = self._session(request.session_id)
+        args = (self.settings.state_dir, identity.CALLER.get(), request.name, workspace)
+        blobs, nbytes = await self.workers.run(_ALWAYS_THREAD, snapshots.load_workspace, *args)
+        return pb.LoadWorkspaceResponse(blobs=blobs, bytes=nbytes)
 
     async def ListCorpora(self, request: pb.ListCorporaRequest, context: aio.ServicerContext) -> pb.ListCorporaResponse:
         return pb.ListCorporaResponse()

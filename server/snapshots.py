@@ -15,6 +15,7 @@ import secrets
 import shutil
 import stat
 import struct
+import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -22,8 +23,10 @@ from typing import Any, BinaryIO, TypeGuard
 
 import torch
 
-from cosserve.server import codec, workspace
-from cosserve.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, SnapshotError, quoted
+from cosserve.server import codec
+from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, SnapshotError, quoted
+from cosserve.server.workspace import Workspace, blob_charge
+from cosserve.server.workspace import check_name as check_blob_name
 
 __all__ = [
     "DATA_SUFFIX",
@@ -34,8 +37,10 @@ __all__ = [
     "SAFETENSORS_DTYPES",
     "check_name",
     "exists",
+    "load_workspace",
     "owner_dir",
     "read",
+    "save_workspace",
     "snapshot_path",
     "write",
 ]
@@ -116,6 +121,44 @@ class _Blob:
     shape: tuple[int, ...]
     nbytes: int
     crc32: int
+
+
+# ---- a session's snapshots ------------------------------------------------------------------
+
+
+def _path_in(state_dir: str, owner: str, name: str) -> Path:
+    if not state_dir:
+        raise FailedPrecondition("snapshots need a state directory: start the server with --state-dir DIR")
+    return snapshot_path(state_dir, owner, name)
+
+
+def save_workspace(state_dir: str, owner: str, name: str, workspace: Workspace) -> tuple[int, int]:
+    """Write every blob of `workspace`, as they are at one instant, as `owner`'s snapshot `name`
+    under `state_dir`; (blobs, tensor bytes) written. Blocks on disk: run it on a worker thread."""
+    path = _path_in(state_dir, owner, name)
+    with workspace.transaction() as snapshot:
+        # One consistent view: calls that change the session meanwhile are not half in it.
+        blobs = dict(snapshot._view)
+    meta = {"session": workspace.id, "device": str(workspace.device), "saved_at": time.time()}
+    return len(blobs), write(path, blobs, meta)
+
+
+def load_workspace(state_dir: str, owner: str, name: str, workspace: Workspace) -> tuple[int, int]:
+    """Replace every blob of `workspace` with those of `owner`'s snapshot `name`: all of them, or
+    on any error none (the session is left as it was). The snapshot is charged to the session,
+    beside its current blobs, before anything is allocated. (blobs, tensor bytes) loaded."""
+    path = _path_in(state_dir, owner, name)
+    if not exists(path):
+        raise NotFound(f"snapshot {name!r} does not exist (for this identity); save it first")
+    what = f"snapshot {name!r}"
+    with workspace.transaction() as staging:
+        tensors, _ = read(path, workspace.device, lambda nbytes: staging.expect([], nbytes, what))
+        staging.stage_outputs(tensors, what)  # the room taken above, to the byte
+        # Nothing after this can fail for want of room: the charge is held. Back to back on one
+        # thread, so a concurrent call sees the old blobs, no blobs, or the new ones, never a mix.
+        workspace.reset()
+        staging.commit()
+    return len(tensors), Workspace.bytes_of(tensors)
 
 
 # ---- writing -------------------------------------------------------------------------------
@@ -318,7 +361,7 @@ def read(
             entries = _manifest_blobs(manifest, manifest_path.name)
             if manifest.get("data") != data_path.name:
                 raise SnapshotError(f"{manifest_path.name}: names data file {manifest.get('data')!r}, not {data_path.name!r}")
-            charge(sum(workspace.blob_charge(b.name, b.nbytes) for b in entries))
+            charge(sum(blob_charge(b.name, b.nbytes) for b in entries))
             return _read_data(data_path, manifest["data_bytes"], entries, device), manifest["meta"]
     except FileNotFoundError as err:
         raise SnapshotError(f"snapshot {path.name!r}: {Path(err.filename or path).name} is missing") from None
@@ -376,7 +419,7 @@ def _manifest_blobs(manifest: dict[str, Any], filename: str) -> list[_Blob]:
         if not isinstance(name, str) or name in seen or name == _RESERVED_KEY:
             raise SnapshotError(f"{where} has a missing, repeated or reserved name")
         try:
-            workspace.check_name(name)
+            check_blob_name(name)
         except InvalidArgument:
             raise SnapshotError(f"{where} has a name no blob may have") from None
         if dtype_code not in _TORCH_DTYPES:
