@@ -279,14 +279,28 @@ def _write_file(temp: Path, data: bytes) -> None:
         out.write(data)
 
 
+class _Output:
+    """A new file written without a buffer (BufferedWriter copied 16 MiB pieces: 4x slower), whole
+    pieces at a time."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+
 @contextlib.contextmanager
-def _created(path: Path) -> Iterator[BinaryIO]:
-    """A new file opened for writing, flushed and fsynced on leaving."""
+def _created(path: Path) -> Iterator[_Output]:
+    """A new file opened for writing, fsynced on leaving."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    with open(fd, "wb") as out:
-        yield out
-        out.flush()
-        os.fsync(out.fileno())
+    try:
+        yield _Output(fd)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _make_directory(directory: Path) -> None:
