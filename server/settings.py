@@ -151,6 +151,20 @@ def _path(value: str) -> None:
         raise ValueError("must be a file path")
 
 
+def _corpus_specs(value: tuple[str, ...]) -> None:
+    # The files themselves are mapped, and refused, when the server starts (app._start).
+    if not value:
+        return
+    from cosserve.server.corpora import parse_spec  # imports torch: only for a server that names corpora
+
+    names: set[str] = set()
+    for spec in value:
+        name = parse_spec(spec)[0]
+        if name in names:
+            raise ValueError(f"corpus name {name!r} is given twice")
+        names.add(name)
+
+
 _PORT = _between(0, 65535)
 
 
@@ -224,6 +238,18 @@ class Settings:
         "--state-dir, else none",
         _one_of("auto", "none", "snapshot", "sync"),
     )
+    corpus: tuple[str, ...] = _setting(
+        (),
+        "NAME=FILE (.npy, .safetensors, or FILE.safetensors:KEY): a read-only corpus every session reads as @NAME, "
+        "memory-mapped, held once; repeat the flag for more (variable: entries separated by ',')",
+        _corpus_specs,
+    )
+    max_published_bytes: int = _setting(
+        16 * 1024**3,
+        "bytes of session blobs all sessions together may publish as shared corpora (PublishCorpus; 0: off)",
+        _at_least(0),
+        size=True,
+    )
     snapshot_interval_s: float = _setting(
         300.0, "with --durability snapshot or sync, write every session this often (0: only on SIGTERM)", _seconds()
     )
@@ -257,6 +283,8 @@ class Settings:
 
 
 def _is_kind(value: object, kind: type) -> bool:
+    if kind == _REPEATED:
+        return isinstance(value, tuple) and all(isinstance(item, str) for item in value)
     if isinstance(value, bool):
         return kind is bool
     if kind is float:
@@ -267,6 +295,9 @@ def _is_kind(value: object, kind: type) -> bool:
 # Shown as "(set)" in --help when given, never as the value.
 _SECRETS = frozenset({"auth_token"})
 _KINDS = (str, int, float, bool)
+# A repeatable flag (argparse "append"); its variable is one text of entries separated by ','.
+_REPEATED: Any = tuple[str, ...]
+_REPEATED_SEPARATOR = ","
 
 
 def _fields() -> list[tuple[str, type, Mapping[str, Any]]]:
@@ -276,8 +307,10 @@ def _fields() -> list[tuple[str, type, Mapping[str, Any]]]:
     out: list[tuple[str, type, Mapping[str, Any]]] = []
     for field in dataclasses.fields(Settings):
         kind = hints[field.name]
-        if kind not in _KINDS:
-            raise TypeError(f"Settings.{field.name}: flags can be {', '.join(k.__name__ for k in _KINDS)}, not {kind}")
+        if kind not in _KINDS and kind != _REPEATED:
+            raise TypeError(
+                f"Settings.{field.name}: flags can be {', '.join(k.__name__ for k in _KINDS)} or tuple[str, ...], not {kind}"
+            )
         out.append((field.name, kind, field.metadata))
     return out
 
@@ -333,6 +366,8 @@ def _readable(name: str, value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, tuple):
+        return _REPEATED_SEPARATOR.join(value)
     return str(value)
 
 
@@ -363,6 +398,8 @@ def _parse(name: str, kind: type, text: str) -> Any:
         if not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
+    if kind == _REPEATED:
+        return tuple(item.strip() for item in text.split(_REPEATED_SEPARATOR) if item.strip())
     return text
 
 
@@ -380,6 +417,15 @@ class _FromEnvironment:
     text: str
 
 
+class _Repeated(argparse.Action):
+    """argparse's "append", except that the flag given once replaces its variable's entries
+    instead of adding to them (flags override the environment, as for every other setting)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, value: Any, option: str | None = None) -> None:
+        current = getattr(ns, self.dest)
+        setattr(ns, self.dest, [*(current if isinstance(current, list) else []), value])
+
+
 # The default of a flag with neither the flag nor its variable given.
 _UNSET = object()
 
@@ -393,6 +439,8 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | 
         default: object = _FromEnvironment(env[var]) if var in env else _UNSET
         if name in _SECRETS:
             shown = "(set)" if var in env and env[var] else "none"
+        elif getattr(defaults, name) == ():
+            shown = "none"
         elif var in env:
             shown = f"{shlex.quote(env[var])} (from the environment)"
         else:
@@ -400,6 +448,9 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | 
         help_text = f"{meta['help']} [env {var}; default {shown}]"
         if kind is bool:
             parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif kind == _REPEATED:
+            metavar = "NAME=FILE" if name == "corpus" else name.upper()
+            parser.add_argument(_flag(name), action=_Repeated, default=default, help=help_text, metavar=metavar)
         else:
             # Text here, parsed by from_args: so a bad value gets one line naming the flag, where
             # argparse would print its usage and a message of its own.
@@ -428,9 +479,14 @@ def from_args(ns: argparse.Namespace) -> Settings:
         if isinstance(raw, bool):  # a boolean flag given on the command line
             values[name] = raw
             continue
-        text = raw.text if isinstance(raw, _FromEnvironment) else str(raw)
+        if isinstance(raw, list):  # a repeated flag, given on the command line
+            text = _REPEATED_SEPARATOR.join(raw)
+            values[name] = tuple(raw)
+        else:
+            text = raw.text if isinstance(raw, _FromEnvironment) else str(raw)
         try:
-            values[name] = _parse(name, kind, text)
+            if not isinstance(raw, list):
+                values[name] = _parse(name, kind, text)
             meta["check"](values[name])
         except ValueError as err:
             raise SettingError(name, text, str(err), from_environment=from_environment) from None

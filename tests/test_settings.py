@@ -49,6 +49,9 @@ BAD: dict[str, list[tuple[str, str]]] = {
     "max_connection_age_s": [("-1", "must be a number of seconds ≥ 0")],
     "state_dir": [("a\x00b", "must be a file path")],
     "durability": [("always", "must be one of auto, none, snapshot, sync")],
+    "corpus": [("novalue", "must be NAME=FILE"), ("a=x.txt", "must be a .npy or .safetensors file"),
+               ("@a=x.npy", "corpus name '@a' must be"), ("a=", "must be NAME=FILE")],
+    "max_published_bytes": [("-1", "must be a number of bytes")],
     "snapshot_interval_s": [("-1", "must be a number of seconds ≥ 0")],
     "sync_log_max_bytes": [("0", "must be at least 1")],
     "metrics_port": [("65536", "must be 0–65535")],
@@ -111,6 +114,8 @@ def _other_value(field: dataclasses.Field[typing.Any], certs: CertSet, keys_file
     beside = _tls_flags(certs, name) if name in TLS else []
     if name in texts:
         return texts[name], texts[name], beside
+    if name == "corpus":  # the file is opened at start, not when the flags are read
+        return "a=x.npy", ("a=x.npy",), []
     if kind is bool:
         return ("false", False, []) if default else ("true", True, [])
     if kind is int:
@@ -281,7 +286,17 @@ def _readable_default(name: str) -> str:
         return "true" if default else "false"
     if isinstance(default, float):
         return f"{default:g}"
-    return str(default) if default != "" else "none"
+    return str(default) if default not in ("", ()) else "none"
+
+
+def test_a_repeated_flag_collects_its_entries_and_replaces_its_variables():
+    assert _parse(["--corpus", "a=x.npy", "--corpus", "b=y.safetensors:k"]).corpus == ("a=x.npy", "b=y.safetensors:k")
+    assert _parse([], {"COSSERVE_CORPUS": "a=x.npy, b=y.npy"}).corpus == ("a=x.npy", "b=y.npy")
+    assert _parse(["--corpus", "c=z.npy"], {"COSSERVE_CORPUS": "a=x.npy,b=y.npy"}).corpus == ("c=z.npy",)
+    with pytest.raises(SettingError, match="corpus name 'a' is given twice"):
+        _parse(["--corpus", "a=x.npy", "--corpus", "a=y.npy"])
+    with pytest.raises(SettingError, match="^COSSERVE_CORPUS=.*given twice"):
+        _parse([], {"COSSERVE_CORPUS": "a=x.npy,a=y.npy"})
 
 
 def test_help_shows_every_fields_help_variable_and_readable_default():
