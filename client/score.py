@@ -1,4 +1,5 @@
-"""`cosserve score`: exact cosine top-k of a .npy query file against a .npy corpus, via a server."""
+"""`cosserve score`: exact cosine top-k of a .npy query file against a .npy corpus, or a server's
+shared corpus `@NAME`, via a server."""
 
 from __future__ import annotations
 
@@ -26,7 +27,12 @@ class UsageError(Exception):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--corpus", required=True, metavar="NPY", help="(M, D) float16/32/64 .npy file")
+    parser.add_argument(
+        "--corpus",
+        required=True,
+        metavar="NPY|@NAME",
+        help="(M, D) float16/32/64 .npy file, or @NAME: the --server's shared corpus NAME (nothing is uploaded)",
+    )
     parser.add_argument("--queries", required=True, metavar="NPY", help="(N, D) floating .npy file (cast to the corpus dtype)")
     parser.add_argument("--k", type=int, default=10, help="corpus rows kept per query, 1 <= k <= M [default 10]")
     parser.add_argument("--out", required=True, metavar="NPZ", help="write arrays 'scores' (N, k) and 'indices' (N, k) here")
@@ -62,14 +68,31 @@ def load_inputs(corpus_path: str, queries_path: str, k: int) -> tuple[np.ndarray
     """Memory-map both files and check them; UsageError with a one-line message otherwise."""
     corpus = _load(corpus_path, "corpus")
     queries = _load(queries_path, "queries")
-    if corpus.shape[1] != queries.shape[1]:
-        raise UsageError(
-            f"queries have width {queries.shape[1]} ({queries_path}) but the corpus has width {corpus.shape[1]} "
-            f"({corpus_path}); widths must match"
-        )
-    if not 1 <= k <= corpus.shape[0]:
-        raise UsageError(f"--k must be between 1 and the {corpus.shape[0]} corpus rows, got {k}")
+    _check_fit(corpus.shape, corpus_path, queries, queries_path, k)
     return corpus, queries
+
+
+def _check_fit(corpus_shape: tuple[int, ...], corpus_name: str, queries: np.ndarray, queries_path: str, k: int) -> None:
+    if corpus_shape[1] != queries.shape[1]:
+        raise UsageError(
+            f"queries have width {queries.shape[1]} ({queries_path}) but the corpus has width {corpus_shape[1]} "
+            f"({corpus_name}); widths must match"
+        )
+    if not 1 <= k <= corpus_shape[0]:
+        raise UsageError(f"--k must be between 1 and the {corpus_shape[0]} corpus rows, got {k}")
+
+
+def _shared_corpus(client: Client, blob: str, queries: np.ndarray, queries_path: str, k: int) -> np.dtype:
+    """The dtype of the server's shared corpus `@NAME`, checked against the queries and k."""
+    name = blob[1:]
+    found = [c for c in client.corpora() if c.name == name]
+    if not found:
+        raise UsageError(f"the server has no shared corpus {blob!r}; it has {', '.join('@' + c.name for c in client.corpora()) or 'none'}")
+    info = found[0]
+    if len(info.shape) != 2 or np.dtype(info.dtype) not in _FLOAT_DTYPES:
+        raise UsageError(f"shared corpus {blob!r} is {info.dtype} {info.shape}; it must be a 2-D float16/32/64 matrix")
+    _check_fit(info.shape, blob, queries, queries_path, k)
+    return np.dtype(info.dtype)
 
 
 @contextlib.contextmanager
@@ -100,14 +123,16 @@ def _progress(total: int) -> Any:
     return tqdm(total=total, unit="query", desc="scoring", file=sys.stderr, disable=None)
 
 
-def _score(session: Session, queries: np.ndarray, dtype: np.dtype, k: int, batch_size: int, timeout: float) -> tuple[np.ndarray, np.ndarray]:
+def _score(
+    session: Session, corpus: str, queries: np.ndarray, dtype: np.dtype, k: int, batch_size: int, timeout: float
+) -> tuple[np.ndarray, np.ndarray]:
     n = queries.shape[0]
     batches = (np.asarray(queries[s : s + batch_size], dtype=dtype) for s in range(0, max(1, n), batch_size))
     bar = _progress(n)
     scores, indices = [], []
     try:
         for batch_scores, batch_indices in session.iter_top_k(
-            batches, CORPUS_BLOB, k, batch_size=batch_size, timeout=timeout
+            batches, corpus, k, batch_size=batch_size, timeout=timeout
         ):
             scores.append(batch_scores)
             indices.append(batch_indices)
@@ -127,13 +152,23 @@ def run(ns: argparse.Namespace) -> int:
         out_dir = os.path.dirname(os.path.abspath(ns.out))
         if not os.path.isdir(out_dir):
             raise UsageError(f"the directory of --out {ns.out!r} does not exist")
-        corpus, queries = load_inputs(ns.corpus, ns.queries, ns.k)
-        with _server(ns.server, ns.device, corpus.nbytes) as address, Client(address, token=ns.token or None) as client:
+        if ns.corpus.startswith("@"):
+            if not ns.server:
+                raise UsageError(f"--corpus {ns.corpus}: a shared corpus is a running server's; pass --server ADDR")
+            corpus = None
+            queries = _load(ns.queries, "queries")
+        else:
+            corpus, queries = load_inputs(ns.corpus, ns.queries, ns.k)
+        corpus_bytes = 0 if corpus is None else corpus.nbytes
+        with _server(ns.server, ns.device, corpus_bytes) as address, Client(address, token=ns.token or None) as client:
+            dtype = _shared_corpus(client, ns.corpus, queries, ns.queries, ns.k) if corpus is None else corpus.dtype
             with client.session(ns.device) as session:
-                session.feed_blob(CORPUS_BLOB, corpus)  # streamed in chunks from the memory map
+                if corpus is not None:
+                    session.feed_blob(CORPUS_BLOB, corpus)  # streamed in chunks from the memory map
                 batches = max(1, -(-queries.shape[0] // ns.batch_size))
                 timeout = client.timeout * (1 + batches)
-                scores, indices = _score(session, queries, corpus.dtype, ns.k, ns.batch_size, timeout)
+                blob = ns.corpus if corpus is None else CORPUS_BLOB
+                scores, indices = _score(session, blob, queries, dtype, ns.k, ns.batch_size, timeout)
     except UsageError as err:
         print(f"cosserve score: {err}", file=sys.stderr)
         return 2

@@ -27,6 +27,8 @@ from grpc_reflection.v1alpha import reflection
 from cosserve import limits
 from cosserve.server import observability, servicer
 from cosserve.server import settings as settings_mod
+from cosserve.server.codec import dtype_name
+from cosserve.server.corpora import Corpora
 from cosserve.server.errors import CosserveError
 from cosserve.server.identity import Identities
 from cosserve.server.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor, RequestIdInterceptor
@@ -161,7 +163,15 @@ def build_server(settings: Settings) -> RunningServer:
 
 
 async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> RunningServer:
-    store = SessionStore(settings)
+    # Mapped before serving, each file's header read and checked: a bad one is one start-up line.
+    corpora = Corpora(settings.max_published_bytes)
+    for spec in settings.corpus:
+        try:
+            corpus = corpora.add_file(spec)
+        except ValueError as err:
+            raise settings_mod.SettingError("corpus", spec, str(err)) from None
+        log.info("corpus @%s: %s %s from %s", corpus.name, dtype_name(corpus.tensor.dtype), tuple(corpus.tensor.shape), corpus.source)
+    store = SessionStore(settings, corpora)
     metrics = Metrics(store) if settings.metrics_port else None
     identities = Identities.from_settings(settings)
     interceptors: list[aio.ServerInterceptor] = [RequestIdInterceptor()]

@@ -22,13 +22,15 @@ PREFETCH_DEPTH = 2
 
 @dataclasses.dataclass
 class Batch:
-    """One ScoreTopK request, decoded: queries against blob `corpus_name` of `workspace`."""
+    """One ScoreTopK request, decoded: queries against blob `corpus_name` of `workspace` (or the
+    shared corpus `@NAME`), with the cache that holds that corpus's norms."""
 
     workspace: Workspace
     corpus_name: str
     corpus: torch.Tensor
     queries: torch.Tensor
     k: int
+    norms: scoring.NormCache
 
 
 class Scorer:
@@ -73,7 +75,7 @@ class Scorer:
                     batch.corpus,
                     batch.queries,
                     batch.k,
-                    batch.workspace.norms,
+                    batch.norms,
                     self.max_result_bytes,
                 )
                 batch = None

@@ -12,6 +12,7 @@ from grpc import aio
 
 from cosserve import limits, wire
 from cosserve.server import codec, engine, identity, shm, snapshots
+from cosserve.server.corpora import is_corpus
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from cosserve.server.interceptors import HANDLER_KINDS
 from cosserve.server.metrics import Metrics
@@ -284,9 +285,11 @@ class CosserveServicer:
         async for request in requests:
             workspace = self._session(request.session_id)
             corpus = workspace.get(request.corpus)
+            # A shared corpus's norms are computed once for every session, a blob's for its session.
+            norms = workspace.corpora.norms if is_corpus(request.corpus) and workspace.corpora is not None else workspace.norms
             queries = codec.tensor_from_wire("ScoreTopK queries", request.queries, _CPU)
             self._count("in", "ScoreTopK", len(request.queries.data))
-            yield Batch(workspace, request.corpus, corpus, queries, request.k)
+            yield Batch(workspace, request.corpus, corpus, queries, request.k, norms)
 
 
     # ---- snapshots and shared corpora (issue 10; filled in by its work) --------------------
@@ -304,11 +307,27 @@ class CosserveServicer:
         return pb.LoadWorkspaceResponse(blobs=blobs, bytes=nbytes)
 
     async def ListCorpora(self, request: pb.ListCorporaRequest, context: aio.ServicerContext) -> pb.ListCorporaResponse:
-        return pb.ListCorporaResponse()
+        return pb.ListCorporaResponse(
+            corpora=[
+                pb.CorpusInfo(
+                    name=c.name, dtype=codec.WIRE_DTYPES[c.tensor.dtype], shape=c.tensor.shape, bytes=c.nbytes, source=c.source
+                )
+                for c in (self.store.corpora.list() if self.store.corpora is not None else [])
+            ]
+        )
 
     async def PublishCorpus(self, request: pb.PublishCorpusRequest, context: aio.ServicerContext) -> pb.PublishCorpusResponse:
-        self._session(request.session_id)
-        raise FailedPrecondition("PublishCorpus: shared corpora are not built yet")
+        # Any caller the interceptors let in may publish (with identities: any authenticated one);
+        # the corpus records who. The tensor is shared with the session, not copied: blobs are
+        # replaced, never changed in place, so the session may go on using or replacing its blob.
+        workspace = self._session(request.session_id)
+        if is_corpus(request.blob):
+            raise InvalidArgument(f"PublishCorpus: blob {request.blob[:64]!r} is already a shared corpus; publish a blob of the session")
+        tensor = workspace.get(request.blob)
+        if self.store.corpora is None:
+            raise FailedPrecondition("PublishCorpus: this server has no shared corpora")
+        self.store.corpora.publish(request.name, tensor, identity.CALLER.get())
+        return pb.PublishCorpusResponse()
 
 def _decoded(method: str, decode: Any, raw: bytes) -> Any:
     try:

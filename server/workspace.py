@@ -9,7 +9,8 @@ from types import TracebackType
 
 import torch
 
-from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from cosserve.server.corpora import CORPUS_PREFIX, READ_ONLY, Corpora, is_corpus
+from cosserve.server.errors import CosserveError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, quoted
 from cosserve.server.scoring import NormCache
 
 __all__ = [
@@ -59,9 +60,14 @@ def _name_bytes(name: str) -> int:
 
 
 def check_name(name: str) -> str:
-    """`name`, if a blob may have it: not empty and at most MAX_NAME_BYTES of UTF-8."""
+    """`name`, if a session's blob may have it: not empty, not a shared corpus's `@NAME`, and at
+    most MAX_NAME_BYTES of UTF-8."""
     if not name:
         raise InvalidArgument("blob name must not be empty")
+    if is_corpus(name):
+        raise InvalidArgument(
+            f"blob name {quoted(name)} names a shared corpus ('{CORPUS_PREFIX}' names are theirs); {READ_ONLY}"
+        )
     size = _name_bytes(name)
     if size > MAX_NAME_BYTES:
         raise InvalidArgument(f"blob name {name[:40]!r}... is {size} bytes of UTF-8, above the {MAX_NAME_BYTES} a name may have")
@@ -119,11 +125,20 @@ class Workspace:
     that replaces another is charged beside it until it is stored, as both are alive until then.
     """
 
-    def __init__(self, session_id: str, device: torch.device, max_bytes: int, account: Account | None = None) -> None:
+    def __init__(
+        self,
+        session_id: str,
+        device: torch.device,
+        max_bytes: int,
+        account: Account | None = None,
+        corpora: Corpora | None = None,
+    ) -> None:
         self.id = session_id
         self.device = device
         self.max_bytes = max_bytes
         self.account = account
+        # The server's shared corpora, read as `@NAME` (never stored here, never charged here).
+        self.corpora = corpora
         self._lock = threading.Lock()
         self._blobs: dict[str, torch.Tensor] = {}
         self._stored = 0  # the charges of _blobs, kept with it so no call sums every blob
@@ -144,13 +159,24 @@ class Workspace:
         return self._stored + self._reserved
 
     def size_of(self, names: Iterable[str]) -> int:
-        """Data bytes of the named blobs that exist."""
+        """Data bytes of the named blobs that exist, shared corpora (`@NAME`) included."""
+        names = set(names)
+        corpus_bytes = sum(self.corpora.nbytes(n) for n in names if is_corpus(n)) if self.corpora is not None else 0
         with self._lock:
-            return sum(_nbytes(self._blobs[n]) for n in set(names) if n in self._blobs)
+            return corpus_bytes + sum(_nbytes(self._blobs[n]) for n in names if n in self._blobs)
 
-    def missing(self, name: str) -> NotFound:
-        """The error for a blob this workspace does not hold."""
+    def missing(self, name: str) -> CosserveError:
+        """The error for a blob this workspace does not hold. A `@NAME` is never a session's: asked
+        for by a read it is resolved before this, so here it is a write (RemoveBlob)."""
+        if is_corpus(name):
+            return InvalidArgument(f"blob {quoted(name)} is a shared corpus; {READ_ONLY}")
         return NotFound(f"blob {name!r} is not in session {self.id}")
+
+    def corpus(self, name: str) -> torch.Tensor:
+        """The shared corpus `@NAME` on this session's device (NOT_FOUND if the server has none)."""
+        if self.corpora is None:
+            raise NotFound(f"shared corpus {quoted(name)} does not exist: this server has no shared corpora")
+        return self.corpora.get(name, self.device)
 
     def _ensure_open(self) -> None:
         if self.closed:
@@ -223,6 +249,10 @@ class Workspace:
         self._store(changes, 0)
 
     def get(self, name: str) -> torch.Tensor:
+        if is_corpus(name):
+            with self._lock:
+                self._ensure_open()
+            return self.corpus(name)
         with self._lock:
             self._ensure_open()
             tensor = self._blobs.get(name)
@@ -328,6 +358,9 @@ class Transaction:
     def get(self, name: str) -> torch.Tensor:
         tensor = self._view.get(name)
         if tensor is None:
+            if is_corpus(name) and self.workspace is not None:
+                # Read where it is, never copied into the view: no stage can write an '@' name.
+                return self.workspace.corpus(name)
             raise self._missing(name)
         return tensor
 
