@@ -30,7 +30,7 @@ class Batch:
     corpus: torch.Tensor
     queries: torch.Tensor
     k: int
-    norms: scoring.NormCache
+    norms: scoring.NormCache | None = None  # None: the workspace's own cache
 
 
 class Scorer:
@@ -75,7 +75,7 @@ class Scorer:
                     batch.corpus,
                     batch.queries,
                     batch.k,
-                    batch.norms,
+                    batch.norms if batch.norms is not None else batch.workspace.norms,
                     self.max_result_bytes,
                 )
                 batch = None
