@@ -466,7 +466,7 @@ def _read_data(path: Path, data_bytes: int, entries: list[_Blob], device: torch.
         tensors: dict[str, torch.Tensor] = {}
         for blob in entries:
             host = codec.empty(blob.dtype, blob.shape, _CPU, f"blob {quoted(blob.name)}")
-            if _read_into(source, codec.tensor_bytes(host)) != blob.crc32:
+            if _read_into(source, codec.tensor_bytes(host), path.name) != blob.crc32:
                 raise SnapshotError(f"{path.name}: blob {quoted(blob.name)} does not match its checksum (the file is corrupt)")
             tensors[blob.name] = host if device.type == "cpu" else host.to(device)
     return tensors
@@ -503,14 +503,14 @@ def _check_header(filename: str, source: BinaryIO, size: int, entries: list[_Blo
         raise SnapshotError(f"{filename} is {size} bytes; its header and tensors make {8 + header_bytes + offset}")
 
 
-def _read_into(source: BinaryIO, target: memoryview) -> int:
+def _read_into(source: BinaryIO, target: memoryview, filename: str) -> int:
     """Fill `target` from `source`, COPY_BYTES at a time; the crc32 of what was read."""
     crc = 0
     filled = 0
     while filled < len(target):
         count = source.readinto(target[filled : filled + COPY_BYTES])  # type: ignore[attr-defined]
         if not count:
-            raise SnapshotError("a snapshot's data file ended early (it shrank while being read)")
+            raise SnapshotError(f"{filename} ended early (it shrank while being read)")
         crc = zlib.crc32(target[filled : filled + count], crc)
         filled += count
     return crc
