@@ -29,6 +29,7 @@ from cosserve.server import observability, servicer
 from cosserve.server import settings as settings_mod
 from cosserve.server.codec import dtype_name
 from cosserve.server.corpora import Corpora
+from cosserve.server.durability import Durability
 from cosserve.server.errors import CosserveError
 from cosserve.server.identity import Identities
 from cosserve.server.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor, RequestIdInterceptor
@@ -116,6 +117,7 @@ class RunningServer:
     _thread: threading.Thread
     _server: aio.Server
     _health: health_aio.HealthServicer
+    _durability: Durability | None = None
     _stopped: bool = False
 
     def stop(self, grace: float | None = None) -> None:
@@ -131,6 +133,10 @@ class RunningServer:
             log.warning("the server did not stop within its grace period")
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        if self._durability is not None:
+            # Calls have drained and the loop has stopped: nothing changes a session now but work
+            # abandoned on a thread, whose client has been told it failed.
+            self._durability.close()
         self.workers.shutdown()
         self.scorer.shutdown()
         if self.metrics is not None:
@@ -194,6 +200,10 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
+    # Every session of --state-dir is back before the first call can name one (and before anything
+    # listens, so a state directory that cannot be read leaves nothing running).
+    durability = Durability(settings, store)
+    await asyncio.to_thread(durability.restore)
     host = settings.host
     # A bad host or a port in use (ours or --metrics-port) is one SettingError here, before grpc
     # would log its own error and raise RuntimeError.
@@ -213,8 +223,9 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     loop.create_task(_expire_idle(store))
+    loop.create_task(durability.run())
     return RunningServer(
-        port, address, store, workers, scorer, metrics, metrics_port, identities, loop, thread, server, health
+        port, address, store, workers, scorer, metrics, metrics_port, identities, loop, thread, server, health, durability
     )
 
 

@@ -6,9 +6,12 @@ import collections
 import secrets
 import threading
 import time
-from collections.abc import Iterator
 
-from cosserve.server.errors import NotFound, ResourceExhausted, quoted
+import torch
+from collections.abc import Callable, Iterator
+
+from cosserve.server.corpora import Corpora
+from cosserve.server.errors import FailedPrecondition, NotFound, ResourceExhausted, quoted
 from cosserve.server.settings import Settings
 from cosserve.server.workspace import Account, Workspace, resolve_device
 
@@ -29,8 +32,12 @@ class SessionStore:
     A session idle for longer than --session-idle-timeout-s is expired: from that moment every
     call on it is NOT_FOUND saying so (to its owner), whether or not a sweep has freed it yet."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, corpora: Corpora | None = None) -> None:
         self.settings = settings
+        self.corpora = corpora  # the server's shared corpora, which every session reads as `@NAME`
+        # Called with each new session and its owner before the session is handed out (durability
+        # attaches its journal there); if it raises, the session is not created.
+        self.on_open: Callable[[Workspace, str], None] | None = None
         self._lock = threading.Lock()
         self._sessions: dict[str, Workspace] = {}
         self._owners: dict[str, str] = {}
@@ -38,14 +45,67 @@ class SessionStore:
         # One Account per identity with open sessions: their bytes against --max-identity-bytes.
         self._accounts: dict[str, Account] = {}
         self._expired: collections.OrderedDict[str, str] = collections.OrderedDict()  # id -> owner
+        # Sessions a restart could not bring back: id -> (owner, or None when unknown, and why).
+        self._unrestorable: dict[str, tuple[str | None, str]] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def create(self, device: str, owner: str = ANONYMOUS) -> Workspace:
-        resolved = resolve_device(device, self.settings.device)
+        workspace = self._add(secrets.token_hex(16), resolve_device(device, self.settings.device), owner)
+        if self.on_open is not None:
+            try:
+                self.on_open(workspace, owner)
+            except BaseException:
+                self.discard(workspace.id)
+                raise
+        return workspace
+
+    def restore(self, session_id: str, owner: str, device: str, idle_remaining_s: float | None) -> Workspace:
+        """Recreate, empty, the session `session_id` of `owner` that a restart is bringing back, as
+        `create` would (same limits), with `idle_remaining_s` of its idle timeout left (None:
+        all of it). Its blobs are then stored through the workspace, charged as any others.
+
+        Raises:
+            ResourceExhausted: past --max-sessions or --max-identity-sessions.
+            FailedPrecondition, InvalidArgument: this host has no such device.
+        """
+        workspace = self._add(session_id, resolve_device(device, self.settings.device), owner)
+        timeout = self.settings.session_idle_timeout_s
+        if idle_remaining_s is not None and timeout > 0:
+            workspace.last_used = time.monotonic() - (timeout - min(idle_remaining_s, timeout))
+        return workspace
+
+    def discard(self, session_id: str) -> None:
+        """Close the session `session_id`, whoever owns it, if it is open (a restore that failed,
+        or a close found in the sync log)."""
+        with self._lock:
+            workspace = self._remove(session_id, expired=False) if session_id in self._sessions else None
+        if workspace is not None:
+            workspace.close()
+
+    def mark_unrestorable(self, session_id: str, owner: str | None, reason: str) -> None:
+        """Remember that the session `session_id` could not be restored, and why: from now on a call
+        on it by `owner` (by anyone when the owner is unknown: its file did not say) is
+        FAILED_PRECONDITION saying so, until the owner closes it."""
+        with self._lock:
+            self._unrestorable[session_id] = (owner, reason)
+
+    def unrestorable(self) -> set[str]:
+        """Ids of the sessions that could not be restored and are not closed yet."""
+        with self._lock:
+            return set(self._unrestorable)
+
+    def owned(self) -> list[tuple[Workspace, str]]:
+        """Every open session with its owner."""
+        with self._lock:
+            return [(workspace, self._owners[sid]) for sid, workspace in self._sessions.items()]
+
+    def _add(self, session_id: str, resolved: torch.device, owner: str) -> Workspace:
         self.expire_idle()
         with self._lock:
+            if session_id in self._sessions or session_id in self._unrestorable:
+                raise FailedPrecondition(f"session {quoted(session_id)} exists already")
             if len(self._sessions) >= self.settings.max_sessions:
                 raise ResourceExhausted(
                     f"{len(self._sessions)} sessions are open, the limit is {self.settings.max_sessions}; "
@@ -60,8 +120,7 @@ class SessionStore:
             account = self._accounts.get(owner)
             if account is None:
                 account = self._accounts[owner] = Account(owner, self.settings.max_identity_bytes)
-            session_id = secrets.token_hex(16)
-            workspace = Workspace(session_id, resolved, self.settings.max_session_bytes, account)
+            workspace = Workspace(session_id, resolved, self.settings.max_session_bytes, account, self.corpora)
             self._sessions[session_id] = workspace
             self._owners[session_id] = owner
             self._counts[owner] += 1
@@ -76,6 +135,7 @@ class SessionStore:
         """
         now = time.monotonic()
         with self._lock:
+            self._check_restored(session_id, owner)
             workspace = self._sessions.get(session_id)
             if workspace is None or self._owners[session_id] != owner:
                 raise self._missing(session_id, owner)
@@ -92,6 +152,10 @@ class SessionStore:
 
     def close(self, session_id: str, owner: str = ANONYMOUS) -> None:
         with self._lock:
+            restored = self._unrestorable.get(session_id)
+            if restored is not None and restored[0] in (owner, None):
+                del self._unrestorable[session_id]
+                return  # its files go at the next snapshot, as a closed session's do
             if self._owners.get(session_id) != owner:
                 raise self._missing(session_id, owner)
             workspace = self._remove(session_id, expired=False)
@@ -117,6 +181,14 @@ class SessionStore:
             return iter(list(self._sessions.values()))
 
     # ---- under the lock -----------------------------------------------------------------
+
+    def _check_restored(self, session_id: str, owner: str) -> None:
+        restored = self._unrestorable.get(session_id)
+        if restored is not None and restored[0] in (owner, None):
+            raise FailedPrecondition(
+                f"session {quoted(session_id)} could not be restored after the server restarted: {restored[1]}; "
+                "its blobs are lost, close it (CloseSession) and create a new one"
+            )
 
     def _idle_too_long(self, workspace: Workspace, now: float) -> bool:
         timeout = self.settings.session_idle_timeout_s

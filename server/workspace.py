@@ -17,6 +17,7 @@ __all__ = [
     "BLOB_OVERHEAD_BYTES",
     "MAX_NAME_BYTES",
     "Account",
+    "Journal",
     "Reservation",
     "Transaction",
     "Workspace",
@@ -30,6 +31,14 @@ __all__ = [
 BLOB_OVERHEAD_BYTES = 640
 # The longest blob name, in UTF-8 bytes; Caffe2 and our tests use names of a few dozen.
 MAX_NAME_BYTES = 1024
+
+
+# Told of each change about to be made to a workspace, for --durability (server/durability.py):
+# called with the workspace, the kind of change and its blobs, under the workspace's lock, once
+# every check has passed and before anything is changed, so before the change is acknowledged.
+# If it raises, nothing is changed. Kinds: "set" (the blobs being stored), "remove" (the blob
+# being removed), "reset" and "close" (no blobs).
+Journal = Callable[["Workspace", str, Mapping[str, torch.Tensor]], None]
 
 
 def resolve_device(spec: str, default: str = "auto") -> torch.device:
@@ -145,6 +154,7 @@ class Workspace:
         self._reserved = 0  # the charges of open reservations
         self.last_used = time.monotonic()
         self.closed = False
+        self.journal: Journal | None = None  # set by durability before the session is used
         # Corpus row norms for ScoreTopK, keyed weakly by tensor: an entry goes with its blob's tensor
         # when the blob is overwritten or removed (blobs are replaced, never changed in place).
         self.norms = NormCache()
@@ -234,7 +244,7 @@ class Workspace:
             new = sum(blob_charge(name, _nbytes(t)) for name, t in blobs.items())
             old = sum(self._charge_of(name) for name in blobs)
             what = f"blob {next(iter(blobs))!r}" if len(blobs) == 1 else "the outputs"
-            self._charge(new - old - reserved, what, "nothing was changed")
+            self._charge_logged(new - old - reserved, what, "nothing was changed", "set", blobs)
             self._reserved -= reserved
             self._stored += new - old
             self._blobs.update(blobs)
@@ -274,24 +284,41 @@ class Workspace:
             charge = self._charge_of(name)
             if not charge:
                 raise self.missing(name)
+            self._charge_logged(-charge, "", "", "remove", {name: self._blobs[name]})
             del self._blobs[name]
-            self._charge(-charge, "", "")
             self._stored -= charge
 
-    def _drop_blobs(self) -> None:
+    def _charge_logged(self, delta: int, what: str, tail: str, kind: str, blobs: Mapping[str, torch.Tensor]) -> None:
+        """`_charge`, and the change told to the journal: both or neither (lock held). A charge,
+        which may be refused, comes before the journal; a release, which cannot be, after it."""
+        if self.journal is None:
+            self._charge(delta, what, tail)
+            return
+        if delta <= 0:
+            self.journal(self, kind, blobs)
+            self._charge(delta, what, tail)
+            return
+        self._charge(delta, what, tail)
+        try:
+            self.journal(self, kind, blobs)
+        except BaseException:
+            self._charge(-delta, "", "")
+            raise
+
+    def _drop_blobs(self, kind: str) -> None:
         """Forget every stored blob (lock held); open reservations stay until their owners end them."""
-        self._charge(-self._stored, "", "")
+        self._charge_logged(-self._stored, "", "", kind, {})
         self._blobs = {}
         self._stored = 0
 
     def reset(self) -> None:
         with self._lock:
-            self._drop_blobs()
+            self._drop_blobs("reset")
 
     def close(self) -> None:
         with self._lock:
             self.closed = True
-            self._drop_blobs()
+            self._drop_blobs("close")
 
     def transaction(self) -> Transaction:
         """A snapshot to read from and a place to stage outputs; `commit` applies them all or none.
