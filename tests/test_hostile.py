@@ -114,10 +114,12 @@ class Fuzzed:
 
 
 @pytest.fixture(scope="module")
-def fuzzed() -> Iterator[Fuzzed]:
+def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
     log: list[str] = []
+    # With a state dir, so snapshot names reach the path code.
+    state = str(tmp_path_factory.mktemp("state"))
     proc, address = start_process(
-        "--max-session-bytes", str(SESSION_LIMIT), "--allow-shm", "--max-workers", "4", log=log
+        "--max-session-bytes", str(SESSION_LIMIT), "--allow-shm", "--max-workers", "4", "--state-dir", state, log=log
     )
     # The client side may send and receive more than the server accepts: the server must refuse it.
     options = [("grpc.max_send_message_length", 64 * MiB), ("grpc.max_receive_message_length", 64 * MiB)]

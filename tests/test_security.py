@@ -50,8 +50,12 @@ def bearer(name: str) -> tuple[tuple[str, str], ...]:
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A server that knows alice and bob, with shared memory on (so its RPCs reach the session)."""
-    running = start_server(api_keys_file=keys_file(tmp_path_factory.mktemp("keys"), "alice", "bob"), allow_shm=True)
+    """A server that knows alice and bob, with shared memory and snapshots on (so their RPCs reach the session)."""
+    running = start_server(
+        api_keys_file=keys_file(tmp_path_factory.mktemp("keys"), "alice", "bob"),
+        allow_shm=True,
+        state_dir=str(tmp_path_factory.mktemp("state")),  # so SaveWorkspace and LoadWorkspace reach the session
+    )
     yield running
     running.stop(0)
 
