@@ -263,7 +263,7 @@ class Durability:
             return
         header: dict[str, Any] = {"op": kind, "session": workspace.id}
         data: list[memoryview] = []
-        if kind == "set":
+        if kind in ("set", "replace"):  # replace: the session's blobs are these, and only these
             header["blobs"] = [
                 {"name": name, "dtype": codec.dtype_name(t.dtype), "shape": list(t.shape)} for name, t in blobs.items()
             ]
@@ -448,7 +448,7 @@ class Durability:
             raise _Torn("its header is not a record's") from None
         workspace = next((ws for ws, _ in self.store.owned() if ws.id == session_id), None)
         op = header.get("op")
-        if op == "set" and workspace is not None:
+        if op in ("set", "replace") and workspace is not None:
             return self._replay_set(source, header, workspace, crc, data_bytes, end)
         _skip(source, data_bytes, crc)  # raises _Torn on a crc mismatch: nothing applied
         try:
@@ -488,7 +488,7 @@ class Durability:
                 if _CRC.unpack(source.read(_CRC.size))[0] != crc:
                     raise _Torn("its crc32 does not match")
                 staged.stage_outputs(blobs, f"replaying session {workspace.id}")
-                staged.commit()
+                staged.commit(replace=header["op"] == "replace")
         except CosserveError as err:
             owner = next((o for ws, o in self.store.owned() if ws is workspace), None)
             self._unrestorable(workspace.id, owner, str(err))

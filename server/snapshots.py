@@ -154,10 +154,9 @@ def load_workspace(state_dir: str, owner: str, name: str, workspace: Workspace) 
     with workspace.transaction() as staging:
         tensors, _ = read(path, workspace.device, lambda nbytes: staging.expect([], nbytes, what))
         staging.stage_outputs(tensors, what)  # the room taken above, to the byte
-        # Nothing after this can fail for want of room: the charge is held. Back to back on one
-        # thread, so a concurrent call sees the old blobs, no blobs, or the new ones, never a mix.
-        workspace.reset()
-        staging.commit()
+        # One step under the workspace's lock: a concurrent call, or a restart after a crash,
+        # sees the old blobs or the new ones, never none and never a mix.
+        staging.commit(replace=True)
     return len(tensors), Workspace.bytes_of(tensors)
 
 

@@ -237,17 +237,23 @@ class Workspace:
             self._charge(delta, what, tail)
             self._reserved += delta
 
-    def _store(self, blobs: Mapping[str, torch.Tensor], reserved: int) -> None:
-        """Set `blobs`, paid for by a reservation of `reserved` bytes, which this consumes."""
+    def _store(self, blobs: Mapping[str, torch.Tensor], reserved: int, *, replace: bool = False) -> None:
+        """Set `blobs`, paid for by a reservation of `reserved` bytes, which this consumes. With
+        `replace`, every other blob goes in the same step (one journal record: a crash keeps the
+        old blobs or the new ones, never none)."""
         with self._lock:
             self._ensure_open()
             new = sum(blob_charge(name, _nbytes(t)) for name, t in blobs.items())
-            old = sum(self._charge_of(name) for name in blobs)
+            old = self._stored if replace else sum(self._charge_of(name) for name in blobs)
             what = f"blob {next(iter(blobs))!r}" if len(blobs) == 1 else "the outputs"
-            self._charge_logged(new - old - reserved, what, "nothing was changed", "set", blobs)
+            kind = "replace" if replace else "set"
+            self._charge_logged(new - old - reserved, what, "nothing was changed", kind, blobs)
             self._reserved -= reserved
             self._stored += new - old
-            self._blobs.update(blobs)
+            if replace:
+                self._blobs = dict(blobs)
+            else:
+                self._blobs.update(blobs)
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
         """Store a tensor that is already allocated (it frees the blob it replaces at once)."""
@@ -423,10 +429,11 @@ class Transaction:
         self._view.update(outputs)
         self.staged.update(outputs)
 
-    def commit(self) -> None:
-        """Store the staged blobs, paid for by the room held."""
-        if self.workspace is not None and self.staged:
-            self.workspace._store(self.staged, self._reserved)
+    def commit(self, *, replace: bool = False) -> None:
+        """Store the staged blobs, paid for by the room held; with `replace`, instead of every
+        blob the workspace holds, in one step."""
+        if self.workspace is not None and (self.staged or replace):
+            self.workspace._store(self.staged, self._reserved, replace=replace)
             self._reserved = 0
 
     def release(self) -> None:

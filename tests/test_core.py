@@ -261,3 +261,20 @@ def test_work_on_a_thread_sees_its_calls_request_id():
         workers.shutdown()
     assert [r[1] for r in results] == ["first", "second"]
     assert all(r[0].startswith("cosserve-work") for r in results)
+
+
+def test_a_replacing_commit_is_one_step_and_one_journal_record():
+    from cosserve.server.workspace import blob_charge
+
+    workspace = Workspace("s", torch.device("cpu"), 1 << 20)
+    records: list[tuple[str, list[str]]] = []
+    workspace.journal = lambda ws, kind, blobs: records.append((kind, sorted(blobs)))
+    workspace.put("a", torch.ones(4))
+    workspace.put("b", torch.ones(8))
+    with workspace.transaction() as txn:
+        txn.expect([], blob_charge("c", 12), "load")
+        txn.stage_outputs({"c": torch.zeros(3)}, "load")
+        txn.commit(replace=True)
+    assert records[-1] == ("replace", ["c"]) and len(records) == 3  # no reset record before it
+    assert workspace.names() == ["c"]
+    assert workspace.held_bytes() == blob_charge("c", 12)
