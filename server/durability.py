@@ -85,14 +85,6 @@ def _refusal(what: str, err: OSError) -> CosserveError:
     return FailedPrecondition(f"{what}: {err.strerror or err}; nothing was changed")
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Journal:
     """The sync log: records appended and fsynced one at a time, by any thread.
 
@@ -147,7 +139,7 @@ class Journal:
             # A crash between the two leaves only `old`, which start-up replays.
             os.replace(self.path, old)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-            _fsync_directory(self.path.parent)
+            snapshots.fsync_directory(self.path.parent)
             os.close(self._fd)
             self._fd, self.size = fd, 0
             return True
@@ -340,7 +332,7 @@ class Durability:
                 # Every change the old log holds is in a snapshot now.
                 with contextlib.suppress(FileNotFoundError):
                     (self.directory / OLD_JOURNAL).unlink()
-                    _fsync_directory(self.directory)
+                    snapshots.fsync_directory(self.directory)
 
     def _write(self, workspace: Workspace, owner: str, *, final: bool) -> None:
         written = self._written.get(workspace.id)
@@ -396,7 +388,7 @@ class Durability:
                         path.unlink()
                         deleted = True
         if deleted:
-            _fsync_directory(self.directory)
+            snapshots.fsync_directory(self.directory)
 
     # ---- replay --------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ __all__ = [
     "SAFETENSORS_DTYPES",
     "check_name",
     "exists",
+    "fsync_directory",
     "load_workspace",
     "owner_dir",
     "read",
@@ -207,7 +208,7 @@ def write(path: Path, blobs: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
                 _write_file(manifest_temp, json.dumps(manifest, ensure_ascii=True).encode("ascii"))
                 os.replace(data_temp, data_path)
                 os.replace(manifest_temp, manifest_path)
-                _fsync_directory(directory)
+                fsync_directory(directory)
             finally:
                 for temp in (data_temp, manifest_temp):
                     with contextlib.suppress(FileNotFoundError):
@@ -307,10 +308,11 @@ def _make_directory(directory: Path) -> None:
     if directory.is_dir():
         return
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _fsync_directory(directory.parent)
+    fsync_directory(directory.parent)
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Make the directory's entries (a rename, a new file) durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
