@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -58,6 +59,16 @@ def start_process(
             break
     proc.kill()
     raise AssertionError("server process did not report its address")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM, as Kubernetes stops a pod; SIGKILL if it has not exited within `timeout`."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def _drain(stream: object, log: list[str] | None) -> None:

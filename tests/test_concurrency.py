@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
-import subprocess
 import threading
 import time
 
 import numpy as np
 
 from cosserve import Client, CosserveRpcError, Session, limits
-from tests.conftest import start_process
+from tests.conftest import start_process, stop_process
 
 THREADS = 32
 SESSIONS = 8
@@ -139,8 +137,4 @@ def test_threads_overwriting_and_reading_the_same_names_see_only_whole_values_of
         for client in clients:
             client.close()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)

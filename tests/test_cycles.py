@@ -7,7 +7,6 @@ COSSERVE_CYCLES sets the measured session cycles (default 2,000, after a warm-up
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import pytest
 
 from cosserve import Client, limits
 from cosserve.v1 import cosserve_pb2 as pb
-from tests.conftest import start_process
+from tests.conftest import start_process, stop_process
 
 psutil = pytest.importorskip("psutil")
 
@@ -41,15 +40,6 @@ STREAMS = 6
 # that slack does not grow with the count. Below one declared feed; six that kept their buffers
 # would hold 384 MiB.
 AFTER_STREAMS = DECLARED
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 def rss(proc: subprocess.Popen) -> int:
@@ -90,7 +80,7 @@ def test_thousands_of_session_cycles_grow_rss_by_less_than_the_bound():
               f"(every 250: {', '.join(f'{m / MiB:.1f}' for m in marks)})")
         assert per_1000 < GROWTH_PER_1000_CYCLES, f"RSS grew {per_1000 / MiB:.1f} MiB per 1,000 session cycles"
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 def _half_a_feed(session_id: str, how: str) -> Iterator[bytes]:
@@ -154,4 +144,4 @@ def test_cancelled_and_failed_128mib_feeds_return_their_memory(gc_off: bool):
             assert s.blobs() == ["warm"]
             assert grown < AFTER_STREAMS, f"RSS is {grown / MiB:.0f} MiB above its baseline: dead calls hold buffers"
     finally:
-        stop(proc)
+        stop_process(proc)

@@ -12,7 +12,6 @@ import collections
 import dataclasses
 import math
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ from hypothesis import strategies as st
 
 from cosserve import Client, Session, wire
 from cosserve.v1 import cosserve_pb2 as pb
-from tests.conftest import start_process
+from tests.conftest import start_process, stop_process
 
 MiB = 1024**2
 SESSION_LIMIT = 64 * MiB
@@ -149,12 +148,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
             region.unlink()
         client.close()
         channel.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
 
 
 def restock(state: Fuzzed) -> None:

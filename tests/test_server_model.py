@@ -4,7 +4,6 @@ cancelled calls. Each test talks gRPC to a real server (in-process or its own pr
 from __future__ import annotations
 
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cosserve import Client, CosserveRpcError, limits
 from cosserve.v1 import cosserve_pb2 as pb
 from cosserve.v1 import cosserve_pb2_grpc as pb_grpc
-from tests.conftest import start_process, start_server
+from tests.conftest import start_process, start_server, stop_process
 
 psutil = pytest.importorskip("psutil")
 
@@ -148,8 +147,4 @@ def test_failed_and_cancelled_feeds_free_their_buffers_without_the_cycle_collect
             assert grown < declared, f"RSS grew {grown / 2**20:.0f} MiB: buffers of dead calls are still held"
             assert s.blobs() == ["warm"]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)

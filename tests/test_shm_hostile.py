@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import subprocess
 import threading
 import time
@@ -28,7 +27,7 @@ from cosserve import Client, CosserveRpcError
 from cosserve.limits import SHM_PREFIX
 from cosserve.v1 import cosserve_pb2 as pb
 
-from tests.conftest import start_process
+from tests.conftest import start_process, stop_process
 
 SHM_DIR = Path("/dev/shm")
 pytestmark = pytest.mark.skipif(not SHM_DIR.is_dir(), reason="needs /dev/shm (Linux)")
@@ -54,12 +53,7 @@ def served() -> Iterator[tuple[subprocess.Popen, Client]]:
         with Client(address, timeout=30.0) as client:
             yield proc, client
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, timeout=30)
 
 
 @pytest.fixture(scope="module")
