@@ -202,28 +202,50 @@ class Client:
         self._watchdog.close()
         self._channel.close()
 
-    def _call(self, method: str, request: Any, *, timeout: float | None = None, framed: bool = False) -> Any:
+    def _metadata_for(self, session: str | None) -> tuple[tuple[str, str], ...]:
+        """The call's metadata: the token, and for a session's call its id, so that a load balancer
+        hashing on `cosserve-session-id` sends every call of a session to the replica holding it."""
+        if session is None:
+            return self._metadata
+        return (*self._metadata, (limits.SESSION_ID_METADATA, session))
+
+    def _call(
+        self,
+        method: str,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        framed: bool = False,
+        session: str | None = None,
+    ) -> Any:
         """Call a unary or request-streaming RPC; raise CosserveRpcError on failure.
 
-        With `framed`, the call is the bytes variant of `_framed` (see `__init__`).
+        With `framed`, the call is the bytes variant of `_framed` (see `__init__`). `session` is
+        the id of the session the call is for, sent as metadata too (see `_metadata_for`).
         """
         rpc = self._framed[method] if framed else getattr(self.stub, method)
         try:
-            return rpc(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            return rpc(request, timeout=timeout or self.timeout, metadata=self._metadata_for(session))
         except grpc.RpcError as err:
             raise CosserveRpcError(err.code(), err.details() or "", method) from err
 
-    def _stream(self, method: str, request: Any, *, timeout: float | None = None) -> Iterator[Any]:
+    def _stream(
+        self, method: str, request: Any, *, timeout: float | None = None, session: str | None = None
+    ) -> Iterator[Any]:
         """Call a response-streaming RPC and yield its messages; raise CosserveRpcError on failure."""
         rpc = getattr(self.stub, method)
         try:
-            yield from rpc(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            yield from rpc(request, timeout=timeout or self.timeout, metadata=self._metadata_for(session))
         except grpc.RpcError as err:
             raise CosserveRpcError(err.code(), err.details() or "", method) from err
 
     def session(self, device: str = "auto") -> Session:
         """Open a server-side workspace on `device` ("auto", "cpu", "cuda", "cuda:N")."""
-        reply = self._call("CreateSession", pb.CreateSessionRequest(device=device))
+        # The client proposes the id (128 random bits) and sends it as metadata as well, so that a
+        # balancer hashing on that header sends the creation where every later call will go.
+        proposed = secrets.token_hex(16)
+        request = pb.CreateSessionRequest(device=device, session_id=proposed)
+        reply = self._call("CreateSession", request, session=proposed)
         return Session(self, reply.session_id, reply.device)
 
     def attach(self, session_id: str) -> Session:
@@ -236,7 +258,7 @@ class Client:
                 not restore it after a restart (the details say why).
         """
         # One cheap call that names the session: the server checks it exists and is ours.
-        self._call("ListBlobs", pb.ListBlobsRequest(session_id=session_id))
+        self._call("ListBlobs", pb.ListBlobsRequest(session_id=session_id), session=session_id)
         # The device is the server's to know; this reply does not say it.
         return Session(self, session_id, "unknown")
 
@@ -299,6 +321,10 @@ class Session:
         self.device = device
         self.closed = False
 
+    def _call(self, method: str, request: Any, **kwargs: Any) -> Any:
+        """Call one of this session's RPCs (see Client._call)."""
+        return self.client._call(method, request, session=self.id, **kwargs)
+
     def __enter__(self) -> Session:
         return self
 
@@ -312,7 +338,7 @@ class Session:
         """Free the session's blobs on the server; calling it twice is harmless."""
         if not self.closed:
             self.closed = True
-            self.client._call("CloseSession", pb.CloseSessionRequest(session_id=self.id))
+            self._call("CloseSession", pb.CloseSessionRequest(session_id=self.id))
 
     # ---- blobs ---------------------------------------------------------------------------
 
@@ -329,9 +355,9 @@ class Session:
             pieces = wire.feed_blob_request(
                 self.id, name, tensors.wire_dtype(array.dtype), array.shape, tensors.byte_view(array)
             )
-            self.client._call("FeedBlob", b"".join(pieces), framed=True)
+            self._call("FeedBlob", b"".join(pieces), framed=True)
         else:
-            self.client._call(
+            self._call(
                 "FeedBlobStream",
                 self._feed_chunks(name, array),
                 timeout=self.client.timeout + array.nbytes * _SECONDS_PER_BYTE,
@@ -358,7 +384,7 @@ class Session:
                 shm_name=region.name,
                 offset=0,
             )
-            self.client._call("FeedBlobShm", request, timeout=self.client.timeout + array.nbytes * _SHM_SECONDS_PER_BYTE)
+            self._call("FeedBlobShm", request, timeout=self.client.timeout + array.nbytes * _SHM_SECONDS_PER_BYTE)
         finally:
             region.close()
             region.unlink()
@@ -380,7 +406,7 @@ class Session:
         # first bytes (all of them for a small blob). No deadline could suit every size, so the
         # call is instead cancelled when no message arrives for the client's timeout.
         rpc = self.client._framed["FetchBlobStream"]
-        call = rpc(request, metadata=self.client._metadata)
+        call = rpc(request, metadata=self.client._metadata_for(self.id))
         with self.client._watchdog.watch(call, self.client.timeout) as progress:
             try:
                 first = next(call)
@@ -421,19 +447,19 @@ class Session:
 
     def _fetch_shm(self, name: str) -> np.ndarray:
         request = pb.FetchBlobShmRequest(session_id=self.id, name=name)
-        info = self.client._call("FetchBlobShm", request)  # no region named: dtype and shape only
+        info = self._call("FetchBlobShm", request)  # no region named: dtype and shape only
         for attempt in range(3):
             nbytes = tensors.nbytes_of(info.dtype, info.shape)
             region = shared_memory.SharedMemory(create=True, size=max(nbytes, 1), name=self._region_name())
             try:
                 into = pb.FetchBlobShmRequest(session_id=self.id, name=name, shm_name=region.name, offset=0)
-                reply = self.client._call("FetchBlobShm", into, timeout=self.client.timeout + nbytes * _SHM_SECONDS_PER_BYTE)
+                reply = self._call("FetchBlobShm", into, timeout=self.client.timeout + nbytes * _SHM_SECONDS_PER_BYTE)
                 return _array_in(region, reply.dtype, tuple(reply.shape))
             except CosserveRpcError as err:
                 # The blob may have grown between the two calls: size the region again.
                 if err.code() != grpc.StatusCode.INVALID_ARGUMENT or attempt == 2:
                     raise
-                now = self.client._call("FetchBlobShm", request)
+                now = self._call("FetchBlobShm", request)
                 if tensors.nbytes_of(now.dtype, now.shape) <= nbytes:
                     raise
                 info = now
@@ -443,19 +469,19 @@ class Session:
         raise AssertionError("unreachable")
 
     def has_blob(self, name: str) -> bool:
-        reply = self.client._call("HasBlob", pb.HasBlobRequest(session_id=self.id, name=name))
+        reply = self._call("HasBlob", pb.HasBlobRequest(session_id=self.id, name=name))
         return bool(reply.exists)
 
     def blobs(self) -> list[str]:
         """Names of the session's blobs, sorted."""
-        return list(self.client._call("ListBlobs", pb.ListBlobsRequest(session_id=self.id)).names)
+        return list(self._call("ListBlobs", pb.ListBlobsRequest(session_id=self.id)).names)
 
     def remove_blob(self, name: str) -> None:
-        self.client._call("RemoveBlob", pb.RemoveBlobRequest(session_id=self.id, name=name))
+        self._call("RemoveBlob", pb.RemoveBlobRequest(session_id=self.id, name=name))
 
     def reset(self) -> None:
         """Drop every blob; the session stays open."""
-        self.client._call("ResetWorkspace", pb.ResetWorkspaceRequest(session_id=self.id))
+        self._call("ResetWorkspace", pb.ResetWorkspaceRequest(session_id=self.id))
 
     def save(self, name: str, *, timeout: float | None = None) -> tuple[int, int]:
         """Write every blob of this session, bit-exact, to the server's state directory
@@ -467,7 +493,7 @@ class Session:
         without a state directory, RESOURCE_EXHAUSTED when its disk has no room. `timeout`: the
         deadline in seconds (default the client's); a large session takes about a second per GB."""
         request = pb.SaveWorkspaceRequest(session_id=self.id, name=name)
-        reply = self.client._call("SaveWorkspace", request, timeout=timeout)
+        reply = self._call("SaveWorkspace", request, timeout=timeout)
         return int(reply.blobs), int(reply.bytes)
 
     def load(self, name: str, *, timeout: float | None = None) -> tuple[int, int]:
@@ -480,7 +506,7 @@ class Session:
         anything is read), FAILED_PRECONDITION for a damaged snapshot (the message says what
         and which file) or a server without a state directory."""
         request = pb.LoadWorkspaceRequest(session_id=self.id, name=name)
-        reply = self.client._call("LoadWorkspace", request, timeout=timeout)
+        reply = self._call("LoadWorkspace", request, timeout=timeout)
         return int(reply.blobs), int(reply.bytes)
 
     def publish_corpus(self, blob: str, name: str) -> None:
@@ -491,14 +517,14 @@ class Session:
         Raises CosserveRpcError: FAILED_PRECONDITION for a name already in use (or a server that
         publishes nothing), RESOURCE_EXHAUSTED past the server's --max-published-bytes,
         INVALID_ARGUMENT for a bad name, NOT_FOUND for a blob the session does not hold."""
-        self.client._call("PublishCorpus", pb.PublishCorpusRequest(session_id=self.id, blob=blob, name=name))
+        self._call("PublishCorpus", pb.PublishCorpusRequest(session_id=self.id, blob=blob, name=name))
 
     # ---- operators -----------------------------------------------------------------------
 
     def run_operator(self, op_type: str, inputs: Sequence[str], outputs: Sequence[str], **args: Any) -> None:
         """Run one Caffe2 operator on the session's blobs; on failure nothing changes."""
         request = pb.RunOperatorRequest(session_id=self.id, op=operator_def(op_type, inputs, outputs, args))
-        self.client._call("RunOperator", request)
+        self._call("RunOperator", request)
 
     def run_net(self, ops: Iterable[OpSpec]) -> None:
         """Run operators in order, all or nothing.
@@ -506,7 +532,7 @@ class Session:
         Each op is (type, inputs, outputs) or (type, inputs, outputs, {arg: value}).
         """
         request = pb.RunNetRequest(session_id=self.id, ops=[_op_from_spec(s) for s in ops])
-        self.client._call("RunNet", request)
+        self._call("RunNet", request)
 
     def check_gradient(
         self,
@@ -528,7 +554,7 @@ class Session:
             step_size=step_size,
             output_index=output_index,
         )
-        reply = self.client._call("CheckGradient", request)
+        reply = self._call("CheckGradient", request)
         result = {item.input: item.max_abs_error for item in reply.inputs}
         result["max_abs_error"] = reply.max_abs_error
         return result
@@ -594,7 +620,7 @@ class Session:
         if timeout is None:
             timeout = self.client.timeout * (1 + count) if count is not None else _UNSIZED_STREAM_TIMEOUT
         try:
-            for reply in self.client._stream("ScoreTopK", requests(), timeout=timeout):
+            for reply in self.client._stream("ScoreTopK", requests(), timeout=timeout, session=self.id):
                 yield tensors.from_wire(reply.scores), tensors.from_wire(reply.indices)
         except CosserveRpcError:
             if failure:

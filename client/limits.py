@@ -1,6 +1,6 @@
-"""Message-size constants shared by the client and the server (one place sets both sides)."""
+"""Constants of the wire shared by the client and the server (one place sets both sides)."""
 
-__all__ = ["SHM_PREFIX", "CHUNK_BYTES", "INLINE_BYTES", "MAX_MESSAGE_BYTES", "GRPC_OPTIONS"]
+__all__ = ["SESSION_ID_METADATA", "SHM_PREFIX", "CHUNK_BYTES", "INLINE_BYTES", "MAX_MESSAGE_BYTES", "GRPC_OPTIONS"]
 
 # Tensors up to this many bytes travel in one unary message; larger ones are chunk-streamed.
 INLINE_BYTES = 2 * 1024 * 1024
@@ -18,3 +18,7 @@ GRPC_OPTIONS = (
 # A shared-memory region's name starts with SHM_PREFIX + session id + "_": the server opens no
 # other, so a session reaches only regions made for it, never another program's memory.
 SHM_PREFIX = "cosserve_"
+
+# Every call of a session carries its id in this metadata key, and CreateSession the proposed
+# id: a load balancer hashing on it (deploy/nginx/cosserve.conf) keeps a session on one replica.
+SESSION_ID_METADATA = "cosserve-session-id"

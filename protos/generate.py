@@ -1,4 +1,7 @@
-"""Regenerate the committed Python stubs in client/v1/ from protos/cosserve/v1/*.proto.
+"""Regenerate the committed Python stubs from protos/cosserve/**/*.proto.
+
+protos/cosserve/<dir>/x.proto becomes client/<dir>/x_pb2.py, x_pb2.pyi and x_pb2_grpc.py, imported
+as cosserve.<dir>.x_pb2 (client/ is the `cosserve` package).
 
 Usage: python protos/generate.py [--out DIR]   (needs the `dev` extra: grpcio-tools)
 """
@@ -13,12 +16,13 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-PROTO_FILES = sorted(PROTO_ROOT.glob("cosserve/v1/*.proto"))
-DEFAULT_OUT = ROOT / "client" / "v1"
+PROTO_FILES = sorted(PROTO_ROOT.glob("cosserve/**/*.proto"))
+DEFAULT_OUT = ROOT / "client"  # stands for protos/cosserve/
 
 
 def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
-    """Write the *_pb2.py, *_pb2.pyi and *_pb2_grpc.py files into out_dir; return their paths."""
+    """Write the *_pb2.py, *_pb2.pyi and *_pb2_grpc.py files under out_dir (which stands for
+    protos/cosserve/, so v1's go to out_dir/v1/); return their paths."""
     from grpc_tools import protoc  # imported here: only the dev extra has grpcio-tools
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -34,10 +38,11 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
         ]
         if protoc.main(args) != 0:
             raise RuntimeError("protoc failed: " + " ".join(args))
-        out_dir.mkdir(parents=True, exist_ok=True)
+        generated = pathlib.Path(tmp) / "cosserve"
         written = []
-        for src in sorted((pathlib.Path(tmp) / "cosserve" / "v1").iterdir()):
-            dst = out_dir / src.name
+        for src in sorted(p for p in generated.rglob("*") if p.is_file()):
+            dst = out_dir / src.relative_to(generated)
+            dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
             written.append(dst)
     return written
@@ -45,7 +50,7 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="output folder")
+    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="output folder standing for protos/cosserve/ (default: client/)")
     ns = parser.parse_args(argv)
     for path in generate(ns.out):
         print(path)

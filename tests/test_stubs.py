@@ -23,7 +23,7 @@ def test_committed_stubs_are_fresh(tmp_path: pathlib.Path) -> None:
     written = _load_generator().generate(tmp_path)
     assert written, "the generator wrote nothing"
     for fresh in written:
-        committed = ROOT / "client" / "v1" / fresh.name
+        committed = ROOT / "client" / fresh.relative_to(tmp_path)
         assert committed.exists(), f"{committed} is missing: run python protos/generate.py"
         assert committed.read_bytes() == fresh.read_bytes(), (
             f"{committed.relative_to(ROOT)} is stale: run python protos/generate.py and commit the result"

@@ -89,10 +89,12 @@ class OperatorDef(_message.Message):
     def __init__(self, type: _Optional[str] = ..., input: _Optional[_Iterable[str]] = ..., output: _Optional[_Iterable[str]] = ..., arg: _Optional[_Iterable[_Union[Argument, _Mapping]]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("device",)
+    __slots__ = ("device", "session_id")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     device: str
-    def __init__(self, device: _Optional[str] = ...) -> None: ...
+    session_id: str
+    def __init__(self, device: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class CreateSessionResponse(_message.Message):
     __slots__ = ("session_id", "device")
@@ -249,24 +251,28 @@ class ResetWorkspaceResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class RunOperatorRequest(_message.Message):
-    __slots__ = ("session_id", "op")
+    __slots__ = ("session_id", "op", "caffe2_op")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
+    CAFFE2_OP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     op: OperatorDef
-    def __init__(self, session_id: _Optional[str] = ..., op: _Optional[_Union[OperatorDef, _Mapping]] = ...) -> None: ...
+    caffe2_op: bytes
+    def __init__(self, session_id: _Optional[str] = ..., op: _Optional[_Union[OperatorDef, _Mapping]] = ..., caffe2_op: _Optional[bytes] = ...) -> None: ...
 
 class RunOperatorResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class RunNetRequest(_message.Message):
-    __slots__ = ("session_id", "ops")
+    __slots__ = ("session_id", "ops", "caffe2_net")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OPS_FIELD_NUMBER: _ClassVar[int]
+    CAFFE2_NET_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     ops: _containers.RepeatedCompositeFieldContainer[OperatorDef]
-    def __init__(self, session_id: _Optional[str] = ..., ops: _Optional[_Iterable[_Union[OperatorDef, _Mapping]]] = ...) -> None: ...
+    caffe2_net: bytes
+    def __init__(self, session_id: _Optional[str] = ..., ops: _Optional[_Iterable[_Union[OperatorDef, _Mapping]]] = ..., caffe2_net: _Optional[bytes] = ...) -> None: ...
 
 class RunNetResponse(_message.Message):
     __slots__ = ()
