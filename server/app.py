@@ -25,7 +25,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from cosserve import limits
-from cosserve.server import observability, servicer
+from cosserve.server import observability, oip, servicer
 from cosserve.server import settings as settings_mod
 from cosserve.server.codec import dtype_name
 from cosserve.server.corpora import Corpora
@@ -194,10 +194,12 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
     workers = Workers(settings.max_workers, settings.inline_op_bytes)
     scorer = Scorer(limits.INLINE_BYTES)
     servicer.add_to_server(CosserveServicer(store, settings, workers, scorer, metrics), server)
+    # The Open Inference Protocol (KServe v2 / Triton) on the same port, behind the same interceptors.
+    oip.add_to_server(oip.InferenceServicer(settings, workers, metrics), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (SERVICE_NAME, oip.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
     # Every session of --state-dir is back before the first call can name one (and before anything
@@ -219,7 +221,7 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
     # Metrics first: if its port was taken since check_listen looked, nothing has started yet.
     metrics_port = metrics.start(host, settings.metrics_port) if metrics else 0
     await server.start()
-    for service in ("", SERVICE_NAME):
+    for service in ("", SERVICE_NAME, oip.SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     loop.create_task(_expire_idle(store))
