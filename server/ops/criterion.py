@@ -46,7 +46,9 @@ def cosine_embedding_criterion(inputs: Sequence[torch.Tensor], args: Mapping[str
     s_in, y_in = inputs
     s = s_in.to(compute_dtype(s_in.dtype))
     match = y_in.reshape(s.shape) == 1
-    loss = torch.where(match, 1 - s, (s - args["margin"]).clamp(min=0))
+    hinge = s - args["margin"]
+    # Caffe2's std::max(0.f, h) is (0 < h) ? h : 0, so a NaN h gives 0 (clamp would keep the NaN).
+    loss = torch.where(match, 1 - s, torch.where(hinge > 0, hinge, 0.0))
     return [loss.to(s_in.dtype)]
 
 

@@ -123,7 +123,8 @@ _PADDING_ARGS = (
 
 
 def _check_padding(gradient_input: str | None = None) -> ShapeCheck:
-    """X and Y with the same rank and rows; widths may differ (dividing each other for replicate)."""
+    """X and Y with the same rank and rows; widths may differ (dividing each other for replicate).
+    An X with no elements has no rows to pad (Caffe2: N = 0), whatever Y's width."""
 
     def check(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> None:
         x, y = inputs[0], inputs[1]
@@ -132,13 +133,13 @@ def _check_padding(gradient_input: str | None = None) -> ShapeCheck:
                 f"input Y must have the rank and first dimension of X {shape_of(x)}, got {shape_of(y)}"
             )
         short, long = sorted((row_width(x), row_width(y)))
-        if args["replicate"] and short != long and (short == 0 or long % short):
+        if x.numel() and args["replicate"] and short != long and (short == 0 or long % short):
             raise InvalidArgument(
                 f"with replicate, one row width must divide the other; X {shape_of(x)} has width "
                 f"{row_width(x)}, Y {shape_of(y)} has width {row_width(y)}"
             )
         if gradient_input is not None:
-            check_gradient_input(gradient_input, inputs[2], row_count(x), x)
+            check_gradient_input(gradient_input, inputs[2], _dot_rows(x), x)
 
     return check
 
@@ -155,13 +156,16 @@ def _longer_first(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch
         outputs=("P",),
         args=_PADDING_ARGS,
         doc="P = x·y per row, the shorter row padded with pad_value (or, with replicate, tiled over the "
-        "longer one); X and Y have the same rows, widths may differ; P is (N,).",
+        "longer one); X and Y have the same rows, widths may differ; P is (N,), and (0,) when X has no "
+        "elements.",
         gradient="DotProductWithPaddingGradient",
     ),
     check_shapes=_check_padding(),
 )
 def dot_product_with_padding(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # P = Σ_j long[j]·short[j mod DS] (replicate), else Σ_{j<DS} x[j]·y[j] + pad_value·Σ_{j≥DS} long[j]
+    if inputs[0].numel() == 0:  # Caffe2: N = 0 when X has no elements, even (3, 0) against (3, 4)
+        return [inputs[0].new_zeros(0)]
     x, y = rows(inputs[0]), rows(inputs[1])
     n = x.shape[0]
     long, short, _ = _longer_first(x, y)
@@ -182,7 +186,8 @@ def dot_product_with_padding(inputs: Sequence[torch.Tensor], args: Mapping[str, 
         outputs=("dX", "dY"),
         args=_PADDING_ARGS,
         doc="Gradient of DotProductWithPadding: g times the other (padded or tiled) row; the padded "
-        "tail of the longer row gets g·pad_value; dP is (N,).",
+        "tail of the longer row gets g·pad_value; dP is (N,), and (0,) when X has no elements (dX, dY "
+        "are then zeros).",
     ),
     check_shapes=_check_padding(gradient_input="dP"),
 )
@@ -190,6 +195,8 @@ def dot_product_with_padding_gradient(inputs: Sequence[torch.Tensor], args: Mapp
     # replicate: dlong[j] = g·short[j mod DS], dshort = g·Σ_k long[k·DS:(k+1)·DS];
     # padding: dlong = g·[short, pad_value, ...], dshort = g·long[:DS]
     x_in, y_in, g_in = inputs
+    if x_in.numel() == 0:  # the forward had no rows (Caffe2's N = 0): nothing flows back
+        return [torch.zeros_like(x_in), torch.zeros_like(y_in)]
     x, y = rows(x_in), rows(y_in)
     n = x.shape[0]
     g = g_in.to(x.dtype)[:, None]
@@ -273,5 +280,10 @@ def l1_distance_gradient(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]
     # dX = g·sign(x − y)·[|x − y| > eps], dY = −dX (Caffe2's dead zone around x == y, kEps wide)
     x_in, y_in, g_in = inputs
     d = rows(x_in) - rows(y_in)
-    dx = torch.where(d.abs() > NORM_FLOOR, g_in.to(d.dtype)[:, None] * torch.sign(d), 0.0)
-    return [from_rows(dx, x_in), from_rows(-dx, y_in)]
+    live = d.abs() > NORM_FLOOR
+    slope = g_in.to(d.dtype)[:, None] * torch.sign(d)
+    # dY is masked on its own, not negated from dX: Caffe2 writes 0 to both in the dead zone,
+    # and −dX would make it −0.0 there.
+    dx = torch.where(live, slope, 0.0)
+    dy = torch.where(live, -slope, 0.0)
+    return [from_rows(dx, x_in), from_rows(dy, y_in)]
