@@ -1,7 +1,31 @@
-"""cosserve: Caffe2's cosine operators as a gRPC service; this package is the client (no torch)."""
+"""cosserve: Caffe2's cosine operators as a gRPC service on torch; this package is the client (no torch)."""
 
-from cosserve.client import Client, Session
-from cosserve.errors import CosserveRpcError
+from cosserve.client import Client, GradientCheck, Session
+from cosserve.errors import (
+    CosserveError,
+    CosserveRpcError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    OpSpecError,
+    ProtocolError,
+    ShapeError,
+    SharedMemoryError,
+    UnsupportedDtypeError,
+)
 
-__all__ = ["Client", "CosserveRpcError", "Session", "__version__"]
+__all__ = [
+    "Client",
+    "CosserveError",
+    "CosserveRpcError",
+    "GradientCheck",
+    "InvalidArgumentError",
+    "InvalidTypeError",
+    "OpSpecError",
+    "ProtocolError",
+    "Session",
+    "ShapeError",
+    "SharedMemoryError",
+    "UnsupportedDtypeError",
+    "__version__",
+]
 __version__ = "0.1.0"

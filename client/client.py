@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import mmap
 import os
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from multiprocessing import shared_memory
 from typing import Any
 
@@ -16,11 +18,31 @@ import grpc
 import numpy as np
 
 from cosserve import limits, tensors, wire
-from cosserve.errors import CosserveRpcError
+from cosserve.errors import (
+    CosserveRpcError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    OpSpecError,
+    ProtocolError,
+    ShapeError,
+    SharedMemoryError,
+)
 from cosserve.v1 import cosserve_pb2 as pb
 from cosserve.v1 import cosserve_pb2_grpc as pb_grpc
 
-__all__ = ["ArgInfo", "Client", "CorpusInfo", "InputInfo", "OpInfo", "Session", "OpSpec", "PemSource", "channel_credentials"]
+__all__ = [
+    "ArgInfo",
+    "Client",
+    "CorpusInfo",
+    "GradientCheck",
+    "InputInfo",
+    "OpInfo",
+    "OpSpec",
+    "PemSource",
+    "Session",
+    "channel_credentials",
+    "operator_def",
+]
 
 # One operator of a net: (type, inputs, outputs) or (type, inputs, outputs, {arg: value}),
 # or a mapping with keys "type", "inputs", "outputs" and optionally "args".
@@ -84,7 +106,7 @@ def _argument(name: str, value: Any) -> pb.Argument:
     elif isinstance(value, str):
         arg.s = value
     else:
-        raise TypeError(f"argument {name}={value!r}: expected bool, int, float or str")
+        raise InvalidTypeError(f"argument {name}={value!r}: expected bool, int, float or str")
     return arg
 
 
@@ -94,9 +116,15 @@ def _argument_value(arg: pb.Argument) -> Any:
 
 
 def operator_def(op_type: str, inputs: Sequence[str], outputs: Sequence[str], args: Mapping[str, Any]) -> pb.OperatorDef:
-    """Build the wire OperatorDef of one operator."""
+    """Build the wire OperatorDef of one operator (InvalidTypeError for names that are not str)."""
+    if not isinstance(op_type, str):
+        raise InvalidTypeError(f"an operator type is a str such as 'Cos', got {op_type!r}")
     if isinstance(inputs, str) or isinstance(outputs, str):
-        raise TypeError("inputs and outputs are lists of blob names, not a single string")
+        raise InvalidTypeError("inputs and outputs are lists of blob names, not a single string")
+    for name in (*inputs, *outputs):
+        _check_name(name)
+    if not isinstance(args, Mapping) or not all(isinstance(k, str) for k in args):
+        raise InvalidTypeError(f"{op_type}: arguments are a mapping of str names to values, got {args!r}")
     return pb.OperatorDef(
         type=op_type,
         input=list(inputs),
@@ -105,14 +133,29 @@ def operator_def(op_type: str, inputs: Sequence[str], outputs: Sequence[str], ar
     )
 
 
-def _op_from_spec(spec: OpSpec) -> pb.OperatorDef:
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str):
+        raise InvalidTypeError(f"a blob name is a str, got {name!r}")
+
+
+def op_from_spec(spec: OpSpec) -> pb.OperatorDef:
+    """The OperatorDef of one op of a net: (type, inputs, outputs[, args]) or a mapping with keys
+    "type", "inputs", "outputs" and optionally "args"; OpSpecError for anything else."""
     if isinstance(spec, Mapping):
-        return operator_def(spec["type"], spec["inputs"], spec["outputs"], spec.get("args", {}))
-    if len(spec) == 3:
-        return operator_def(spec[0], spec[1], spec[2], {})
-    if len(spec) == 4:
-        return operator_def(spec[0], spec[1], spec[2], spec[3])
-    raise TypeError(f"an op is (type, inputs, outputs[, args]), got {spec!r}")
+        missing = [key for key in ("type", "inputs", "outputs") if key not in spec]
+        unknown = sorted(set(spec) - {"type", "inputs", "outputs", "args"}, key=str)
+        if missing or unknown:
+            problem = f"missing {missing}" if missing else f"unknown keys {unknown}"
+            raise OpSpecError(f"an op mapping has keys type, inputs, outputs[, args]: {problem} in {spec!r}")
+        parts: Sequence[Any] = (spec["type"], spec["inputs"], spec["outputs"], spec.get("args", {}))
+    elif isinstance(spec, (tuple, list)) and len(spec) in (3, 4):
+        parts = (*spec, {}) if len(spec) == 3 else spec
+    else:
+        raise OpSpecError(f"an op is (type, inputs, outputs[, args]), got {spec!r}")
+    try:
+        return operator_def(*parts)
+    except InvalidTypeError as err:
+        raise OpSpecError(f"{err} (in the op {spec!r})") from None
 
 
 # PEM text as bytes, or the path of a PEM file.
@@ -125,8 +168,11 @@ def _pem(source: PemSource | None) -> bytes | None:
     text = os.fspath(source)
     if text.lstrip().startswith("-----BEGIN "):  # PEM given as text rather than a path
         return text.encode("ascii")
-    with open(text, "rb") as file:
-        return file.read()
+    try:
+        with open(text, "rb") as file:
+            return file.read()
+    except OSError as err:
+        raise InvalidArgumentError(f"cannot read the PEM file {text!r}: {err.strerror or err}") from None
 
 
 def channel_credentials(
@@ -138,10 +184,200 @@ def channel_credentials(
     """TLS credentials of a channel: the CAs to trust (None: the system's) and, for mutual TLS,
     this client's certificate and key. Each is PEM bytes or the path of a PEM file."""
     if (client_cert is None) != (client_key is None):
-        raise ValueError("client_cert and client_key go together: give both or neither")
+        raise InvalidArgumentError("client_cert and client_key go together: give both or neither")
     return grpc.ssl_channel_credentials(
         root_certificates=_pem(root_certificates), private_key=_pem(client_key), certificate_chain=_pem(client_cert)
     )
+
+
+# ---- pure request building and reply decoding, shared with cosserve.aio ------------------
+
+
+def call_metadata(base: tuple[tuple[str, str], ...], session: str | None) -> tuple[tuple[str, str], ...]:
+    """A call's metadata: `base` (the token), and for a session's call its id, so that a load
+    balancer hashing on `cosserve-session-id` sends every call of a session to the replica holding it."""
+    if session is None:
+        return base
+    return (*base, (limits.SESSION_ID_METADATA, session))
+
+
+def create_session_request(device: str) -> pb.CreateSessionRequest:
+    """CreateSession with a proposed id: 128 random bits, also sent as metadata, so that a balancer
+    hashing on that header sends the creation where every later call will go."""
+    return pb.CreateSessionRequest(device=device, session_id=secrets.token_hex(16))
+
+
+def rpc_error(err: grpc.RpcError, method: str) -> CosserveRpcError:
+    return CosserveRpcError(err.code(), err.details() or "", method)
+
+
+def operator_infos(reply: pb.ListOperatorsResponse) -> list[OpInfo]:
+    return [
+        OpInfo(
+            name=s.name,
+            inputs=tuple(
+                InputInfo(i.name, tuple(pb.DType.Name(d).lower() for d in i.dtypes), i.doc) for i in s.inputs
+            ),
+            outputs=tuple(s.outputs),
+            args=tuple(
+                ArgInfo(a.name, pb.ArgType.Name(a.type).removeprefix("ARG_").lower(), _argument_value(a.default), a.doc)
+                for a in s.args
+            ),
+            doc=s.doc,
+            gradient=s.gradient or None,
+            caffe2=s.caffe2,
+        )
+        for s in reply.operators
+    ]
+
+
+def corpus_infos(reply: pb.ListCorporaResponse) -> list[CorpusInfo]:
+    return [CorpusInfo(c.name, pb.DType.Name(c.dtype).lower(), tuple(c.shape), int(c.bytes), c.source) for c in reply.corpora]
+
+
+# Inputs of one Compute request at most: the message limit, less room for names and headers.
+# Larger inputs go through a temporary session.
+COMPUTE_INPUT_BYTES = limits.MAX_MESSAGE_BYTES - 256 * 1024
+# The server's advice when a Compute's outputs do not fit one reply (engine.compute and
+# workspace.Transaction._settle): the client then does just that, in a temporary session.
+_REPLY_TOO_BIG_ADVICE = "run it in a session"
+
+
+def compute_inputs(
+    op_type: str, inputs: Mapping[str, Any], outputs: Sequence[str], args: Mapping[str, Any]
+) -> tuple[pb.OperatorDef, dict[str, np.ndarray]]:
+    """The checked operator and its inputs as wire-ready arrays."""
+    if not isinstance(inputs, Mapping):
+        raise InvalidTypeError(f"compute inputs are a mapping {{name: array}}, got {type(inputs).__name__}")
+    op = operator_def(op_type, list(inputs), outputs, args)
+    return op, {name: tensors.as_numpy(value) for name, value in inputs.items()}
+
+
+def fits_one_compute(arrays: Mapping[str, np.ndarray]) -> bool:
+    return sum(a.nbytes for a in arrays.values()) <= COMPUTE_INPUT_BYTES
+
+
+def compute_request(op: pb.OperatorDef, arrays: Mapping[str, np.ndarray], device: str) -> pb.ComputeRequest:
+    request = pb.ComputeRequest(op=op, device=device)
+    for name, array in arrays.items():
+        tensors.to_wire(array, request.inputs.add(name=name).tensor)
+    return request
+
+
+def compute_outputs(reply: pb.ComputeResponse) -> dict[str, np.ndarray]:
+    return {item.name: tensors.from_wire(item.tensor) for item in reply.outputs}
+
+
+def reply_too_big(err: CosserveRpcError) -> bool:
+    """Whether a Compute failed only because its outputs do not fit one reply message."""
+    return err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and _REPLY_TOO_BIG_ADVICE in err.details()
+
+
+class GradientCheck(dict[str, float]):
+    """`Session.check_gradient`'s result: {"max_abs_error": ..., <input>: its max abs error, ...}
+    as a dict, and the relative errors, max |analytic - numeric| / max(1, |numeric|), as
+    `.max_rel_error` and `.rel_errors` ({input: max rel error})."""
+
+    def __init__(self, abs_errors: Mapping[str, float], rel_errors: Mapping[str, float], max_abs_error: float) -> None:
+        super().__init__(abs_errors)
+        self["max_abs_error"] = max_abs_error
+        self.rel_errors = dict(rel_errors)
+        self.max_rel_error = max(rel_errors.values(), default=0.0)
+
+
+def gradient_check(reply: pb.CheckGradientResponse) -> GradientCheck:
+    return GradientCheck(
+        {item.input: item.max_abs_error for item in reply.inputs},
+        {item.input: item.max_rel_error for item in reply.inputs},
+        reply.max_abs_error,
+    )
+
+
+class FetchAssembler:
+    """One streamed fetch's blob, put together from its FetchBlobChunk messages (bytes)."""
+
+    def __init__(self, name: str, first: bytes) -> None:
+        self.name = name
+        self.frame = _decoded(wire.decode_fetch_blob_chunk, first)
+        self.nbytes = tensors.nbytes_of(self.frame.dtype, self.frame.shape)
+        data = self.frame.data
+        if self.nbytes == data.end - data.start:
+            # The whole blob in one message. One copy (at most a message): a view of the received
+            # bytes would be read-only, unlike every other array the client returns.
+            self.whole: np.ndarray | None = tensors.array_at(self.frame.dtype, self.frame.shape, first, *data).copy()
+            return
+        self.whole = None
+        self.buffer = np.empty(self.nbytes, np.uint8)
+        self.filled = 0
+        self._add(first, data)
+
+    def add(self, message: bytes) -> None:
+        self._add(message, _decoded(wire.decode_fetch_blob_chunk, message).data)
+
+    def _add(self, message: bytes, data: wire.Span) -> None:
+        size = data.end - data.start
+        if self.filled + size > self.nbytes:
+            raise ProtocolError(f"server sent more than the {self.nbytes} bytes of blob {self.name!r}")
+        if size:
+            self.buffer[self.filled : self.filled + size] = np.frombuffer(message, np.uint8, size, data.start)
+        self.filled += size
+
+    def result(self) -> np.ndarray:
+        if self.whole is not None:
+            return self.whole
+        return tensors.decode(self.frame.dtype, self.frame.shape, self.buffer[: self.filled])
+
+
+def _decoded(decode: Any, message: bytes) -> Any:
+    try:
+        return decode(message)
+    except wire.WireError as err:
+        raise ProtocolError(f"the server sent a message this client cannot decode: {err}") from None
+
+
+def create_region(nbytes: int, name: str) -> shared_memory.SharedMemory:
+    try:
+        return shared_memory.SharedMemory(create=True, size=max(nbytes, 1), name=name)
+    except OSError as err:
+        raise SharedMemoryError(
+            f"cannot create a {nbytes}-byte shared-memory region ({err.strerror or err}); pass shm=False"
+        ) from None
+
+
+# ---- top-k: one ScoreTopK stream, or CosineTopK in the session for a k too large for it ---
+
+# Bytes of one ScoreTopK reply the server sends at most (server/app.py: Scorer(limits.INLINE_BYTES)).
+TOP_K_REPLY_BYTES = limits.INLINE_BYTES
+# Result bytes of one CosineTopK call when k is too large for a ScoreTopK reply of one row.
+_TOP_K_OP_RESULT_BYTES = 64 * 1024 * 1024
+
+
+def top_k_row_bytes(k: int, itemsize: int) -> int:
+    """Reply bytes per query: k scores of the corpus dtype and k int64 indices."""
+    return max(1, k) * (itemsize + 8)
+
+
+def top_k_requests(session_id: str, corpus: str, k: int, batch: np.ndarray) -> Iterator[pb.TopKRequest]:
+    """ScoreTopK requests of one batch, each small enough, and its reply within TOP_K_REPLY_BYTES."""
+    reply_rows = max(1, TOP_K_REPLY_BYTES // top_k_row_bytes(k, batch.dtype.itemsize))
+    rows = max(1, min(reply_rows, limits.INLINE_BYTES // max(1, batch[:1].nbytes)))
+    for start in range(0, max(1, batch.shape[0]), rows):
+        request = pb.TopKRequest(session_id=session_id, corpus=corpus, k=k)
+        tensors.to_wire(batch[start : start + rows], request.queries)
+        yield request
+
+
+def top_k_op_pieces(batch: np.ndarray, k: int) -> Iterator[np.ndarray]:
+    """Row slices of a batch scored by one CosineTopK call each (at most 64 MiB of results)."""
+    rows = max(1, _TOP_K_OP_RESULT_BYTES // top_k_row_bytes(k, batch.dtype.itemsize))
+    for start in range(0, max(1, batch.shape[0]), rows):
+        yield batch[start : start + rows]
+
+
+def top_k_scratch_names() -> tuple[str, str, str]:
+    """Blob names for the queries, scores and indices of CosineTopK calls, unlike any caller's."""
+    tag = secrets.token_hex(6)
+    return f"_cosserve_topk_{tag}_queries", f"_cosserve_topk_{tag}_scores", f"_cosserve_topk_{tag}_indices"
 
 
 class Client:
@@ -175,7 +411,9 @@ class Client:
         options = list(limits.GRPC_OPTIONS)
         if tls or root_certificates is not None or client_cert is not None or client_key is not None:
             if credentials is not None:
-                raise ValueError("give credentials, or the TLS options (tls, root_certificates, client_cert, client_key)")
+                raise InvalidArgumentError(
+                    "give credentials, or the TLS options (tls, root_certificates, client_cert, client_key)"
+                )
             credentials = channel_credentials(
                 root_certificates=root_certificates, client_cert=client_cert, client_key=client_key
             )
@@ -205,9 +443,7 @@ class Client:
     def _metadata_for(self, session: str | None) -> tuple[tuple[str, str], ...]:
         """The call's metadata: the token, and for a session's call its id, so that a load balancer
         hashing on `cosserve-session-id` sends every call of a session to the replica holding it."""
-        if session is None:
-            return self._metadata
-        return (*self._metadata, (limits.SESSION_ID_METADATA, session))
+        return call_metadata(self._metadata, session)
 
     def _call(
         self,
@@ -227,7 +463,7 @@ class Client:
         try:
             return rpc(request, timeout=timeout or self.timeout, metadata=self._metadata_for(session))
         except grpc.RpcError as err:
-            raise CosserveRpcError(err.code(), err.details() or "", method) from err
+            raise rpc_error(err, method) from err
 
     def _stream(
         self, method: str, request: Any, *, timeout: float | None = None, session: str | None = None
@@ -237,15 +473,14 @@ class Client:
         try:
             yield from rpc(request, timeout=timeout or self.timeout, metadata=self._metadata_for(session))
         except grpc.RpcError as err:
-            raise CosserveRpcError(err.code(), err.details() or "", method) from err
+            raise rpc_error(err, method) from err
 
     def session(self, device: str = "auto") -> Session:
         """Open a server-side workspace on `device` ("auto", "cpu", "cuda", "cuda:N")."""
         # The client proposes the id (128 random bits) and sends it as metadata as well, so that a
         # balancer hashing on that header sends the creation where every later call will go.
-        proposed = secrets.token_hex(16)
-        request = pb.CreateSessionRequest(device=device, session_id=proposed)
-        reply = self._call("CreateSession", request, session=proposed)
+        request = create_session_request(device)
+        reply = self._call("CreateSession", request, session=request.session_id)
         return Session(self, reply.session_id, reply.device)
 
     def attach(self, session_id: str) -> Session:
@@ -264,33 +499,11 @@ class Client:
 
     def operators(self) -> list[OpInfo]:
         """Schemas of the server's operators, sorted by name."""
-        reply = self._call("ListOperators", pb.ListOperatorsRequest())
-        return [
-            OpInfo(
-                name=s.name,
-                inputs=tuple(
-                    InputInfo(i.name, tuple(pb.DType.Name(d).lower() for d in i.dtypes), i.doc)
-                    for i in s.inputs
-                ),
-                outputs=tuple(s.outputs),
-                args=tuple(
-                    ArgInfo(a.name, pb.ArgType.Name(a.type).removeprefix("ARG_").lower(), _argument_value(a.default), a.doc)
-                    for a in s.args
-                ),
-                doc=s.doc,
-                gradient=s.gradient or None,
-                caffe2=s.caffe2,
-            )
-            for s in reply.operators
-        ]
+        return operator_infos(self._call("ListOperators", pb.ListOperatorsRequest()))
 
     def corpora(self) -> list[CorpusInfo]:
         """The server's shared corpora (`--corpus NAME=FILE`, `Session.publish_corpus`), sorted by name."""
-        reply = self._call("ListCorpora", pb.ListCorporaRequest())
-        return [
-            CorpusInfo(c.name, pb.DType.Name(c.dtype).lower(), tuple(c.shape), int(c.bytes), c.source)
-            for c in reply.corpora
-        ]
+        return corpus_infos(self._call("ListCorpora", pb.ListCorporaRequest()))
 
     def compute(
         self,
@@ -303,13 +516,22 @@ class Client:
     ) -> dict[str, np.ndarray]:
         """Run one operator on `inputs` ({name: array}) without a session; return {output: array}.
 
-        For small tensors: everything travels in one request and one response.
+        Tensors of any size: inputs that fit one message travel in one `Compute` request and the
+        outputs in its reply; larger inputs, or outputs too large for one reply, go through a
+        temporary session (fed streamed, `RunOperator`, fetched streamed, closed).
         """
-        request = pb.ComputeRequest(op=operator_def(op_type, list(inputs), outputs, args), device=device)
-        for name, value in inputs.items():
-            tensors.to_wire(value, request.inputs.add(name=name).tensor)
-        reply = self._call("Compute", request)
-        return {item.name: tensors.from_wire(item.tensor) for item in reply.outputs}
+        op, arrays = compute_inputs(op_type, inputs, outputs, args)
+        if fits_one_compute(arrays):
+            try:
+                return compute_outputs(self._call("Compute", compute_request(op, arrays, device)))
+            except CosserveRpcError as err:
+                if not reply_too_big(err):
+                    raise
+        with self.session(device) as ws:
+            for name, array in arrays.items():
+                ws.feed_blob(name, array)
+            ws._call("RunOperator", pb.RunOperatorRequest(session_id=ws.id, op=op))
+            return {name: ws.fetch_blob(name) for name in op.output}
 
 
 class Session:
@@ -342,37 +564,38 @@ class Session:
 
     # ---- blobs ---------------------------------------------------------------------------
 
-    def feed_blob(self, name: str, value: Any, *, shm: bool = False) -> None:
+    def feed_blob(
+        self, name: str, value: Any, *, shm: bool = False, progress: Callable[[int], object] | None = None
+    ) -> None:
         """Create or overwrite blob `name` with an array (numpy, torch or array-like).
 
         With `shm=True` the bytes go through a shared-memory region this call creates and
-        removes; the server must be on this host and started with --allow-shm.
+        removes; the server must be on this host and started with --allow-shm. `progress`, if
+        given, is called with the number of bytes of each piece as it is handed to grpc.
         """
+        _check_name(name)
         array = tensors.as_numpy(value)
         if shm:
             self._feed_shm(name, array)
+            if progress is not None:
+                progress(array.nbytes)
         elif array.nbytes <= limits.INLINE_BYTES:
             pieces = wire.feed_blob_request(
                 self.id, name, tensors.wire_dtype(array.dtype), array.shape, tensors.byte_view(array)
             )
             self._call("FeedBlob", b"".join(pieces), framed=True)
+            if progress is not None:
+                progress(array.nbytes)
         else:
             self._call(
                 "FeedBlobStream",
-                self._feed_chunks(name, array),
+                feed_chunks(self.id, name, array, progress),
                 timeout=self.client.timeout + array.nbytes * _SECONDS_PER_BYTE,
                 framed=True,
             )
 
-    def _feed_chunks(self, name: str, array: np.ndarray) -> Iterator[bytes]:
-        # First the header, then messages of data alone, each copied once from the array into
-        # the bytes grpc sends.
-        yield wire.feed_blob_chunk_header(self.id, name, tensors.wire_dtype(array.dtype), array.shape)
-        for piece in tensors.chunks(array, limits.CHUNK_BYTES):
-            yield b"".join(wire.feed_blob_chunk_data(piece))
-
     def _feed_shm(self, name: str, array: np.ndarray) -> None:
-        region = shared_memory.SharedMemory(create=True, size=max(array.nbytes, 1), name=self._region_name())
+        region = create_region(array.nbytes, self._region_name())
         try:
             assert region.buf is not None
             region.buf[: array.nbytes] = tensors.byte_view(array)
@@ -399,6 +622,7 @@ class Session:
         With `shm=True` the bytes come through a shared-memory region this call creates and
         removes; the server must be on this host and started with --allow-shm.
         """
+        _check_name(name)
         if shm:
             return self._fetch_shm(name)
         request = pb.FetchBlobRequest(session_id=self.id, name=name)
@@ -409,48 +633,31 @@ class Session:
         call = rpc(request, metadata=self.client._metadata_for(self.id))
         with self.client._watchdog.watch(call, self.client.timeout) as progress:
             try:
-                first = next(call)
+                first = next(call, None)
+                if first is None:
+                    raise ProtocolError(f"FetchBlobStream of blob {name!r}: the server sent no message")
+                blob = FetchAssembler(name, first)
                 progress()
-                frame = wire.decode_fetch_blob_chunk(first)
-                if tensors.nbytes_of(frame.dtype, frame.shape) == frame.data.end - frame.data.start:
-                    # The whole blob in one message. One copy (at most a message): a view of the
-                    # received bytes would be read-only, unlike every other array this returns.
-                    return tensors.array_at(frame.dtype, frame.shape, first, *frame.data).copy()
-                return self._fetch_rest(name, first, frame, call, progress)
+                if blob.whole is None:
+                    for message in call:
+                        progress()
+                        blob.add(message)
+                return blob.result()
+            except ProtocolError:
+                call.cancel()
+                raise
             except grpc.RpcError as err:
                 code, details = err.code(), err.details() or ""
                 if progress.expired:
                     code, details = grpc.StatusCode.DEADLINE_EXCEEDED, progress.message(name)
                 raise CosserveRpcError(code, details, "FetchBlobStream") from err
 
-    def _fetch_rest(
-        self, name: str, first: bytes, frame: wire.TensorFrame, call: Iterator[bytes], progress: _Progress
-    ) -> np.ndarray:
-        nbytes = tensors.nbytes_of(frame.dtype, frame.shape)
-        buffer = np.empty(nbytes, np.uint8)
-        filled = 0
-
-        def pieces() -> Iterator[tuple[bytes, wire.Span]]:  # (message, span of its data)
-            yield first, frame.data
-            for message in call:
-                progress()
-                yield message, wire.decode_fetch_blob_chunk(message).data
-
-        for message, data in pieces():
-            size = data.end - data.start
-            if filled + size > nbytes:
-                raise ValueError(f"server sent more than the {nbytes} bytes of blob {name!r}")
-            if size:
-                buffer[filled : filled + size] = np.frombuffer(message, np.uint8, size, data.start)
-            filled += size
-        return tensors.decode(frame.dtype, frame.shape, buffer[:filled])
-
     def _fetch_shm(self, name: str) -> np.ndarray:
         request = pb.FetchBlobShmRequest(session_id=self.id, name=name)
         info = self._call("FetchBlobShm", request)  # no region named: dtype and shape only
         for attempt in range(3):
             nbytes = tensors.nbytes_of(info.dtype, info.shape)
-            region = shared_memory.SharedMemory(create=True, size=max(nbytes, 1), name=self._region_name())
+            region = create_region(nbytes, self._region_name())
             try:
                 into = pb.FetchBlobShmRequest(session_id=self.id, name=name, shm_name=region.name, offset=0)
                 reply = self._call("FetchBlobShm", into, timeout=self.client.timeout + nbytes * _SHM_SECONDS_PER_BYTE)
@@ -469,6 +676,7 @@ class Session:
         raise AssertionError("unreachable")
 
     def has_blob(self, name: str) -> bool:
+        _check_name(name)
         reply = self._call("HasBlob", pb.HasBlobRequest(session_id=self.id, name=name))
         return bool(reply.exists)
 
@@ -477,6 +685,7 @@ class Session:
         return list(self._call("ListBlobs", pb.ListBlobsRequest(session_id=self.id)).names)
 
     def remove_blob(self, name: str) -> None:
+        _check_name(name)
         self._call("RemoveBlob", pb.RemoveBlobRequest(session_id=self.id, name=name))
 
     def reset(self) -> None:
@@ -531,7 +740,7 @@ class Session:
 
         Each op is (type, inputs, outputs) or (type, inputs, outputs, {arg: value}).
         """
-        request = pb.RunNetRequest(session_id=self.id, ops=[_op_from_spec(s) for s in ops])
+        request = pb.RunNetRequest(session_id=self.id, ops=[op_from_spec(s) for s in ops])
         self._call("RunNet", request)
 
     def check_gradient(
@@ -543,10 +752,12 @@ class Session:
         step_size: float = 1e-6,
         output_index: int = 0,
         **args: Any,
-    ) -> dict[str, float]:
+    ) -> GradientCheck:
         """Compare `op_type`'s gradient operator with finite differences on this session's blobs.
 
-        Returns {"max_abs_error": ..., <input name>: max abs error of that input, ...}.
+        Returns {"max_abs_error": ..., <input name>: max abs error of that input, ...}, a dict
+        whose `.max_rel_error` and `.rel_errors` ({input: error}) give the relative errors,
+        |analytic - numeric| / max(1, |numeric|).
         """
         request = pb.CheckGradientRequest(
             session_id=self.id,
@@ -554,10 +765,7 @@ class Session:
             step_size=step_size,
             output_index=output_index,
         )
-        reply = self._call("CheckGradient", request)
-        result = {item.input: item.max_abs_error for item in reply.inputs}
-        result["max_abs_error"] = reply.max_abs_error
-        return result
+        return gradient_check(self._call("CheckGradient", request))
 
     # ---- scoring -------------------------------------------------------------------------
 
@@ -600,25 +808,26 @@ class Session:
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Like `top_k`, but yields (scores, indices) of each message's queries as they arrive, in order."""
         batches, count = _query_batches(queries, batch_size)
-        # Rows per message: the reply (k scores of at most 8 bytes and k int64 indices a row) must
-        # fit in one message too.
-        reply_rows = max(1, limits.INLINE_BYTES // (16 * max(1, k)))
+        first = next(batches, None)
+        if first is None:
+            return
+        batches = itertools.chain([first], batches)
+        if timeout is None:
+            timeout = self.client.timeout * (1 + count) if count is not None else _UNSIZED_STREAM_TIMEOUT
+        if top_k_row_bytes(k, first.dtype.itemsize) > TOP_K_REPLY_BYTES:
+            # One query's reply alone would pass a ScoreTopK message: score in the session instead.
+            yield from self._top_k_by_operator(batches, corpus, k, timeout)
+            return
         failure: list[BaseException] = []
 
         def requests() -> Iterator[pb.TopKRequest]:
             try:
                 for batch in batches:
-                    rows = max(1, min(reply_rows, limits.INLINE_BYTES // max(1, batch[:1].nbytes)))
-                    for start in range(0, max(1, batch.shape[0]), rows):
-                        request = pb.TopKRequest(session_id=self.id, corpus=corpus, k=k)
-                        tensors.to_wire(batch[start : start + rows], request.queries)
-                        yield request
+                    yield from top_k_requests(self.id, corpus, k, batch)
             except Exception as err:  # grpc would only report CANCELLED; keep the real cause
                 failure.append(err)
                 raise
 
-        if timeout is None:
-            timeout = self.client.timeout * (1 + count) if count is not None else _UNSIZED_STREAM_TIMEOUT
         try:
             for reply in self.client._stream("ScoreTopK", requests(), timeout=timeout, session=self.id):
                 yield tensors.from_wire(reply.scores), tensors.from_wire(reply.indices)
@@ -627,11 +836,29 @@ class Session:
                 raise failure[0] from None
             raise
 
+    def _top_k_by_operator(
+        self, batches: Iterator[np.ndarray], corpus: str, k: int, timeout: float
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """CosineTopK on the session's blobs, its outputs fetched streamed: for any k <= M, with the
+        same numbers as ScoreTopK (one scoring function). The scratch blobs go at the end."""
+        queries, scores, indices = top_k_scratch_names()
+        try:
+            for batch in batches:
+                for piece in top_k_op_pieces(batch, k):
+                    self.feed_blob(queries, piece)
+                    op = operator_def("CosineTopK", [queries, corpus], [scores, indices], {"k": k})
+                    self._call("RunOperator", pb.RunOperatorRequest(session_id=self.id, op=op), timeout=timeout)
+                    yield self.fetch_blob(scores), self.fetch_blob(indices)
+        finally:
+            for name in (queries, scores, indices):
+                with contextlib.suppress(CosserveRpcError):
+                    self.remove_blob(name)
+
 
 def _query_batches(queries: Any, batch_size: int) -> tuple[Iterator[np.ndarray], int | None]:
     """Query batches as 2-D arrays, and how many there are (None when unknown)."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise InvalidArgumentError(f"batch_size must be at least 1, got {batch_size}")
     if isinstance(queries, np.ndarray) or hasattr(queries, "__array__") or type(queries).__module__.startswith("torch"):
         array = _two_d(tensors.as_numpy(queries))
         starts = range(0, max(1, array.shape[0]), batch_size)  # an empty array still goes once, to be checked
@@ -640,9 +867,21 @@ def _query_batches(queries: Any, batch_size: int) -> tuple[Iterator[np.ndarray],
     return (_two_d(tensors.as_numpy(batch)) for batch in queries), count
 
 
+def feed_chunks(
+    session_id: str, name: str, array: np.ndarray, progress: Callable[[int], object] | None = None
+) -> Iterator[bytes]:
+    """FeedBlobStream's messages: the header, then messages of data alone, each copied once from
+    the array into the bytes grpc sends."""
+    yield wire.feed_blob_chunk_header(session_id, name, tensors.wire_dtype(array.dtype), array.shape)
+    for piece in tensors.chunks(array, limits.CHUNK_BYTES):
+        yield b"".join(wire.feed_blob_chunk_data(piece))
+        if progress is not None:
+            progress(len(piece))
+
+
 def _two_d(array: np.ndarray) -> np.ndarray:
     if array.ndim != 2:
-        raise ValueError(f"queries must be 2-D (N, D), got shape {array.shape}")
+        raise ShapeError(f"queries must be 2-D (N, D), got shape {array.shape}")
     return array
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from cosserve.errors import ProtocolError, ShapeError, UnsupportedDtypeError
 from cosserve.v1 import cosserve_pb2 as pb
 
 __all__ = [
@@ -42,12 +43,15 @@ def as_numpy(value: Any) -> np.ndarray:
     """Return `value` (numpy array, torch tensor, or array-like) as a C-ordered little-endian array."""
     if type(value).__module__.startswith("torch"):
         value = _torch_to_numpy(value)
-    array = np.asarray(value)
+    try:
+        array = np.asarray(value)
+    except ValueError as err:  # a ragged nested list: numpy's "inhomogeneous shape"
+        raise ShapeError(f"not an array of one shape: {err}") from None
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
     if array.dtype not in _WIRE_DTYPES:
         supported = ", ".join(sorted(str(d) for d in _WIRE_DTYPES))
-        raise TypeError(f"dtype {array.dtype} is not supported; use one of {supported}")
+        raise UnsupportedDtypeError(f"dtype {array.dtype} is not supported; use one of {supported}")
     # Not np.ascontiguousarray: it turns a 0-D array into shape (1,).
     return array if array.flags.c_contiguous else array.copy(order="C")
 
@@ -67,11 +71,12 @@ def wire_dtype(dtype: np.dtype) -> int:
 
 
 def nbytes_of(dtype_code: int, shape: Sequence[int]) -> int:
-    """Byte size of a tensor; ValueError for an unknown dtype or a negative dimension."""
+    """Byte size of a tensor the server described; ProtocolError for an unknown dtype or a
+    negative dimension (a reply this client cannot decode)."""
     if dtype_code not in NUMPY_DTYPES:
-        raise ValueError(f"unknown dtype code {dtype_code}")
+        raise ProtocolError(f"the server sent an unknown dtype code {dtype_code}")
     if any(d < 0 for d in shape):
-        raise ValueError(f"shape {tuple(shape)} has a negative dimension")
+        raise ProtocolError(f"the server sent shape {tuple(shape)}, which has a negative dimension")
     return math.prod(shape) * NUMPY_DTYPES[dtype_code].itemsize
 
 
@@ -86,7 +91,7 @@ def to_wire(value: Any, out: pb.Tensor | None = None) -> pb.Tensor:
 
 
 def from_wire(message: pb.Tensor) -> np.ndarray:
-    """Decode a wire Tensor into a writable numpy array (ValueError if the byte length is wrong)."""
+    """Decode a wire Tensor into a writable numpy array (ProtocolError if the byte length is wrong)."""
     # A copy: a view of the message's immutable bytes would be read-only, a trap for callers.
     return decode(message.dtype, message.shape, message.data).copy()
 
@@ -94,7 +99,7 @@ def from_wire(message: pb.Tensor) -> np.ndarray:
 def decode(dtype_code: int, shape: Sequence[int], data: bytes | bytearray | memoryview) -> np.ndarray:
     expected = nbytes_of(dtype_code, shape)
     if len(data) != expected:
-        raise ValueError(f"tensor data has {len(data)} bytes, shape {tuple(shape)} needs {expected}")
+        raise ProtocolError(f"tensor data has {len(data)} bytes, shape {tuple(shape)} needs {expected}")
     return np.frombuffer(data, dtype=NUMPY_DTYPES[dtype_code]).reshape(tuple(shape))
 
 
@@ -111,13 +116,13 @@ def chunks(array: np.ndarray, chunk_bytes: int) -> Iterator[memoryview]:
 
 
 def array_at(dtype_code: int, shape: Sequence[int], buffer: bytes, start: int, end: int) -> np.ndarray:
-    """The array whose bytes are buffer[start:end], as a read-only view (ValueError if the size is wrong).
+    """The array whose bytes are buffer[start:end], as a read-only view (ProtocolError if the size is wrong).
 
     Callers that hand the array to users copy it (see Session.fetch_blob).
     """
     expected = nbytes_of(dtype_code, shape)
     if end - start != expected:
-        raise ValueError(f"tensor data has {end - start} bytes, shape {tuple(shape)} needs {expected}")
+        raise ProtocolError(f"tensor data has {end - start} bytes, shape {tuple(shape)} needs {expected}")
     dtype = NUMPY_DTYPES[dtype_code]
     if not expected:
         return np.frombuffer(b"", dtype=dtype).reshape(tuple(shape))

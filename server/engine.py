@@ -4,7 +4,6 @@ and the finite-difference gradient check. No gRPC here."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -15,7 +14,7 @@ import torch
 from cosserve.server import ops as _ops  # noqa: F401  (fills the registry)
 from cosserve.server.codec import FLOAT_DTYPES, dtype_name, is_out_of_memory
 from cosserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
-from cosserve.server.registry import REGISTRY, ArgType, InputKind, Operator
+from cosserve.server.registry import REGISTRY, ArgType, InputKind, Operator, lookup
 from cosserve.server.workers import StopSignal
 from cosserve.server.workspace import Transaction, Workspace, check_name
 
@@ -69,11 +68,7 @@ def _plural(n: int, word: str) -> str:
 
 def bind(call: OpCall) -> tuple[Operator, dict[str, Any]]:
     """Look the op up and check its input/output counts and arguments; return it with resolved args."""
-    op = REGISTRY.get(call.type)
-    if op is None:
-        close = difflib.get_close_matches(call.type, REGISTRY, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else "; ListOperators lists the known ones"
-        raise InvalidArgument(f"unknown operator type {call.type!r}{hint}")
+    op = lookup(call.type)
     schema = op.schema
     expected_inputs = [i.name for i in schema.inputs]
     if len(call.inputs) != len(expected_inputs):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+
+from cosserve.server.errors import InvalidArgument, quoted
 
 __all__ = [
     "ArgSpec",
@@ -18,6 +21,7 @@ __all__ = [
     "Operator",
     "OutputBytes",
     "REGISTRY",
+    "lookup",
     "register",
 ]
 
@@ -106,3 +110,36 @@ def register(
         return impl
 
     return add
+
+
+def lookup(op_type: str) -> Operator:
+    """The operator named `op_type`; InvalidArgument naming the closest known names otherwise.
+    Every door that takes an op type by name (RunOperator, RunNet, Compute, CheckGradient and the
+    other protocols' doors) looks it up here, so each gets the same "did you mean"."""
+    op = REGISTRY.get(op_type)
+    if op is None:
+        raise InvalidArgument(f"unknown operator type {quoted(op_type)}{_suggestion(op_type)}")
+    return op
+
+
+def _folded(name: str) -> str:
+    # "cosine_similarity", "COSINESIMILARITY" and "Cosine-Similarity" all mean CosineSimilarity.
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+# Names longer than this get no suggestion: difflib's cost grows with the product of the lengths,
+# and no operator's name is near this long.
+_SUGGEST_MAX_CHARS = 64
+
+
+def _suggestion(op_type: str) -> str:
+    if len(op_type) > _SUGGEST_MAX_CHARS:
+        return "; ListOperators lists the known ones"
+    by_folded = {_folded(name): name for name in REGISTRY}
+    folded = _folded(op_type)
+    # The same name but for case and separators is the one meant; otherwise the closest few.
+    close = [folded] if folded in by_folded else difflib.get_close_matches(folded, by_folded, n=3, cutoff=0.6)
+    if not close:
+        return "; ListOperators lists the known ones"
+    names = [repr(by_folded[c]) for c in close]
+    return f"; did you mean {names[0]}?" if len(names) == 1 else f"; did you mean {', '.join(names[:-1])} or {names[-1]}?"

@@ -274,11 +274,20 @@ def score_blob(
         check_query_corpus(queries, corpus, k, queries_name="queries", corpus_name=what)
     except InvalidArgument as err:
         raise InvalidArgument(f"ScoreTopK: {err}") from None
-    result_bytes = queries.shape[0] * k * (corpus.element_size() + 8)
+    row_bytes = k * (corpus.element_size() + 8)
+    result_bytes = queries.shape[0] * row_bytes
     if result_bytes > max_result_bytes:
+        rows = max_result_bytes // row_bytes
+        # The advice must be one the caller can follow: fewer rows only helps while one row fits.
+        advice = (
+            f"send fewer queries per message: at most {rows} with this k"
+            if rows
+            else "one query's reply alone is too large: run the CosineTopK operator (RunOperator) and fetch its "
+            "outputs with FetchBlobStream, as cosserve's Client.top_k does for such a k"
+        )
         raise ResourceExhausted(
             f"ScoreTopK: {queries.shape[0]} queries with k={k} give a {result_bytes}-byte reply, above the "
-            f"{max_result_bytes} of one message; send fewer queries per message"
+            f"{max_result_bytes} bytes a ScoreTopK reply may carry; {advice}"
         )
     try:
         return top_k(queries, corpus, k, norms.get(corpus))
