@@ -7,6 +7,7 @@ __all__ = [
     "quoted",
     "InvalidArgument",
     "NotFound",
+    "AlreadyExists",
     "ResourceExhausted",
     "FailedPrecondition",
     "SnapshotError",
@@ -25,6 +26,10 @@ class InvalidArgument(CosserveError):
 
 class NotFound(CosserveError):
     """A named session or blob does not exist."""
+
+
+class AlreadyExists(CosserveError):
+    """A name the caller chose (a proposed session id) is taken."""
 
 
 class ResourceExhausted(CosserveError):

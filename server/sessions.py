@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import re
 import secrets
 import threading
 import time
@@ -11,18 +12,25 @@ import torch
 from collections.abc import Callable, Iterator
 
 from cosserve.server.corpora import Corpora
-from cosserve.server.errors import FailedPrecondition, NotFound, ResourceExhausted, quoted
+from cosserve.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, quoted
 from cosserve.server.settings import Settings
 from cosserve.server.workspace import Account, Workspace, resolve_device
 
-__all__ = ["ANONYMOUS", "EXPIRED_REMEMBERED", "SessionStore"]
+__all__ = ["ANONYMOUS", "EXPIRED_REMEMBERED", "SESSION_ID", "SessionStore"]
 
 # The identity of every caller when the server has no authentication.
 ANONYMOUS = ""
 
-# Ids of expired sessions remembered, so their owner is told "expired" rather than "does not
-# exist"; the oldest are forgotten first (about 100 bytes each).
+# Ids of closed and expired sessions remembered, so that an expired session's owner is told
+# "expired" rather than "does not exist", and so that no proposal takes such an id again (a stale
+# handle of it must never reach a fresh, empty workspace); the oldest are forgotten first (about
+# 100 bytes each).
 EXPIRED_REMEMBERED = 4096
+
+# A session id: 128 bits as 32 lowercase hex digits, whoever picked it (the server, or the client
+# that proposed it so a load balancer could route its creation, see deploy/nginx/cosserve.conf).
+# It names files of the state directory (server/durability.py), so nothing else is accepted.
+SESSION_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class SessionStore:
@@ -30,7 +38,10 @@ class SessionStore:
     to any other identity it does not exist (the same NOT_FOUND as a session never created).
 
     A session idle for longer than --session-idle-timeout-s is expired: from that moment every
-    call on it is NOT_FOUND saying so (to its owner), whether or not a sweep has freed it yet."""
+    call on it is NOT_FOUND saying so (to its owner), whether or not a sweep has freed it yet.
+
+    An id names one session once: an id open, unrestorable, closed or expired (as far as the
+    store remembers: EXPIRED_REMEMBERED ids) is never given to a new session."""
 
     def __init__(self, settings: Settings, corpora: Corpora | None = None) -> None:
         self.settings = settings
@@ -44,15 +55,31 @@ class SessionStore:
         self._counts: collections.Counter[str] = collections.Counter()  # open sessions per owner
         # One Account per identity with open sessions: their bytes against --max-identity-bytes.
         self._accounts: dict[str, Account] = {}
-        self._expired: collections.OrderedDict[str, str] = collections.OrderedDict()  # id -> owner
+        # Closed and expired sessions: id -> (owner, whether it expired); the oldest first.
+        self._retired: collections.OrderedDict[str, tuple[str, bool]] = collections.OrderedDict()
         # Sessions a restart could not bring back: id -> (owner, or None when unknown, and why).
         self._unrestorable: dict[str, tuple[str | None, str]] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create(self, device: str, owner: str = ANONYMOUS) -> Workspace:
-        workspace = self._add(secrets.token_hex(16), resolve_device(device, self.settings.device), owner)
+    def create(self, device: str, owner: str = ANONYMOUS, proposed: str = "") -> Workspace:
+        """A new, empty session of `owner` on `device`, named `proposed` (the id a client chose,
+        so that a load balancer hashing on it sends the creation where the session's later calls
+        go), or by the server when `proposed` is empty.
+
+        Raises:
+            InvalidArgument: `proposed` is not 32 lowercase hex digits.
+            AlreadyExists: `proposed` names a session open, unrestorable, closed or expired here,
+                whoever's: the same answer for all, so it tells nothing about another identity.
+            ResourceExhausted: past --max-sessions or --max-identity-sessions.
+        """
+        if proposed and not SESSION_ID.fullmatch(proposed):
+            raise InvalidArgument(
+                f"CreateSession: the proposed session id {quoted(proposed)} is not 32 lowercase hex digits; "
+                "propose 128 random bits (secrets.token_hex(16)), or none to let the server pick"
+            )
+        workspace = self._add(proposed or secrets.token_hex(16), resolve_device(device, self.settings.device), owner)
         if self.on_open is not None:
             try:
                 self.on_open(workspace, owner)
@@ -104,8 +131,11 @@ class SessionStore:
     def _add(self, session_id: str, resolved: torch.device, owner: str) -> Workspace:
         self.expire_idle()
         with self._lock:
-            if session_id in self._sessions or session_id in self._unrestorable:
-                raise FailedPrecondition(f"session {quoted(session_id)} exists already")
+            if session_id in self._sessions or session_id in self._unrestorable or session_id in self._retired:
+                raise AlreadyExists(
+                    f"CreateSession: session id {quoted(session_id)} is taken on this replica; "
+                    "propose another, of 128 fresh random bits (secrets.token_hex(16))"
+                )
             if len(self._sessions) >= self.settings.max_sessions:
                 raise ResourceExhausted(
                     f"{len(self._sessions)} sessions are open, the limit is {self.settings.max_sessions}; "
@@ -195,7 +225,8 @@ class SessionStore:
         return timeout > 0 and now - workspace.last_used > timeout
 
     def _remove(self, session_id: str, *, expired: bool) -> Workspace:
-        """Take a session out of the table (the caller closes it outside the lock)."""
+        """Take a session out of the table (the caller closes it outside the lock), and remember
+        its id as closed or expired."""
         workspace = self._sessions.pop(session_id)
         owner = self._owners.pop(session_id)
         self._counts[owner] -= 1
@@ -204,18 +235,22 @@ class SessionStore:
             # Its sessions are closed, so it holds nothing; a call still finishing on one of
             # them gives its charges back to this object, never to the owner's next account.
             del self._accounts[owner]
-        if expired:
-            self._expired[session_id] = owner
-            while len(self._expired) > EXPIRED_REMEMBERED:
-                self._expired.popitem(last=False)
+        self._retired[session_id] = (owner, expired)
+        while len(self._retired) > EXPIRED_REMEMBERED:
+            self._retired.popitem(last=False)
         return workspace
 
     def _missing(self, session_id: str, owner: str) -> NotFound:
-        if self._expired.get(session_id, None) == owner:
+        if self._retired.get(session_id) == (owner, True):
             return NotFound(
                 f"session {quoted(session_id)} expired: it was idle for more than "
                 f"{self.settings.session_idle_timeout_s:g} s (--session-idle-timeout-s); create a new session"
             )
-        # One message whether the session never existed, was closed, or is someone else's
-        # (expired or not): the refusal must not tell another identity that it exists.
-        return NotFound(f"session {quoted(session_id)} does not exist (closed, expired, or never created)")
+        # One message whether the session never existed, was closed, is someone else's (expired or
+        # not), or lives on another replica: the refusal must not tell another identity that it
+        # exists. Behind a balancer, a session whose replica stopped is rehashed to one that never
+        # held it: this says so, where an empty workspace would silently lose its blobs.
+        return NotFound(
+            f"session {quoted(session_id)} does not exist on this replica: it was closed, expired or never "
+            "created, or it was held by another replica (one that stopped loses its sessions); create a new session"
+        )
