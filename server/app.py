@@ -22,7 +22,8 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from cosserve import limits
 from cosserve.server import observability, oip, servicer
@@ -50,6 +51,40 @@ _WORK_THREADS = ("cosserve-work", "cosserve-score")
 # The longest wait between two looks for idle sessions: an expired session's memory is freed
 # within this of its expiry, with no call needed (a shorter timeout looks twice per timeout).
 _EXPIRY_PERIOD_S = 0.5
+
+
+# gRPC reflection v1 (current grpcurl asks for it first), beside v1alpha. grpcio-reflection ships
+# only v1alpha (1.85 still), and v1 is v1alpha renamed: the same messages, field for field, so
+# v1alpha's servicer answers v1 calls, and v1's file (v1alpha's, package renamed) joins the
+# descriptor pool so that v1 can be described too.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+_REFLECTION_V1_FILE = "grpc/reflection/v1/reflection.proto"
+
+
+def _add_reflection_v1(services: tuple[str, ...], server: aio.Server) -> None:
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName(_REFLECTION_V1_FILE)
+    except KeyError:  # the first server of this process
+        v1alpha, v1 = reflection_pb2.DESCRIPTOR.package, REFLECTION_V1.rpartition(".")[0]
+        proto = descriptor_pb2.FileDescriptorProto()
+        reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+        proto.name, proto.package = _REFLECTION_V1_FILE, v1
+        proto.ClearField("options")  # v1alpha's language package names
+        for message in proto.message_type:
+            for field in message.field:
+                if field.type_name:  # set only on message fields: assigning sets it
+                    field.type_name = field.type_name.replace(f".{v1alpha}.", f".{v1}.")
+        for method in proto.service[0].method:
+            method.input_type = method.input_type.replace(f".{v1alpha}.", f".{v1}.")
+            method.output_type = method.output_type.replace(f".{v1alpha}.", f".{v1}.")
+        pool.AddSerializedFile(proto.SerializeToString())
+    handler = grpc.stream_stream_rpc_method_handler(
+        reflection.aio.ReflectionServicer(services).ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),))
 
 
 def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -198,10 +233,15 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
     oip.add_to_server(oip.InferenceServicer(settings, workers, metrics), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, oip.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
+    services = (
+        SERVICE_NAME,
+        oip.SERVICE_NAME,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+        REFLECTION_V1,
     )
+    reflection.enable_server_reflection(services, server)
+    _add_reflection_v1(services, server)
     # Every session of --state-dir is back before the first call can name one (and before anything
     # listens, so a state directory that cannot be read leaves nothing running).
     durability = Durability(settings, store)
