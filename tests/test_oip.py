@@ -587,3 +587,21 @@ def test_stubs_stay_out_of_the_client_package() -> None:
     code = "import sys, cosserve, cosserve.client; print('cosserve.inference.grpc_service_pb2' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_readme_example_runs_with_tritonclient(triton_python: str, oip_server: RunningServer) -> None:
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Open Inference Protocol (KServe v2 / Triton)") :]
+    (example,) = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], flags=re.S)
+    code = example.replace('"127.0.0.1:50051"', repr(oip_server.address))
+    code += "\nimport json\nprint(json.dumps({'s': s.tolist(), 'x': x.tolist(), 'y': y.tolist(), 'indices': indices.tolist()}))\n"
+    done = subprocess.run([triton_python, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout)
+    x, y = np.array(got["x"]), np.array(got["y"])
+    np.testing.assert_allclose(got["s"], cosine(x, y), rtol=1e-5, atol=1e-6)
+    sims = np.array([cosine(np.repeat(x[i : i + 1], len(y), 0), y) for i in range(len(x))])
+    np.testing.assert_array_equal(got["indices"], np.argsort(-sims, axis=1, kind="stable")[:, :2])
