@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from cosserve.client import Client, Session
-from cosserve.errors import CosserveRpcError
+from cosserve.errors import CosserveRpcError, InvalidArgumentError
 
 __all__ = ["CORPUS_BLOB", "UsageError", "add_arguments", "load_inputs", "run"]
 
@@ -22,7 +22,7 @@ _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64
 _NEEDS_SERVER = "an embedded server needs the server extra (torch): pip install 'cosserve[server]', or pass --server"
 
 
-class UsageError(Exception):
+class UsageError(InvalidArgumentError):
     """Something wrong with the command's inputs: reported in one line, exit code 2."""
 
 

@@ -1,0 +1,164 @@
+"""One family of client errors: everything the client raises is a cosserve.CosserveError, client-side
+mistakes also the matching TypeError/ValueError, server refusals CosserveRpcError with their code."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import grpc
+import numpy as np
+import pytest
+
+import cosserve
+from cosserve import (
+    Client,
+    CosserveError,
+    CosserveRpcError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    OpSpecError,
+    ProtocolError,
+    ShapeError,
+    UnsupportedDtypeError,
+    wire,
+)
+from cosserve.client import FetchAssembler
+from cosserve.v1 import cosserve_pb2 as pb
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_every_raise_in_the_client_is_of_the_family():
+    """Every `raise SomeError(...)` in client/ names a CosserveError class (or AssertionError, for
+    the unreachable). wire.py is the codec shared with the server; the client turns its WireError
+    into ProtocolError (client.FetchAssembler)."""
+    import cosserve.errors
+    import cosserve.score
+
+    known = {**vars(cosserve.errors), **vars(cosserve.score)}
+    offenders = []
+    for path in sorted((ROOT / "client").glob("*.py")):
+        if path.name == "wire.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and isinstance(node.exc.func, ast.Name):
+                name = node.exc.func.id
+                cls = known.get(name)
+                # rpc_error(err, method) is the one maker of CosserveRpcError from grpc's error.
+                ok = name in ("AssertionError", "rpc_error") or (isinstance(cls, type) and issubclass(cls, CosserveError))
+                if not ok:
+                    offenders.append(f"{path.name}:{node.lineno} raise {name}")
+    assert offenders == []
+
+
+def test_the_family_is_exported_and_shaped_as_documented():
+    for name in cosserve.errors.__all__:
+        cls = getattr(cosserve, name)
+        assert issubclass(cls, CosserveError), name
+        assert cls.__doc__, name
+    assert issubclass(UnsupportedDtypeError, TypeError) and issubclass(OpSpecError, TypeError)
+    assert issubclass(InvalidTypeError, TypeError)
+    assert issubclass(ShapeError, ValueError) and issubclass(InvalidArgumentError, ValueError)
+    assert issubclass(ProtocolError, ValueError)
+    assert issubclass(cosserve.SharedMemoryError, OSError)
+    assert not issubclass(CosserveRpcError, (TypeError, ValueError))
+
+
+def test_server_refusals_are_rpc_errors_of_the_family(cpu_ws):
+    with pytest.raises(CosserveError) as err:
+        cpu_ws.fetch_blob("absent")
+    assert isinstance(err.value, CosserveRpcError)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "'absent'" in err.value.details()
+    assert isinstance(err.value.__cause__, grpc.RpcError)  # chained, as STYLE.md asks
+
+
+@pytest.mark.parametrize(
+    "value, kind, words",
+    [
+        (np.ones(3, np.complex64), UnsupportedDtypeError, ("complex64", "float32")),
+        (np.array(["a", "b"]), UnsupportedDtypeError, ("<U1",)),
+        (np.array([object()]), UnsupportedDtypeError, ("object",)),
+        ([[1.0, 2.0], [3.0]], ShapeError, ("one shape",)),
+    ],
+    ids=["complex64", "strings", "object", "ragged"],
+)
+def test_values_the_wire_cannot_carry_are_refused_before_sending(cpu_ws, value, kind, words):
+    with pytest.raises(kind) as err:
+        cpu_ws.feed_blob("X", value)
+    assert isinstance(err.value, CosserveError)
+    for word in words:
+        assert word in str(err.value)
+    assert cpu_ws.blobs() == []
+
+
+def test_one_d_queries_and_bad_batch_sizes(cpu_ws):
+    cpu_ws.feed_blob("C", np.ones((4, 3), np.float32))
+    with pytest.raises(ShapeError, match=r"2-D \(N, D\), got shape \(3,\)"):
+        cpu_ws.top_k(np.ones(3, np.float32), "C", k=2)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        cpu_ws.top_k(np.ones((2, 3), np.float32), "C", k=2, batch_size=0)
+    with pytest.raises(InvalidArgumentError):
+        cpu_ws.top_k(np.ones((2, 3), np.float32), "C", k=2, batch_size=0)
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        (("Cos", ["X"]), "(type, inputs, outputs[, args])"),
+        ("Cos", "(type, inputs, outputs[, args])"),
+        (42, "(type, inputs, outputs[, args])"),
+        ({"type": "Cos", "inputs": ["X"]}, "missing ['outputs']"),
+        ({"type": "Cos", "inputs": ["X"], "outputs": ["Y"], "arg": {}}, "unknown keys ['arg']"),
+        (("Cos", "X", ["Y"]), "not a single string"),
+        (("Cos", ["X"], [7]), "a blob name is a str, got 7"),
+        ((None, ["X"], ["Y"]), "an operator type is a str"),
+        (("Cos", ["X"], ["Y"], {"scale": [1, 2]}), "expected bool, int, float or str"),
+        (("Cos", ["X"], ["Y"], ["scale"]), "arguments are a mapping"),
+    ],
+    ids=["short", "a-string", "an-int", "missing-key", "unknown-key", "string-inputs", "int-name", "no-type", "list-arg", "list-args"],
+)
+def test_malformed_run_net_specs(cpu_ws, spec, words):
+    cpu_ws.feed_blob("X", np.ones((2, 3), np.float32))
+    with pytest.raises(OpSpecError) as err:
+        cpu_ws.run_net([spec])
+    assert isinstance(err.value, TypeError) and isinstance(err.value, CosserveError)
+    assert words in str(err.value)
+    assert cpu_ws.blobs() == ["X"]  # nothing was sent, nothing changed
+
+
+def test_bad_arguments_of_single_calls(cpu_ws, client):
+    with pytest.raises(InvalidTypeError, match="expected bool, int, float or str"):
+        cpu_ws.run_operator("Cos", ["X"], ["Y"], scale=None)
+    with pytest.raises(InvalidTypeError, match="a blob name is a str"):
+        cpu_ws.feed_blob(3, np.ones(2, np.float32))  # type: ignore[arg-type]
+    with pytest.raises(InvalidTypeError, match="a blob name is a str"):
+        cpu_ws.fetch_blob(b"X")  # type: ignore[arg-type]
+    with pytest.raises(InvalidTypeError, match="mapping"):
+        client.compute("Cos", [np.ones(2, np.float32)], ["Y"])  # type: ignore[arg-type]
+    with pytest.raises(UnsupportedDtypeError):
+        client.compute("Cos", {"X": np.ones(2, np.complex128)}, ["Y"])
+
+
+def test_tls_options_and_unreadable_files(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="client_cert and client_key go together"):
+        Client("127.0.0.1:1", client_cert=b"x")
+    with pytest.raises(InvalidArgumentError, match="cannot read the PEM file") as err:
+        Client("127.0.0.1:1", root_certificates=str(tmp_path / "absent.pem"))
+    assert isinstance(err.value, ValueError) and "absent.pem" in str(err.value)
+    with pytest.raises(InvalidArgumentError, match="give credentials, or the TLS options"):
+        Client("127.0.0.1:1", credentials=grpc.local_channel_credentials(), tls=True)
+
+
+def test_replies_the_client_cannot_decode_are_protocol_errors():
+    """The decoding of a fetch is pure (FetchAssembler): what a broken or foreign server could send."""
+    header = b"".join(wire.fetch_blob_chunk(pb.FLOAT32, (4,), b"\0" * 8, header=True))  # 8 of 16 bytes
+    blob = FetchAssembler("B", header)
+    blob.add(b"".join(wire.fetch_blob_chunk(pb.FLOAT32, (4,), b"\0" * 8, header=False)))
+    assert blob.result().shape == (4,)
+    with pytest.raises(ProtocolError, match="more than the 16 bytes of blob 'B'"):
+        blob.add(b"".join(wire.fetch_blob_chunk(pb.FLOAT32, (4,), b"\0" * 4, header=False)))
+    with pytest.raises(ProtocolError, match="cannot decode"):
+        FetchAssembler("B", b"\xff\xff\xff")
+    with pytest.raises(ProtocolError, match="unknown dtype code 99"):
+        FetchAssembler("B", pb.FetchBlobChunk(dtype=99, shape=[1], data=b"\0").SerializeToString())
