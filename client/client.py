@@ -807,6 +807,7 @@ class Session:
         timeout: float | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Like `top_k`, but yields (scores, indices) of each message's queries as they arrive, in order."""
+        _check_name(corpus)
         batches, count = _query_batches(queries, batch_size)
         first = next(batches, None)
         if first is None:
