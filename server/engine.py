@@ -105,11 +105,15 @@ def _coerce(op: str, name: str, kind: ArgType, value: Any) -> Any:
     ok = {
         ArgType.FLOAT: isinstance(value, (int, float)) and not isinstance(value, bool),
         ArgType.INT: isinstance(value, int) and not isinstance(value, bool),
-        ArgType.BOOL: isinstance(value, bool),
+        # Caffe2 stores a bool as the int 0 or 1 (Argument.i), in its encoding and so in ours.
+        ArgType.BOOL: isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)),
         ArgType.STRING: isinstance(value, str),
     }[kind]
     if not ok:
-        raise InvalidArgument(f"{op}: argument {name!r} must be {kind.value}, got {type(value).__name__} {value!r}")
+        expected = "bool (or the int 0 or 1)" if kind is ArgType.BOOL else kind.value
+        raise InvalidArgument(f"{op}: argument {name!r} must be {expected}, got {type(value).__name__} {value!r}")
+    if kind is ArgType.BOOL:
+        return bool(value)
     return float(value) if kind is ArgType.FLOAT else value
 
 
