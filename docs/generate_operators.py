@@ -13,7 +13,7 @@ from cosserve.server import engine
 from cosserve.server.codec import dtype_name
 from cosserve.server.registry import REGISTRY, ArgType, OpSchema
 
-__all__ = ["OUTPUT", "main", "render"]
+__all__ = ["DIFFERENCES", "OUTPUT", "main", "render"]
 
 OUTPUT = Path(__file__).resolve().parent / "operators.md"
 
@@ -26,6 +26,37 @@ Every operator the server runs (`RunOperator`, `RunNet`, `Compute`); `ListOperat
 same schemas. A tensor of shape (N, d1, d2, …) is read as N rows of width d1·d2·…; a 1-D tensor
 of length n is n rows of width 1; a 0-D tensor is one row of width 1. Floating inputs of one op
 share a dtype, and floating outputs have it.
+"""
+
+
+# Where cosserve departs from Caffe2 on purpose, each with its reason (issue 11). Differences
+# without a reason are bugs: fix the op instead of listing it here.
+DIFFERENCES = """\
+## Differences from Caffe2
+
+Where cosserve gives what Caffe2 does not, on purpose:
+
+- **`SquaredL2Distance` is computed from the difference**, ½ Σ (x − y)². Caffe2 computes
+  ½ (x·x + y·y) − x·y, which cancels catastrophically for close rows in float32: rows of norm
+  1e4 that differ by 1e-3 in one element (distance 5e-7) give 0, a negative number or one off by
+  orders of magnitude. The formula is the same, the rounding is not.
+- **`replicate` needs one row width to divide the other**, in `DotProductWithPadding` and its
+  gradient alike (INVALID_ARGUMENT otherwise). Caffe2's forward does not check: it drops the tail
+  of the longer row past the last whole copy without a word, and divides by zero for a width of
+  0; its gradient checks, so forward and gradient disagreed. An X with no elements has no rows
+  and nothing to check, as in Caffe2.
+- **Dtypes beyond float32**: floating inputs may be float16, bfloat16, float32 or float64, labels
+  int32 or int64; Caffe2's CPU operators take float32 (and int32 labels) only. Half inputs are
+  computed in float32 and only the result is rounded back, since float16 sums of squares pass
+  65504 and both half types lose the low bits of long sums.
+- **Unknown arguments are refused** (INVALID_ARGUMENT naming the op's arguments). Caffe2 ignores
+  an argument its operator does not read, so a misspelt `pad_valeu` runs silently with the
+  default. Bools may still be given as the int 0 or 1, as Caffe2 stores them.
+
+Where the two once differed without a reason, cosserve now gives Caffe2's numbers:
+`CosineEmbeddingCriterion` with a NaN similarity on the hinge branch gives 0, as Caffe2's
+`std::max(0.f, x)` does; `L1DistanceGradient` writes +0.0 to dX and dY in its dead zone; and
+`DotProductWithPadding` of an X with no elements gives shape (0,).
 """
 
 
@@ -72,6 +103,7 @@ def render() -> str:
     lines.append("")
     for s in schemas:
         lines += _section(s)
+    lines.append(DIFFERENCES)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
