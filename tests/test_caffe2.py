@@ -5,6 +5,7 @@ the numbers where we now give what Caffe2 gives. Every case talks to a real serv
 from __future__ import annotations
 
 import pathlib
+import re
 import types
 
 import grpc
@@ -357,3 +358,22 @@ def test_hostile_sizes_are_bounded(stub, pair):
     wide.op.append(c2.OperatorDef(type="Nope", input=["X"], output=["w"]))
     refused(lambda: run_net(stub, ws.id, wide.SerializeToString()), invalid, "op #2000", "nothing was changed")
     assert ws.blobs() == ["X", "Y"]
+
+
+def test_readme_caffe2_example_runs_against_a_server(server):
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    (example,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "cosserve.caffe2" in b]
+    from cosserve.caffe2 import workspace
+
+    namespace: dict = {}
+    try:
+        exec(compile(example.replace('"127.0.0.1:50051"', repr(server.address)), "README.md", "exec"), namespace)  # noqa: S102
+    finally:
+        workspace.close()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3), dtype=np.float32).astype(np.float64)
+    y = rng.standard_normal((4, 3), dtype=np.float32).astype(np.float64)
+    xn, yn = np.linalg.norm(x, axis=1)[:, None], np.linalg.norm(y, axis=1)[:, None]
+    xy = (x * y).sum(1)[:, None]
+    np.testing.assert_allclose(namespace["s"], (xy / (xn * yn))[:, 0], rtol=1e-5)
+    np.testing.assert_allclose(namespace["dx"], y / (xn * yn) - xy * x / (xn**3 * yn), rtol=1e-5, atol=1e-6)
