@@ -5,6 +5,8 @@ against one `cosserve serve`, made by cosserve's own client (Client.compute, the
 by the real tritonclient (ModelInfer), in the same run, taking turns repeat by repeat. tritonclient
 lives in its own venv (tests/toolenv.py: its pins would downgrade ours), so it runs as a
 subprocess that times its own loop with the same clock; the inputs are made from the same seed.
+Both clients take numpy arrays and return numpy arrays on every call (tritonclient's InferInput
+is made and filled per call, as Client.compute converts its inputs per call).
 Prints p50/p90/p99 in microseconds and the ratio tritonclient / cosserve client.
 """
 
@@ -37,20 +39,26 @@ import tritonclient.grpc as tc
 address, op, rows, cols = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 client = tc.InferenceServerClient(address)
 rng = np.random.default_rng(0)
-inputs = []
-for name in ("X", "Y"):
-    item = tc.InferInput(name, [rows, cols], "FP32")
-    item.set_data_from_numpy(rng.standard_normal((rows, cols), dtype=np.float32))
-    inputs.append(item)
+arrays = {name: rng.standard_normal((rows, cols), dtype=np.float32) for name in ("X", "Y")}
+
+def call():
+    # numpy in, numpy out, as Client.compute: the inputs are wrapped and serialized every call.
+    inputs = []
+    for name, array in arrays.items():
+        item = tc.InferInput(name, list(array.shape), "FP32")
+        item.set_data_from_numpy(array)
+        inputs.append(item)
+    return client.infer(op, inputs).as_numpy("S")
+
 clock = time.perf_counter
 for line in sys.stdin:
     calls, warmup = map(int, line.split())
     for _ in range(warmup):
-        client.infer(op, inputs)
+        call()
     out = []
     for _ in range(calls):
         start = clock()
-        client.infer(op, inputs)
+        call()
         out.append((clock() - start) * 1e6)
     print(json.dumps(out), flush=True)
 """
