@@ -23,21 +23,21 @@ def caffe2_max0(x: np.ndarray) -> np.ndarray:
     return np.where(0 < x, x, 0.0)
 
 
-def test_cosine_embedding_criterion_nan_on_the_hinge_branch_is_zero(client):
+def test_cosine_embedding_criterion_nan_on_the_hinge_branch_is_zero(client, device):
     s = np.array([np.nan, np.nan, 0.5, -0.75, np.inf], np.float32)
     y = np.array([0, 1, -1, 2, 0], np.int32)
     margin = 0.25
-    out = client.compute("CosineEmbeddingCriterion", {"S": s, "Y": y}, ["loss"], device="cpu", margin=margin)["loss"]
+    out = client.compute("CosineEmbeddingCriterion", {"S": s, "Y": y}, ["loss"], device=device, margin=margin)["loss"]
     expected = np.where(y == 1, 1 - s, caffe2_max0(s - np.float32(margin)))
     np.testing.assert_array_equal(out, expected.astype(np.float32))  # NaN only where y == 1
     assert not np.signbit(out[[0, 3]]).any()
 
 
-def test_l1_distance_gradient_dead_zone_is_positive_zero(client):
+def test_l1_distance_gradient_dead_zone_is_positive_zero(client, device):
     x = np.array([[0.0, 1e-13, -1e-13, 0.5, 2.0]], np.float32)
     y = np.array([[0.0, 0.0, 0.0, 0.5, 1.0]], np.float32)
     g = np.array([3.0], np.float32)
-    out = client.compute("L1DistanceGradient", {"X": x, "Y": y, "dL": g}, ["dX", "dY"], device="cpu")
+    out = client.compute("L1DistanceGradient", {"X": x, "Y": y, "dL": g}, ["dX", "dY"], device=device)
     d = x - y
     dead = np.abs(d) <= 1e-12
     np.testing.assert_array_equal(out["dX"], np.where(dead, 0.0, g[:, None] * np.sign(d)))
@@ -51,14 +51,14 @@ def test_l1_distance_gradient_dead_zone_is_positive_zero(client):
     [((3, 0), (3, 4), {"pad_value": 2.0}), ((3, 0), (3, 0), {"replicate": True}), ((2, 0), (2, 3), {"replicate": True})],
     ids=["pad", "replicate-both-empty", "replicate-x-empty"],
 )
-def test_dot_product_with_padding_of_an_x_with_no_elements_is_shape_0(client, xs, ys, args):
+def test_dot_product_with_padding_of_an_x_with_no_elements_is_shape_0(client, device, xs, ys, args):
     x = np.zeros(xs, np.float32)
     y = np.arange(np.prod(ys), dtype=np.float32).reshape(ys)
-    out = client.compute("DotProductWithPadding", {"X": x, "Y": y}, ["P"], device="cpu", **args)["P"]
+    out = client.compute("DotProductWithPadding", {"X": x, "Y": y}, ["P"], device=device, **args)["P"]
     assert out.shape == (0,) and out.dtype == np.float32  # Caffe2: N = 0 when X has no elements
     # The gradient takes the forward's dP, (0,), and gives zeros of X's and Y's shapes.
     grads = client.compute(
-        "DotProductWithPaddingGradient", {"X": x, "Y": y, "dP": np.zeros(0, np.float32)}, ["dX", "dY"], device="cpu", **args
+        "DotProductWithPaddingGradient", {"X": x, "Y": y, "dP": np.zeros(0, np.float32)}, ["dX", "dY"], device=device, **args
     )
     np.testing.assert_array_equal(grads["dX"], np.zeros(xs, np.float32))
     np.testing.assert_array_equal(grads["dY"], np.zeros(ys, np.float32))
@@ -377,3 +377,18 @@ def test_readme_caffe2_example_runs_against_a_server(server):
     xy = (x * y).sum(1)[:, None]
     np.testing.assert_allclose(namespace["s"], (xy / (xn * yn))[:, 0], rtol=1e-5)
     np.testing.assert_allclose(namespace["dx"], y / (xn * yn) - xy * x / (xn**3 * yn), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_option_of_a_cuda_session(stub, client):
+    with client.session("cuda:0") as ws:
+        x = np.array([[1.0, 2.0], [3.0, -4.0]], np.float32)
+        ws.feed_blob("X", x)
+        op = core.CreateOperator("CosineSimilarity", ["X", "X"], ["S"], device_option=core.DeviceOption(c2.CUDA, 0))
+        run_op(stub, ws.id, op.SerializeToString())
+        np.testing.assert_allclose(ws.fetch_blob("S"), np.ones(2), rtol=1e-6)
+        cpu = core.CreateOperator("Cos", ["X"], ["C"], device_option=core.DeviceOption(c2.CPU))
+        refused(lambda: run_op(stub, ws.id, cpu.SerializeToString()), grpc.StatusCode.FAILED_PRECONDITION, "cuda:0")
+        other = core.CreateOperator("Cos", ["X"], ["C"], device_option=core.DeviceOption(c2.CUDA, 7))
+        refused(lambda: run_op(stub, ws.id, other.SerializeToString()), grpc.StatusCode.FAILED_PRECONDITION, "cuda:7")
