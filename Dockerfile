@@ -40,7 +40,8 @@ FROM torch AS runtime
 COPY --from=wheel /wheels /opt/cosserve-wheels
 # The rest of the server's dependencies from PyPI; torch is already met, so pip keeps it.
 RUN python -m pip install "$(echo /opt/cosserve-wheels/cosserve-*.whl)[server]"
-RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin cosserve
+# The user, and the state directory it owns: a volume mounted there (--state-dir) starts out writable.
+RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin cosserve && install -d -o 10001 -g 10001 -m 0750 /var/lib/cosserve
 USER 10001:10001
 # Listen on all interfaces inside the container; every flag also reads COSSERVE_<FLAG>.
 ENV COSSERVE_HOST=0.0.0.0 COSSERVE_PORT=50051 COSSERVE_METRICS_PORT=9464

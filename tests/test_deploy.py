@@ -1,40 +1,371 @@
-"""The deployment files agree with the code: env variables, ports, grace periods, entrypoint."""
+"""The deployment files agree with the Kubernetes schemas, with each other and with the server.
+
+Every manifest of deploy/k8s/ (the CPU variant, and the CUDA variant gpu/ makes of it) is checked
+offline with `kubernetes-validate --strict` against the schemas of the oldest Kubernetes these
+files are written for and of the newest one the package bundles. kubernetes-validate has no schema
+for the prometheus-operator's ServiceMonitor (a CRD): for it only the warning that says so is
+allowed, and the test checks by hand that it selects the replicas' Service and its metrics port.
+
+No cluster, container engine or kustomize runs here: gpu/'s patches are applied by this file's
+own small JSON-patch (add and replace, which is all gpu/ uses), and deploy/compose.yaml is checked
+as YAML. Regenerate deploy/k8s/nginx-configmap.yaml after changing the nginx files it holds with
+`python tests/test_deploy.py`.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
+from cosserve.server import settings as settings_mod
 from cosserve.server.settings import Settings
 
 yaml = pytest.importorskip("yaml")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+NGINX_CONF = DEPLOY / "nginx" / "cosserve.conf"
+COMPOSE_REPLICAS = DEPLOY / "nginx" / "cosserve-replicas.conf"
+K8S_REPLICAS = K8S / "nginx" / "cosserve-replicas.conf"
+CONFIGMAP = K8S / "nginx-configmap.yaml"
 FIELDS = {f.name for f in dataclasses.fields(Settings)}
+# Native gRPC probes are GA from Kubernetes 1.27: the oldest version these manifests are for.
+OLDEST_KUBERNETES = "1.27.0"
+# RunningServer.stop waits up to --grace-s + 5 s for the calls to finish before it moves on.
+STOP_MARGIN_S = 5
+# What the termination grace leaves, past the drain, for writing the changed sessions
+# (--durability snapshot): 60 s is about 14 GB at the 0.24 GB/s measured for SaveWorkspace.
+SNAPSHOT_BUDGET_S = 60
 
 
-def _deployment() -> dict:
-    docs = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes.yaml").read_text()))
-    return next(d for d in docs if d["kind"] == "Deployment")
+def load_all(path: pathlib.Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
-def test_manifest_env_variables_are_real_settings_and_ports_match():
-    spec = _deployment()["spec"]["template"]["spec"]
-    (container,) = spec["containers"]
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    for name in env:
-        assert name.startswith("COSSERVE_") and name.removeprefix("COSSERVE_").lower() in FIELDS, name
-    port = container["ports"][0]["containerPort"]
-    assert port == Settings().port
-    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-        assert container[probe]["grpc"]["port"] == port
-    assert spec["terminationGracePeriodSeconds"] > float(env["COSSERVE_GRACE_S"])
+def base_resources() -> list[dict]:
+    """deploy/k8s as `kubectl apply -k deploy/k8s` applies it: the files its kustomization lists."""
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    return [doc for name in kustomization["resources"] for doc in load_all(K8S / name)]
 
 
-def test_dockerfile_env_variables_are_real_settings_and_entrypoint_is_exec_form():
-    text = (ROOT / "Dockerfile").read_text()
-    for name in re.findall(r"COSSERVE_([A-Z_]+)=", text):
-        assert name.lower() in FIELDS, name
-    assert 'ENTRYPOINT ["cosserve", "serve"]' in text  # exec form: SIGTERM reaches the server
+def _pointer(path: str) -> list[str]:
+    return [part.replace("~1", "/").replace("~0", "~") for part in path.split("/")[1:]]
+
+
+def json_patch(doc: dict, operations: list[dict]) -> None:
+    """RFC 6902 `add` and `replace`, in place (the operations gpu/ uses; anything else fails)."""
+    for op in operations:
+        *parents, last = _pointer(op["path"])
+        node = doc
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if op["op"] == "add" and isinstance(node, list):
+            node.insert(len(node) if last == "-" else int(last), op["value"])
+        elif op["op"] == "add" or (op["op"] == "replace" and last in node):
+            node[last] = op["value"]
+        else:
+            raise AssertionError(f"unsupported or failing patch operation {op}")
+
+
+def gpu_resources() -> list[dict]:
+    """deploy/k8s/gpu as `kubectl apply -k deploy/k8s/gpu` applies it."""
+    overlay = yaml.safe_load((K8S / "gpu" / "kustomization.yaml").read_text())
+    assert overlay["resources"] == [".."]
+    docs = base_resources()
+    for patch in overlay["patches"]:
+        target = patch["target"]
+        matched = [d for d in docs if d["kind"] == target["kind"] and d["metadata"]["name"] == target["name"]]
+        assert len(matched) == 1, target
+        assert matched[0]["apiVersion"] == f"{target['group']}/{target['version']}"
+        json_patch(matched[0], yaml.safe_load(patch["patch"]))
+    return docs
+
+
+def one(docs: list[dict], kind: str, name: str) -> dict:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+def server_container(docs: list[dict]) -> dict:
+    (container,) = one(docs, "StatefulSet", "cosserve")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def settings_from_env(env: dict[str, str]) -> Settings:
+    """The Settings `cosserve serve` makes from these variables (SettingError for a bad one)."""
+    parser = argparse.ArgumentParser()
+    settings_mod.add_arguments(parser, environ=env)
+    return settings_mod.from_args(parser.parse_args([]))
+
+
+def container_settings(container: dict) -> tuple[Settings, dict[str, str]]:
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    for e in container["env"]:
+        assert e["name"].startswith("COSSERVE_") and e["name"].removeprefix("COSSERVE_").lower() in FIELDS, e
+    return settings_from_env(env), env
+
+
+def nginx_port() -> int:
+    (port,) = re.findall(r"^\s*listen\s+(?:[\d.]+:)?(\d+)\b", NGINX_CONF.read_text(), re.MULTILINE)
+    return int(port)
+
+
+def nginx_include() -> str:
+    (name,) = re.findall(r"^\s*include\s+(\S+);", NGINX_CONF.read_text(), re.MULTILINE)
+    return name
+
+
+def replica_servers(text: str) -> list[str]:
+    return re.findall(r"^\s*server\s+(\S+?)(?:\s+[^;]*)?;", text, re.MULTILINE)
+
+
+# ---- the schemas ----
+
+
+def _validate(paths: list[pathlib.Path], version: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", version, *map(str, paths)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+def test_every_manifest_validates_strictly_against_the_kubernetes_schemas(variant: str, tmp_path: pathlib.Path):
+    from kubernetes_validate.utils import latest_version
+
+    docs = base_resources() if variant == "cpu" else gpu_resources()
+    rendered = tmp_path / f"{variant}.yaml"
+    rendered.write_text(yaml.safe_dump_all(docs))
+    monitor = K8S / "prometheus" / "servicemonitor.yaml"
+    for version in (OLDEST_KUBERNETES, f"{latest_version()}.0"):
+        out = _validate([rendered, monitor], version)
+        passed = re.findall(r"^INFO .* passed for resource (\S+) against version", out, re.MULTILINE)
+        assert sorted(passed) == sorted(f"{d['kind'].lower()}/{d['metadata']['name']}" for d in docs), out
+        warnings = re.findall(r"^WARN .*$", out, re.MULTILINE)
+        assert len(warnings) == 1 and "kind ServiceMonitor with api version monitoring.coreos.com/v1" in warnings[0], out
+
+
+def test_strict_validation_refuses_a_misspelt_field(tmp_path: pathlib.Path):
+    # The check can fail: one unknown field in the StatefulSet is an error.
+    docs = base_resources()
+    server_container(docs)["readinessProbe"]["grpcc"] = {"port": 50051}
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump_all(docs))
+    result = subprocess.run(
+        [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", OLDEST_KUBERNETES, str(broken)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0 and "grpcc" in result.stdout, result.stdout
+
+
+# ---- agreement with the server ----
+
+
+def test_statefulset_ports_env_probes_and_grace_agree_with_the_server_settings():
+    docs = base_resources()
+    statefulset = one(docs, "StatefulSet", "cosserve")
+    pod = statefulset["spec"]["template"]["spec"]
+    container = server_container(docs)
+    settings, env = container_settings(container)  # every variable is a setting and parses
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
+    assert settings.port == Settings().port and settings.host == "0.0.0.0"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"] == {"port": settings.port}, probe
+    # The startup probe outlasts restoring the sessions on the volume; build_server allows 60 s.
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
+    # preStop, then SIGTERM's drain and the final snapshot, all inside the termination grace.
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pre_stop = float(command[1])
+    needed = pre_stop + settings.grace_s + STOP_MARGIN_S
+    if settings.durability in ("snapshot", "sync"):
+        needed += SNAPSHOT_BUDGET_S
+    assert pod["terminationGracePeriodSeconds"] >= needed
+    assert settings.grace_s > 0 and pre_stop >= 5  # nginx re-resolves every 5 s (replicas.conf)
+    # The state directory is the volume claim's, so sessions outlive the pod.
+    assert settings.durability == "snapshot" and settings.state_dir
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    claims = {t["metadata"]["name"] for t in statefulset["spec"]["volumeClaimTemplates"]}
+    assert mounts[settings.state_dir] in claims
+    # Non-root, as the image's USER; the volume writable by that group.
+    assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["fsGroup"] == 10001
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    # The default variant asks for no GPU; only gpu/ does.
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+
+
+def test_gpu_variant_asks_for_one_gpu_and_runs_the_cuda_image_on_it():
+    container = server_container(gpu_resources())
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["image"].endswith("-cuda")
+    settings, _ = container_settings(container)
+    assert settings.device == "cuda"
+    pod = one(gpu_resources(), "StatefulSet", "cosserve")["spec"]["template"]["spec"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+
+
+def test_services_selectors_and_policies_agree_with_the_pods():
+    docs = base_resources()
+    namespace = one(docs, "Namespace", "cosserve")["metadata"]["name"]
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {namespace}
+    statefulset = one(docs, "StatefulSet", "cosserve")
+    labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    settings, _ = container_settings(server_container(docs))
+
+    def selects(selector: dict, pod_labels: dict) -> bool:
+        return selector.items() <= pod_labels.items()
+
+    assert selects(statefulset["spec"]["selector"]["matchLabels"], labels)
+    headless = one(docs, "Service", statefulset["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None" and selects(headless["spec"]["selector"], labels)
+    assert {p["name"]: p["port"] for p in headless["spec"]["ports"]} == {"grpc": settings.port, "metrics": settings.metrics_port}
+    # Prometheus: the pods' annotations and the ServiceMonitor both name the metrics port.
+    annotations = statefulset["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(settings.metrics_port)
+    (monitor,) = load_all(K8S / "prometheus" / "servicemonitor.yaml")
+    assert selects(monitor["spec"]["selector"]["matchLabels"], headless["metadata"]["labels"])
+    assert monitor["spec"]["namespaceSelector"]["matchNames"] == [namespace]
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    # The budget and the autoscaler act on these pods.
+    assert selects(one(docs, "PodDisruptionBudget", "cosserve")["spec"]["selector"]["matchLabels"], labels)
+    hpa = one(docs, "HorizontalPodAutoscaler", "cosserve")["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "cosserve"}
+    assert hpa["minReplicas"] == statefulset["spec"]["replicas"] <= hpa["maxReplicas"]
+    # The network policy lets nginx reach the gRPC port and Prometheus the metrics port.
+    policy = one(docs, "NetworkPolicy", "cosserve")["spec"]
+    assert selects(policy["podSelector"]["matchLabels"], labels)
+    nginx_labels = one(docs, "Deployment", "cosserve-nginx")["spec"]["template"]["metadata"]["labels"]
+    by_port = {rule["ports"][0]["port"]: rule["from"] for rule in policy["ingress"]}
+    assert set(by_port) == {settings.port, settings.metrics_port}
+    assert any(selects(peer.get("podSelector", {}).get("matchLabels", {"-": "-"}), nginx_labels) for peer in by_port[settings.port])
+
+
+def test_nginx_configmap_holds_deploy_nginx_conf_and_the_statefulset_pod_names():
+    docs = base_resources()
+    (configmap,) = load_all(CONFIGMAP)
+    assert one(docs, "ConfigMap", "cosserve-nginx") == configmap
+    assert configmap["data"] == {
+        "cosserve.conf": NGINX_CONF.read_text(),
+        nginx_include(): K8S_REPLICAS.read_text(),
+    }, "deploy/k8s/nginx-configmap.yaml is stale: run `python tests/test_deploy.py`"
+    assert CONFIGMAP.read_text() == render_configmap(), "run `python tests/test_deploy.py`"
+    # The replica list: every pod the autoscaler may make, by its headless-Service DNS name.
+    statefulset = one(docs, "StatefulSet", "cosserve")
+    settings, _ = container_settings(server_container(docs))
+    namespace, service = statefulset["metadata"]["namespace"], statefulset["spec"]["serviceName"]
+    most = one(docs, "HorizontalPodAutoscaler", "cosserve")["spec"]["maxReplicas"]
+    assert replica_servers(K8S_REPLICAS.read_text()) == [
+        f"cosserve-{i}.{service}.{namespace}.svc.cluster.local:{settings.port}" for i in range(most)
+    ]
+    # nginx reads them both from one directory (the include is relative to cosserve.conf's).
+    nginx = one(docs, "Deployment", "cosserve-nginx")["spec"]["template"]["spec"]
+    (container,) = nginx["containers"]
+    (mount,) = container["volumeMounts"]
+    (volume,) = [v for v in nginx["volumes"] if v["name"] == mount["name"]]
+    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+    config_index = container["command"].index("-c") + 1
+    assert container["command"][config_index] == f"{mount['mountPath']}/cosserve.conf"
+    # Ports: nginx's listen, its container port, its Service and its network policy.
+    port = nginx_port()
+    assert [p["containerPort"] for p in container["ports"]] == [port]
+    service_ports = one(docs, "Service", "cosserve-nginx")["spec"]["ports"]
+    assert [(p["port"], p["targetPort"]) for p in service_ports] == [(settings.port, "grpc")]
+    policy = one(docs, "NetworkPolicy", "cosserve-nginx")["spec"]
+    assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == [port]
+    # `resolve` in the replica list needs nginx >= 1.27.3.
+    major, minor = map(int, re.fullmatch(r"nginx:(\d+)\.(\d+)(?:\.\d+)?", container["image"]).groups())
+    assert (major, minor) >= (1, 28)
+
+
+def render_configmap() -> str:
+    """deploy/k8s/nginx-configmap.yaml: deploy/nginx/cosserve.conf and deploy/k8s's replica list."""
+
+    def block(text: str) -> str:
+        assert text.endswith("\n") and not text.endswith("\n\n")
+        return "".join(f"    {line}\n" if line else "\n" for line in text.splitlines())
+
+    return (
+        "# Generated by `python tests/test_deploy.py` from deploy/nginx/cosserve.conf and\n"
+        "# deploy/k8s/nginx/cosserve-replicas.conf; tests/test_deploy.py checks it still holds them.\n"
+        "apiVersion: v1\n"
+        "kind: ConfigMap\n"
+        "metadata:\n"
+        "  name: cosserve-nginx\n"
+        "  namespace: cosserve\n"
+        "  labels: {app.kubernetes.io/name: cosserve-nginx}\n"
+        "data:\n"
+        "  cosserve.conf: |\n" + block(NGINX_CONF.read_text()) +
+        f"  {nginx_include()}: |\n" + block(K8S_REPLICAS.read_text())
+    )
+
+
+# ---- compose ----
+
+
+def test_compose_runs_three_named_replicas_behind_nginx_with_its_config():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    replicas = sorted(name for name in services if name != "nginx")
+    assert replicas == ["cosserve-0", "cosserve-1", "cosserve-2"]
+    defaults = Settings()
+    for name in replicas:
+        service = services[name]
+        assert service["image"] == "cosserve:0.1.0" and service["build"]["context"] == ".."
+        env = {key: str(value) for key, value in service["environment"].items()}
+        for key in env:
+            assert key.removeprefix("COSSERVE_").lower() in FIELDS, key
+        # The image's ENV gives host 0.0.0.0 and port 50051; these add to it.
+        settings = settings_from_env({"COSSERVE_HOST": "0.0.0.0", **env})
+        assert settings.port == defaults.port
+        assert service["healthcheck"]["test"] == ["CMD", "cosserve", "health", "--server", f"127.0.0.1:{settings.port}"]
+        grace = float(service["stop_grace_period"].removesuffix("s"))
+        assert grace >= settings.grace_s + STOP_MARGIN_S + (SNAPSHOT_BUDGET_S if settings.state_dir else 0)
+        (volume,) = service["volumes"]
+        assert volume == f"{name}-state:{settings.state_dir}" and f"{name}-state" in compose["volumes"]
+        (published,) = service["ports"]
+        assert published.startswith("127.0.0.1:") and published.endswith(f":{settings.port}")
+    # nginx: deploy/nginx/cosserve.conf as its nginx.conf, and the replica list beside it, which
+    # names exactly these services on the server's port.
+    nginx = services["nginx"]
+    assert sorted(nginx["depends_on"]) == replicas
+    assert all(c == {"condition": "service_healthy"} for c in nginx["depends_on"].values())
+    mounts = {target: source for source, target in (m.removesuffix(":ro").split(":") for m in nginx["volumes"])}
+    assert (DEPLOY / mounts["/etc/nginx/nginx.conf"]).resolve() == NGINX_CONF
+    assert (DEPLOY / mounts[f"/etc/nginx/{nginx_include()}"]).resolve() == COMPOSE_REPLICAS
+    assert replica_servers(COMPOSE_REPLICAS.read_text()) == [f"{name}:{defaults.port}" for name in replicas]
+    assert nginx["ports"] == [f"{defaults.port}:{nginx_port()}"]
+    assert nginx["image"] == one(base_resources(), "Deployment", "cosserve-nginx")["spec"]["template"]["spec"]["containers"][0]["image"]
+
+
+# ---- the docs name real files ----
+
+
+def _docs_file_arguments(text: str) -> set[str]:
+    named = set(re.findall(r"\bdeploy/[\w./-]*[\w/]", text))
+    for command in re.findall(r"(?m)^\s*(?:\$ )?((?:docker|podman|kubectl)\b.*)$", text):
+        named.update(re.findall(r"(?:^|\s)(?:-f|-k|--file|--kustomize)\s+(\S+)", command))
+    return named
+
+
+@pytest.mark.parametrize("doc", ["docs/deploy.md", "README.md"])
+def test_every_deploy_file_the_docs_name_exists(doc: str):
+    named = _docs_file_arguments((ROOT / doc).read_text())
+    assert named, doc
+    missing = sorted(path for path in named if not (ROOT / path).exists())
+    assert not missing, f"{doc} names files that do not exist: {missing}"
+    assert not (DEPLOY / "kubernetes.yaml").exists()
+
+
+if __name__ == "__main__":
+    CONFIGMAP.write_text(render_configmap())
+    print(f"wrote {CONFIGMAP.relative_to(ROOT)}")

@@ -8,8 +8,8 @@ standing in for the base image's, then starts the ENTRYPOINT with the image's EN
 with the HEALTHCHECK's own command. Two steps are not run as written, and only these two:
 - the torch step drops its `--index-url "$TORCH_INDEX"`: torch's index is not reachable here, and
   `pip install torch==$TORCH_VERSION` finds the same CPU build in this machine's local wheels;
-- the `useradd` step is skipped (it would add a user to this machine); the static test checks
-  that USER is the non-root user it makes.
+- the `useradd` step is skipped (it would add a user and /var/lib/cosserve to this machine); the
+  static test checks that USER is the non-root user it makes.
 The virtual environment is made fresh by the Dockerfile's own `python -m venv` (no system
 site-packages) on every run, so a dependency missing from pyproject.toml fails here.
 """
