@@ -63,9 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--client-key", metavar="FILE", help="PEM key of --client-cert")
     score = commands.add_parser(
         "score",
-        help="exact cosine top-k of a .npy query file against a .npy corpus",
+        help="exact cosine top-k of a query file against a corpus (.npy or .safetensors)",
         description="Exact cosine top-k of each query row among the corpus rows, written to an .npz "
-        "('scores' and 'indices', best first). Uses --server, or starts a server in this process.",
+        "('scores' and 'indices', best first), with progress bars on a terminal and a one-line summary. "
+        "Uses --server, or starts a server in this process.",
     )
     from cosserve import score as score_command
 

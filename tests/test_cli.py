@@ -1,0 +1,161 @@
+"""`cosserve score` as a user runs it: the real command in a subprocess against a real server
+process; progress bars, the summary line, .npy and .safetensors inputs, files that are neither,
+k = M, and a client-only environment (no torch, no safetensors)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from tests.conftest import start_process, stop_process
+
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+SUMMARY = re.compile(r"^cosserve score: (\d+) queries, k=(\d+), (\d+\.\d\d) s, ([\d,]+|-) queries/s -> (.+)$")
+
+
+@pytest.fixture(scope="module")
+def address() -> Iterator[str]:
+    proc, addr = start_process()
+    yield addr
+    stop_process(proc)
+
+
+def score(*args: str, blocked: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """The command, in its own interpreter; `blocked` modules cannot be imported there (a
+    client-only install has no torch, and maybe no safetensors)."""
+    prelude = "".join(f"sys.modules[{name!r}] = None; " for name in blocked)
+    script = f"import sys; {prelude}from cosserve.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run(
+        [sys.executable, "-c", script, "score", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "COSSERVE_AUTH_TOKEN": ""},
+    )
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.sqrt(np.maximum((x.astype(np.float64) ** 2).sum(axis=1, keepdims=True), 1e-12))
+
+
+def _reference_indices(queries: np.ndarray, corpus: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-(_unit(queries) @ _unit(corpus).T), axis=1, kind="stable")[:, :k]
+
+
+@pytest.fixture
+def files(tmp_path):
+    rng = np.random.default_rng(0)
+    corpus = rng.standard_normal((3000, 16)).astype(np.float32)
+    queries = rng.standard_normal((700, 16)).astype(np.float32)
+    np.save(tmp_path / "corpus.npy", corpus)
+    np.save(tmp_path / "queries.npy", queries)
+    return tmp_path, corpus, queries
+
+
+def test_progress_bars_when_forced_and_a_summary(files, address):
+    tmp_path, corpus, queries = files
+    out = tmp_path / "r.npz"
+    done = score("--corpus", str(tmp_path / "corpus.npy"), "--queries", str(tmp_path / "queries.npy"), "--k", "5",
+                 "--batch-size", "50", "--server", address, "--out", str(out), "--progress")
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in re.split(r"[\r\n]", done.stderr) if line.strip()]
+    assert any(line.startswith("corpus: 100%") and "192k/192k" in line for line in lines), lines
+    assert any(line.startswith("scoring: 100%") and "700/700" in line for line in lines), lines
+    summary = SUMMARY.match(lines[-1])
+    assert summary, lines[-1]
+    assert summary.group(1) == "700" and summary.group(2) == "5" and summary.group(5) == str(out)
+    with np.load(out) as result:
+        np.testing.assert_array_equal(result["indices"], _reference_indices(queries, corpus, 5))
+
+
+def test_no_bars_off_a_terminal_or_with_no_progress(files, address):
+    tmp_path, _, _ = files
+    args = ("--corpus", str(tmp_path / "corpus.npy"), "--queries", str(tmp_path / "queries.npy"),
+            "--server", address, "--out", str(tmp_path / "r.npz"))
+    for extra in ((), ("--no-progress",)):
+        done = score(*args, *extra)  # stderr is a pipe here, not a terminal
+        assert done.returncode == 0, done.stderr
+        assert "%|" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and SUMMARY.match(done.stderr.strip())
+
+
+def test_safetensors_inputs(files, address):
+    tmp_path, corpus, queries = files
+    safetensors_numpy.save_file({"embeddings": corpus}, str(tmp_path / "c.safetensors"))
+    safetensors_numpy.save_file({"q": queries, "other": corpus[:2]}, str(tmp_path / "both.safetensors"))
+    out = tmp_path / "r.npz"
+    done = score("--corpus", str(tmp_path / "c.safetensors"), "--queries", f"{tmp_path / 'both.safetensors'}:q",
+                 "--k", "4", "--server", address, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    with np.load(out) as result:
+        np.testing.assert_array_equal(result["indices"], _reference_indices(queries, corpus, 4))
+    done = score("--corpus", str(tmp_path / "c.safetensors"), "--queries", str(tmp_path / "both.safetensors"),
+                 "--server", address, "--out", str(out))
+    assert done.returncode == 2
+    assert "holds 2 tensors (other, q); name one as" in done.stderr and "both.safetensors:KEY" in done.stderr
+
+
+def test_safetensors_without_the_package_says_what_to_install(files, address):
+    tmp_path, corpus, _ = files
+    safetensors_numpy.save_file({"embeddings": corpus}, str(tmp_path / "c.safetensors"))
+    done = score("--corpus", str(tmp_path / "c.safetensors"), "--queries", str(tmp_path / "queries.npy"),
+                 "--server", address, "--out", str(tmp_path / "r.npz"), blocked=("safetensors", "torch"))
+    assert done.returncode == 2
+    assert "is a .safetensors file; reading it needs the safetensors package: pip install safetensors" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_client_only_environment_scores_npy_with_bars(files, address):
+    tmp_path, corpus, queries = files
+    out = tmp_path / "r.npz"
+    done = score("--corpus", str(tmp_path / "corpus.npy"), "--queries", str(tmp_path / "queries.npy"),
+                 "--server", address, "--out", str(out), "--progress", blocked=("torch", "safetensors"))
+    assert done.returncode == 0, done.stderr
+    assert "scoring: 100%" in done.stderr
+    with np.load(out) as result:
+        np.testing.assert_array_equal(result["indices"], _reference_indices(queries, corpus, 10))
+
+
+def test_files_that_are_neither_npy_nor_safetensors(files, address):
+    tmp_path, corpus, _ = files
+    (tmp_path / "notes.txt").write_text("not an array at all\n")
+    (tmp_path / "fake.npy").write_bytes(b"\x80\x04\x95 pickle-like bytes")  # what np.load calls "pickled data"
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.savez(tmp_path / "archive.npz", a=corpus)
+    cases = {
+        "notes.txt": "is neither a .npy nor a .safetensors file",
+        "fake.npy": "is neither a .npy nor a .safetensors file",
+        "objects.npy": "holds Python objects (an object .npy); save a float array",
+        "archive.npz": "is an .npz archive; give one array, as a .npy or a .safetensors file",
+    }
+    for name, words in cases.items():
+        done = score("--corpus", str(tmp_path / name), "--queries", str(tmp_path / "queries.npy"),
+                     "--server", address, "--out", str(tmp_path / "r.npz"))
+        assert done.returncode == 2, (name, done.stderr)
+        assert words in done.stderr and "pickled" not in done.stderr, (name, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_k_equal_to_a_200k_corpus(tmp_path, address):
+    rng = np.random.default_rng(1)
+    corpus = rng.standard_normal((200_000, 4)).astype(np.float32)
+    queries = rng.standard_normal((2, 4)).astype(np.float32)
+    np.save(tmp_path / "c.npy", corpus)
+    np.save(tmp_path / "q.npy", queries)
+    out = tmp_path / "r.npz"
+    done = score("--corpus", str(tmp_path / "c.npy"), "--queries", str(tmp_path / "q.npy"), "--k", "200000",
+                 "--server", address, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    sims = _unit(queries) @ _unit(corpus).T
+    with np.load(out) as result:
+        assert result["scores"].shape == result["indices"].shape == (2, 200_000)
+        for row in range(2):
+            np.testing.assert_array_equal(np.sort(result["indices"][row]), np.arange(200_000))
+            np.testing.assert_allclose(result["scores"][row], np.sort(sims[row])[::-1], atol=1e-5)
