@@ -28,29 +28,57 @@ def test_quickstart_serves_with_the_documented_command():
     assert serve_command == 'python3 -m pip install -e ".[server]" && cosserve serve'
 
 
-def test_python_example_runs_against_a_server(server):
-    (example, *_) = _blocks("python")
-    code = example.replace('"127.0.0.1:50051"', repr(server.address))
-    namespace: dict[str, object] = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102  (our own README)
-    y = namespace["y"]
+def _section(heading: str) -> str:
+    """The README's text from `## heading` to the next `## ` heading."""
+    start = README.index(f"## {heading}")
+    end = README.find("\n## ", start + 3)
+    return README[start : end if end >= 0 else len(README)]
+
+
+def _python_blocks_of(heading: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", _section(heading), flags=re.S)
+
+
+def _run_as_written(block: str, address: str) -> dict[str, object]:
+    """Run a README example exactly as written, against `address` instead of the default port:
+    nothing is defined for it beforehand."""
+    assert block.count('"127.0.0.1:50051"') == 1, "each example connects once, to the documented address"
+    namespace: dict[str, object] = {"__name__": "__readme__"}
+    exec(compile(block.replace('"127.0.0.1:50051"', repr(address)), "README.md", "exec"), namespace)  # noqa: S102
+    return namespace
+
+
+def test_every_python_example_of_the_client_sections_runs_as_written(server, capsys):
+    blocks = _python_blocks_of("Calling it from Python") + _python_blocks_of("Scoring embeddings")
+    assert len(blocks) == 3  # the sync client, asyncio, scoring: each is checked below
+    first, asyncio_example, scoring = blocks
+
+    y = _run_as_written(first, server.address)["y"]
     assert y.dtype.name == "float32" and y.shape == (2, 3)
 
+    _run_as_written(asyncio_example, server.address)
+    assert capsys.readouterr().out.count("[[") == 1  # it printed the (5, 3) indices of its one batch
 
-def test_scoring_example_runs_against_a_server(server):
     import numpy as np
 
-    (_, scoring, *_) = _blocks("python")
-    rng = np.random.default_rng(0)
-    corpus = rng.standard_normal((500, 16)).astype(np.float32)
-    queries = rng.standard_normal((7, 16)).astype(np.float32)
-    namespace: dict[str, object] = {"Client": __import__("cosserve").Client, "corpus": corpus, "queries": queries}
-    exec(compile(scoring.replace('"127.0.0.1:50051"', repr(server.address)), "README.md", "exec"), namespace)  # noqa: S102
+    namespace = _run_as_written(scoring, server.address)
+    corpus, queries = namespace["corpus"], namespace["queries"]
     sims = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ (
         corpus / np.linalg.norm(corpus, axis=1, keepdims=True)
     ).T
     np.testing.assert_array_equal(namespace["indices"], np.argsort(-sims, axis=1, kind="stable")[:, :10])
 
+
+def test_the_client_error_table_names_every_exported_exception():
+    import cosserve
+    import cosserve.errors
+
+    table = _section("Calling it from Python")
+    documented = set(re.findall(r"^\| `(\w+Error)` \|", table, re.M))
+    exported = set(cosserve.errors.__all__) - {"CosserveError", "CosserveRpcError"}
+    assert documented == exported
+    for name in documented:
+        assert issubclass(getattr(cosserve, name), cosserve.CosserveError)
 
 
 def test_the_flag_table_names_every_setting_and_no_other():
