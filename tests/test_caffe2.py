@@ -354,6 +354,13 @@ def test_hostile_sizes_are_bounded(stub, pair):
         nested = _field(2, _field(5, _field(1, b"a") + _field(8, nested)))
     deep = _field(4, b"Cos") + _field(1, b"X") + _field(2, b"Z") + _field(5, _field(1, b"a") + _field(8, nested))
     refused(lambda: run_op(stub, ws.id, deep), invalid, "'a'", "NetDef")
+    # Counts are checked before anything is converted: a message holds millions of empty entries.
+    empties = b"\x12\x00" * 3_000_000  # NetDef.op, 3 million times
+    refused(lambda: run_net(stub, ws.id, empties), invalid, "3000000 op entries", "10000")
+    args = _field(4, b"Cos") + _field(1, b"X") + _field(2, b"Z") + _field(5, b"") * 1_000_000
+    refused(lambda: run_op(stub, ws.id, args), invalid, "1000000 arg entries", "64")
+    names = _field(4, b"Cos") + _field(1, b"X") * 1_000_000 + _field(2, b"Z")
+    refused(lambda: run_op(stub, ws.id, names), invalid, "1000000 input entries")
     wide = c2.NetDef(op=[c2.OperatorDef(type="Cos", input=["X"], output=[f"z{i}"]) for i in range(2000)])
     wide.op.append(c2.OperatorDef(type="Nope", input=["X"], output=["w"]))
     refused(lambda: run_net(stub, ws.id, wide.SerializeToString()), invalid, "op #2000", "nothing was changed")
