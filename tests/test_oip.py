@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -153,7 +154,7 @@ def tritonclient(python: str, address: str, actions: list[dict[str, Any]], heade
 
 
 def spec(a: np.ndarray, datatype: str | None = None) -> dict[str, Any]:
-    names = {"float16": "FP16", "float32": "FP32", "float64": "FP64", "int32": "INT32", "int64": "INT64"}
+    names = {"float16": "FP16", "bfloat16": "BF16", "float32": "FP32", "float64": "FP64", "int32": "INT32", "int64": "INT64"}
     return {"datatype": datatype or names[a.dtype.name], "shape": list(a.shape), "data": a.astype(np.float64).reshape(-1).tolist()}
 
 
@@ -234,6 +235,7 @@ def test_every_message_and_rpc_is_tritons(triton_python: str) -> None:
 def test_infer_matches_numpy_and_compute(triton_python: str, oip_server: RunningServer, ours: Client) -> None:
     x16, y16 = X.astype(np.float16), Y.astype(np.float16)
     x64, y64 = X.astype(np.float64), Y.astype(np.float64)
+    xbf = X.astype(ml_dtypes.bfloat16)
     cases = [
         ("Cos", {"X": X}, "Y", np.cos(X.astype(np.float64)), 1e-6),
         ("CosineSimilarity", {"X": X, "Y": Y}, "S", cosine(X, Y), 1e-6),
@@ -241,6 +243,7 @@ def test_infer_matches_numpy_and_compute(triton_python: str, oip_server: Running
         ("SquaredL2Distance", {"X": X, "Y": Y}, "L", 0.5 * ((X.astype(np.float64) - Y) ** 2).sum(1), 1e-5),
         ("CosineSimilarity", {"X": x16, "Y": y16}, "S", cosine(x16, y16), 2e-3),
         ("DotProduct", {"X": x64, "Y": y64}, "P", (x64 * y64).sum(1), 1e-12),
+        ("Cos", {"X": xbf}, "Y", np.cos(xbf.astype(np.float64)), 1e-2),
     ]
     results = tritonclient(triton_python, oip_server.address, [infer(op, **ins) for op, ins, _, _, _ in cases])
     for (op, ins, out, want, tol), got in zip(cases, results):
@@ -248,7 +251,7 @@ def test_infer_matches_numpy_and_compute(triton_python: str, oip_server: Running
         dtype = next(iter(ins.values())).dtype
         compute = ours.compute(op, ins, [out])[out]
         tensor = got["outputs"][out]
-        assert tensor["datatype"] == {"float16": "FP16", "float32": "FP32", "float64": "FP64"}[dtype.name]
+        assert tensor["datatype"] == {"float16": "FP16", "bfloat16": "BF16", "float32": "FP32", "float64": "FP64"}[dtype.name]
         np.testing.assert_allclose(value(tensor), want, rtol=tol, atol=tol, err_msg=op)
         np.testing.assert_array_equal(value(tensor), np.asarray(compute, np.float64), err_msg=f"{op}: Compute differs")
         assert got["model_version"] == "1"
@@ -445,15 +448,25 @@ def test_auth_token_guards_the_inference_service(triton_python: str) -> None:
     np.testing.assert_allclose(value(cos["outputs"]["Y"]), np.cos(X.astype(np.float64)), rtol=1e-6, atol=1e-7)
 
 
-def test_metrics_count_inference_calls() -> None:
+def test_metrics_request_ids_and_message_limits_cover_inference_calls() -> None:
     import urllib.request
+
+    from cosserve import limits
+    from cosserve.server.observability import REQUEST_ID_KEY
 
     running = start_server(metrics_port=_free_port())
     try:
-        with grpc.insecure_channel(running.address) as channel:
+        with grpc.insecure_channel(running.address, options=[("grpc.max_send_message_length", -1)]) as channel:
             live = channel.unary_unary(SERVICE + "ServerLive", pb.ServerLiveRequest.SerializeToString, pb.ServerLiveResponse.FromString)
             assert live(pb.ServerLiveRequest(), timeout=10).live
-            _infer_raw(channel, _cos_request(X))
+            infer_call = channel.unary_unary(SERVICE + "ModelInfer", pb.ModelInferRequest.SerializeToString, pb.ModelInferResponse.FromString)
+            _, call = infer_call.with_call(_cos_request(X), timeout=30, metadata=((REQUEST_ID_KEY, "oip-req-1"),))
+            assert (REQUEST_ID_KEY, "oip-req-1") in tuple(call.trailing_metadata())
+            # A request past the server's message limit is refused by grpc before it is read whole.
+            huge = np.zeros(limits.MAX_MESSAGE_BYTES // 4 + 1024, np.float32)
+            with pytest.raises(grpc.RpcError) as raised:
+                infer_call(_cos_request(huge), timeout=30)
+            assert raised.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         text = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10).read().decode()
     finally:
         running.stop(0)
