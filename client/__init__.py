@@ -12,6 +12,7 @@ from cosserve.errors import (
     SharedMemoryError,
     UnsupportedDtypeError,
 )
+from cosserve.sharded import ShardedScorer
 
 __all__ = [
     "Client",
@@ -24,6 +25,7 @@ __all__ = [
     "ProtocolError",
     "Session",
     "ShapeError",
+    "ShardedScorer",
     "SharedMemoryError",
     "UnsupportedDtypeError",
     "__version__",
