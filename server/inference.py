@@ -10,7 +10,6 @@ header before anything is allocated; `encode_response` turns the outputs into th
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,7 +21,7 @@ import torch
 from cosserve.inference import grpc_service_pb2 as pb
 from cosserve.server import codec, engine
 from cosserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
-from cosserve.server.registry import REGISTRY, InputKind, Operator
+from cosserve.server.registry import REGISTRY, InputKind, Operator, lookup
 
 __all__ = [
     "DATATYPES",
@@ -124,11 +123,10 @@ def models() -> list[Model]:
 
 def model(name: str, version: str = "") -> Model:
     """The model `name` at `version` ("" or "1"); NotFound, with the closest name, otherwise."""
-    op = REGISTRY.get(name)
-    if op is None:
-        close = difflib.get_close_matches(name, REGISTRY, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else "; every registered operator is a model (ModelStatistics lists them)"
-        raise NotFound(f"unknown model {name!r}{hint}")
+    try:
+        op = lookup(name)
+    except InvalidArgument as err:  # an unknown model is NOT_FOUND, with the registry's "did you mean"
+        raise NotFound(f"unknown model: {err}") from None
     if version not in ("", VERSION):
         raise NotFound(f"model {name!r} has no version {version!r}; its only version is {VERSION!r}")
     return Model.of(op)
