@@ -86,8 +86,8 @@ class _Workspaces:
             client, self.client = self.client, None
             self.sessions = {_DEFAULT: None}
             self.current = _DEFAULT
-        with contextlib.suppress(CosserveRpcError):  # a session the server already expired
-            for session in sessions:
+        for session in sessions:
+            with contextlib.suppress(CosserveRpcError):  # one the server expired, or a server gone
                 session.close()
         if client is not None:
             client.close()
