@@ -166,6 +166,20 @@ def test_workspace_calls_match_caffe2s_signatures_and_errors(remote_workspace):
         ws.FeedBlob("a", np.ones(3), device_option=core.DeviceOption(1, 0))
 
 
+
+def test_address_from_the_environment_and_none(server, monkeypatch):
+    from cosserve.caffe2 import workspace
+
+    workspace.close()
+    monkeypatch.delenv("COSSERVE_ADDRESS", raising=False)
+    with pytest.raises(RuntimeError, match="not connected"):
+        workspace.Blobs()
+    monkeypatch.setenv("COSSERVE_ADDRESS", server.address)
+    try:
+        assert workspace.FeedBlob("x", np.zeros(2, np.float32)) and workspace.Blobs() == ["x"]
+    finally:
+        workspace.close()
+
 # ---- Caffe2's own encodings, sent by a raw stub (scope 3) ----------------------------------
 
 from cosserve.caffe2 import caffe2_pb2 as c2  # noqa: E402
