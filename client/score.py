@@ -50,10 +50,12 @@ Corpus = np.ndarray | str
 
 
 class TopKScorer(Protocol):
-    """What `cosserve score` scores with: a corpus held somewhere, top-k of query rows against it."""
+    """What `cosserve score` scores with: a corpus held somewhere, top-k of query rows against it
+    (`cosserve.ShardedScorer` is one)."""
 
     def top_k(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores (n, k), int64 indices (n, k)) of each row of `queries`, best first."""
+        """(scores (n, k), int64 indices (n, k)) of each row of `queries` (in the corpus dtype when
+        the corpus is an array), best first."""
         ...
 
 
@@ -345,7 +347,10 @@ def _score(
             with _bar(ns.progress, total=n, unit="query", desc="scoring") as bar:
                 started = time.perf_counter()
                 for start in range(0, max(1, n), slice_rows):  # an empty file still asks once, to be checked
-                    piece_scores, piece_indices = scorer.top_k(queries[start : start + slice_rows], ns.k)
+                    piece = queries[start : start + slice_rows]
+                    if not isinstance(corpus, str):  # queries go in the corpus dtype (@NAME's: the scorer's to know)
+                        piece = np.asarray(piece, dtype=corpus.dtype)
+                    piece_scores, piece_indices = scorer.top_k(piece, ns.k)
                     scores.append(piece_scores)
                     indices.append(piece_indices)
                     bar.update(piece_scores.shape[0])

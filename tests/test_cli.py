@@ -159,3 +159,35 @@ def test_k_equal_to_a_200k_corpus(tmp_path, address):
         for row in range(2):
             np.testing.assert_array_equal(np.sort(result["indices"][row]), np.arange(200_000))
             np.testing.assert_allclose(result["scores"][row], np.sort(sims[row])[::-1], atol=1e-5)
+
+
+def test_the_scorer_seam_takes_a_sharded_scorer(files, capsys):
+    """`score.run(ns, make_scorer)`: the few lines `--server a,b` needs, with cosserve.ShardedScorer."""
+    import contextlib
+
+    from cosserve import ShardedScorer, cli, score as score_command
+
+    from tests.conftest import start_server
+
+    tmp_path, corpus, queries = files
+    servers = [start_server(), start_server()]
+    try:
+        addresses = ",".join(s.address for s in servers)
+
+        @contextlib.contextmanager
+        def sharded(ns, corpus, uploaded):
+            with ShardedScorer(ns.server.split(","), device=ns.device) as scorer:
+                scorer.feed(corpus, progress=ns.progress)
+                yield scorer
+
+        out = tmp_path / "sharded.npz"
+        ns = cli._parser().parse_args(["score", "--corpus", str(tmp_path / "corpus.npy"), "--queries",
+                                       str(tmp_path / "queries.npy"), "--k", "7", "--server", addresses,
+                                       "--device", "cpu", "--out", str(out), "--no-progress"])
+        assert score_command.run(ns, sharded) == 0
+        assert SUMMARY.match(capsys.readouterr().err.strip())
+        with np.load(out) as result:
+            np.testing.assert_array_equal(result["indices"], _reference_indices(queries, corpus, 7))
+    finally:
+        for running in servers:
+            running.stop(0)
