@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import inspect
 import math
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,9 +14,9 @@ import grpc
 from grpc import aio
 
 from cosserve import limits, wire
-from cosserve.server import codec, engine, identity, shm, snapshots
+from cosserve.server import caffe2_format, codec, engine, identity, shm, snapshots
 from cosserve.server.corpora import is_corpus
-from cosserve.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from cosserve.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, quoted
 from cosserve.server.interceptors import HANDLER_KINDS
 from cosserve.server.metrics import Metrics
 from cosserve.server.registry import REGISTRY, ArgType, InputKind, OpSchema
@@ -34,6 +37,9 @@ _ARG_TYPES = {
     ArgType.BOOL: pb.ARG_BOOL,
     ArgType.STRING: pb.ARG_STRING,
 }
+# The values of the call's `cosserve-session-id` metadata (limits.SESSION_ID_METADATA), the key a
+# load balancer routes a session's calls on; set for each call by add_to_server's handlers.
+_SESSION_HEADER: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("session_header", default=())
 # Work that is always sent to a worker thread, whatever its input size.
 _ALWAYS_THREAD = math.inf
 _CPU = torch.device("cpu")
@@ -99,7 +105,8 @@ class CosserveServicer:
     # ---- sessions ------------------------------------------------------------------------
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context: aio.ServicerContext) -> pb.CreateSessionResponse:
-        workspace = self.store.create(request.device, identity.CALLER.get())
+        _check_routed(request.session_id)
+        workspace = self.store.create(request.device, identity.CALLER.get(), request.session_id)
         return pb.CreateSessionResponse(session_id=workspace.id, device=str(workspace.device))
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context: aio.ServicerContext) -> pb.CloseSessionResponse:
@@ -107,7 +114,9 @@ class CosserveServicer:
         return pb.CloseSessionResponse()
 
     def _session(self, session_id: str) -> Workspace:
-        """The caller's session `session_id`; NOT_FOUND for a session of another identity."""
+        """The caller's session `session_id`; NOT_FOUND for a session of another identity, and
+        INVALID_ARGUMENT when the call's routing metadata names another session."""
+        _check_routed(session_id)
         return self.store.get(session_id, identity.CALLER.get())
 
     def _count(self, direction: str, method: str, nbytes: int) -> None:
@@ -214,12 +223,29 @@ class CosserveServicer:
     # ---- operators -----------------------------------------------------------------------
 
     async def RunOperator(self, request: pb.RunOperatorRequest, context: aio.ServicerContext) -> pb.RunOperatorResponse:
-        await self._run_net(request.session_id, [op_call(request.op)])
+        if request.WhichOneof("definition") == "caffe2_op":  # Caffe2's own encoding (caffe2_format)
+            calls = await self._caffe2_calls(request.session_id, caffe2_format.operator_calls, request.caffe2_op)
+        else:
+            calls = [op_call(request.op)]
+        await self._run_net(request.session_id, calls)
         return pb.RunOperatorResponse()
 
     async def RunNet(self, request: pb.RunNetRequest, context: aio.ServicerContext) -> pb.RunNetResponse:
-        await self._run_net(request.session_id, [op_call(op) for op in request.ops])
+        if request.caffe2_net:  # Caffe2's own encoding (caffe2_format)
+            if request.ops:
+                raise InvalidArgument("RunNet: give ops or caffe2_net, not both")
+            calls = await self._caffe2_calls(request.session_id, caffe2_format.net_calls, request.caffe2_net)
+        else:
+            calls = [op_call(op) for op in request.ops]
+        await self._run_net(request.session_id, calls)
         return pb.RunNetResponse()
+
+    async def _caffe2_calls(self, session_id: str, convert: Any, data: bytes) -> list[engine.OpCall]:
+        device = self._session(session_id).device
+        # Parsing is in proportion to the bytes (a few MiB of tiny fields take seconds): past
+        # --inline-op-bytes it goes to a worker thread, as a large op does, not on the loop.
+        calls: list[engine.OpCall] = await self.workers.run(len(data), convert, data, device)
+        return calls
 
     async def _run_net(self, session_id: str, calls: list[engine.OpCall]) -> None:
         workspace = self._session(session_id)
@@ -329,6 +355,43 @@ class CosserveServicer:
         self.store.corpora.publish(request.name, tensor, identity.CALLER.get())
         return pb.PublishCorpusResponse()
 
+def _check_routed(session_id: str) -> None:
+    """InvalidArgument when the call's `cosserve-session-id` metadata names another session than
+    its request: a balancer routed the call on the metadata, so it may have reached a replica that
+    does not hold the session the request acts on (a misbuilt client)."""
+    for value in _SESSION_HEADER.get():
+        if value != session_id:
+            raise InvalidArgument(
+                f"the {limits.SESSION_ID_METADATA!r} metadata names session {quoted(value)} but the request names "
+                f"{quoted(session_id)}; a load balancer routes the call on the metadata, so send the request's id there"
+            )
+
+
+def _with_session_header(behavior: Any) -> Any:
+    """`behavior`, first recording the call's `cosserve-session-id` values for `_check_routed`
+    (each call runs in its own task, so no other call sees them)."""
+
+    def record(context: aio.ServicerContext) -> None:
+        metadata = context.invocation_metadata() or ()
+        _SESSION_HEADER.set(tuple(str(value) for key, value in metadata if key == limits.SESSION_ID_METADATA))
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            record(context)
+            async with contextlib.aclosing(behavior(request, context)) as replies:
+                async for reply in replies:
+                    yield reply
+
+        return stream
+
+    async def unary(request: Any, context: aio.ServicerContext) -> Any:
+        record(context)
+        return await behavior(request, context)
+
+    return unary
+
+
 def _decoded(method: str, decode: Any, raw: bytes) -> Any:
     try:
         return decode(raw)
@@ -350,7 +413,7 @@ def add_to_server(servicer: CosserveServicer, server: aio.Server) -> None:
         response_type = getattr(pb, method.output_type.name)
         _, factory = HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = factory(
-            getattr(servicer, method.name),
+            _with_session_header(getattr(servicer, method.name)),
             request_deserializer=None if request_bytes else request_type.FromString,
             response_serializer=None if response_bytes else response_type.SerializeToString,
         )

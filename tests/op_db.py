@@ -165,6 +165,8 @@ def _widened(x: np.ndarray, y: np.ndarray, pad_value: float, replicate: bool) ->
 def ref_dot_product_with_padding(
     x: np.ndarray, y: np.ndarray, pad_value: float = 0.0, replicate: bool = False
 ) -> tuple[np.ndarray, ...]:
+    if x.size == 0:  # Caffe2: no rows when X has no elements, whatever Y's width
+        return (np.zeros(0),)
     xw, yw = _widened(x, y, pad_value, replicate)
     return (_dot(xw, yw),)
 
@@ -172,6 +174,8 @@ def ref_dot_product_with_padding(
 def ref_dot_product_with_padding_gradient(
     x: np.ndarray, y: np.ndarray, g: np.ndarray, pad_value: float = 0.0, replicate: bool = False
 ) -> tuple[np.ndarray, ...]:
+    if x.size == 0:
+        return np.zeros(x.shape), np.zeros(y.shape)
     xr, yr = rows_np(x), rows_np(y)
     xw, yw = _widened(x, y, pad_value, replicate)
     g = g[:, None]
@@ -255,6 +259,8 @@ def torch_dot_product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def torch_dot_product_with_padding(
     x: torch.Tensor, y: torch.Tensor, pad_value: float = 0.0, replicate: bool = False
 ) -> torch.Tensor:
+    if x.numel() == 0:
+        return x.reshape(-1)[:0]
     xr, yr = _rows_t(x), _rows_t(y)
     width = max(xr.shape[1], yr.shape[1])
 
@@ -322,6 +328,7 @@ def dot_product_with_padding_samples(rng: np.random.Generator) -> list[Sample]:
         pair((4,), (4,), replicate=True),
         pair((3, 0), (3, 4), pad_value=2),  # an integer where a float is expected
         pair((3, 0), (3, 0), replicate=True),
+        pair((2, 0), (2, 3), replicate=True),  # no elements in X: (0,), no divisibility to check
         pair((0, 3), (0, 5)),
     ]
 
@@ -529,7 +536,8 @@ def generic_error_cases(entry: OpEntry, schema: OpSchema) -> list[ErrorCase]:
     cases.append(ErrorCase("too many inputs", (*inputs, inputs[0]), (op, "input", blob("extra0")), args))
     cases.append(ErrorCase("too many outputs", inputs, (op, "output"), args, n_outputs=len(schema.outputs) + 1))
     cases.append(ErrorCase("unknown argument", inputs, (op, "bogus_arg"), {**args, "bogus_arg": 1.0}))
-    wrong_values = {ArgType.FLOAT: "1.0", ArgType.INT: 1.5, ArgType.BOOL: 1, ArgType.STRING: 1}
+    # A bool may be the int 0 or 1 (Caffe2 stores bools so); any other int is wrong.
+    wrong_values = {ArgType.FLOAT: "1.0", ArgType.INT: 1.5, ArgType.BOOL: 2, ArgType.STRING: 1}
     for spec in schema.args:
         bad_args = {**args, spec.name: wrong_values[spec.type]}
         cases.append(ErrorCase(f"{spec.name} type", inputs, (op, spec.name, spec.type.value), bad_args))
