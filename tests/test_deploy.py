@@ -15,14 +15,22 @@ as YAML. Regenerate deploy/k8s/nginx-configmap.yaml after changing the nginx fil
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import os
 import pathlib
 import re
+import shutil
+import socket
+import struct
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
+from cosserve import CosserveError
 from cosserve.server import settings as settings_mod
 from cosserve.server.settings import Settings
 
@@ -345,6 +353,172 @@ def test_compose_runs_three_named_replicas_behind_nginx_with_its_config():
     assert replica_servers(COMPOSE_REPLICAS.read_text()) == [f"{name}:{defaults.port}" for name in replicas]
     assert nginx["ports"] == [f"{defaults.port}:{nginx_port()}"]
     assert nginx["image"] == one(base_resources(), "Deployment", "cosserve-nginx")["spec"]["template"]["spec"]["containers"][0]["image"]
+
+
+
+# ---- deploy/k8s's replica list, run by a real nginx >= 1.27.3 ----
+
+
+def _nginx_with_resolve() -> str | None:
+    """An nginx that takes `resolve` in an upstream (>= 1.27.3): $COSSERVE_NGINX, else nginx on PATH."""
+    for candidate in (os.environ.get("COSSERVE_NGINX"), shutil.which("nginx"), "/usr/sbin/nginx"):
+        if candidate and os.access(candidate, os.X_OK):
+            version = subprocess.run([candidate, "-v"], capture_output=True, text=True, timeout=10).stderr
+            found = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", version)
+            if found and tuple(map(int, found.groups())) >= (1, 27, 3):
+                return candidate
+    return None
+
+
+class _LoopbackDns:
+    """A DNS server on 127.0.0.1 for A queries, standing in for kube-dns: a name in `records`
+    gets its address (TTL 1 s), any other NXDOMAIN (as a pod that is not ready), AAAA nothing."""
+
+    def __init__(self, records: dict[str, str]) -> None:
+        self.records = records
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                data, peer = self.sock.recvfrom(512)
+            except (TimeoutError, OSError):
+                continue
+            end, labels = 12, []
+            while end < len(data) and data[end]:
+                labels.append(data[end + 1 : end + 1 + data[end]].decode("ascii", "replace"))
+                end += 1 + data[end]
+            question, (qtype,) = data[12 : end + 5], struct.unpack(">H", data[end + 1 : end + 3])
+            address = self.records.get(".".join(labels))
+            header = struct.pack(">H", struct.unpack(">H", data[:2])[0])
+            if address is None:
+                reply = header + struct.pack(">HHHHH", 0x8183, 1, 0, 0, 0) + question
+            elif qtype != 1:
+                reply = header + struct.pack(">HHHHH", 0x8180, 1, 0, 0, 0) + question
+            else:
+                answer = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 1, 4) + socket.inet_aton(address)
+                reply = header + struct.pack(">HHHHH", 0x8180, 1, 1, 0, 0) + question + answer
+            self.sock.sendto(reply, peer)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+@pytest.mark.slow
+def test_k8s_replica_list_follows_the_pods_dns_names(tmp_path: pathlib.Path):
+    """deploy/nginx/cosserve.conf with deploy/k8s's replica list, in a real nginx: replicas on
+    127.0.0.2-4:50051 under their pod names, served by a loopback DNS in kube-dns's place. A
+    replica that comes back on a new address is followed without a reload, one that leaves the
+    DNS leaves the ring, and the names of pods that do not exist (3-5) do not stop nginx."""
+    from tests.conftest import start_process, stop_process
+
+    import numpy as np
+
+    from cosserve import Client
+
+    nginx_bin = _nginx_with_resolve()
+    if nginx_bin is None:
+        pytest.skip("needs nginx >= 1.27.3 (`resolve`; Debian's is 1.22): set COSSERVE_NGINX to one")
+    names = [f"cosserve-{i}.cosserve.cosserve.svc.cluster.local" for i in range(6)]
+    records = {names[i]: f"127.0.0.{i + 2}" for i in range(3)}
+    (tmp_path / "logs").mkdir()
+    listen = _free_port()
+    conf, listens = re.subn(r"(?m)^(\s*listen\s+)50051\b", rf"\g<1>127.0.0.1:{listen}", NGINX_CONF.read_text())
+    assert listens == 1
+    (tmp_path / "cosserve.conf").write_text(conf)
+    dns = _LoopbackDns(records)
+    replicas = K8S_REPLICAS.read_text()
+    assert replicas.count("resolver kube-dns.kube-system.svc.cluster.local ") == 1
+    (tmp_path / nginx_include()).write_text(replicas.replace("kube-dns.kube-system.svc.cluster.local", f"127.0.0.1:{dns.port}"))
+    log = tmp_path / "nginx.out"
+    servers: dict[str, subprocess.Popen] = {}
+    nginx = None
+
+    def upstreams(since: int) -> collections.Counter:
+        return collections.Counter(re.findall(r"upstream=(127\.0\.0\.\d+):50051", log.read_text()[since:]))
+
+    def holders(session_id: str) -> list[str]:
+        held = []
+        for address in servers:
+            with Client(f"{address}:50051") as direct:
+                try:
+                    direct.attach(session_id)
+                    held.append(address)
+                except CosserveError:
+                    pass
+        return held
+
+    try:
+        for address in records.values():
+            servers[address] = start_process("--host", address, "--port", "50051")[0]
+        with open(log, "w") as out:
+            nginx = subprocess.Popen(
+                [nginx_bin, "-p", str(tmp_path), "-c", str(tmp_path / "cosserve.conf"), "-g", f"daemon off; pid {tmp_path}/nginx.pid;"],
+                stdout=out, stderr=subprocess.STDOUT,
+            )
+        with Client(f"127.0.0.1:{listen}") as client:
+            deadline = time.monotonic() + 20
+            while True:  # nginx up, and the names resolved
+                try:
+                    client.operators()
+                    break
+                except CosserveError:
+                    assert time.monotonic() < deadline, log.read_text()
+                    time.sleep(0.5)
+            sessions = [client.session("cpu") for _ in range(24)]
+            for session in sessions:
+                session.feed_blob("X", np.ones(4, np.float32))
+            where = {s.id: holders(s.id) for s in sessions}
+            assert all(len(held) == 1 for held in where.values()), where
+            assert len({held[0] for held in where.values()}) == 3, where
+            mark = len(log.read_text())
+            for _ in range(30):
+                client.operators()
+            assert set(upstreams(mark)) == set(records.values())
+            # cosserve-1 comes back on a new address, as a rescheduled pod does.
+            stop_process(servers.pop("127.0.0.3"))
+            servers["127.0.0.5"] = start_process("--host", "127.0.0.5", "--port", "50051")[0]
+            records[names[1]] = "127.0.0.5"
+            time.sleep(7)  # valid=5s in the replica list
+            mark = len(log.read_text())
+            for session in sessions:
+                if where[session.id] == ["127.0.0.3"]:
+                    with pytest.raises(CosserveError) as lost:
+                        session.fetch_blob("X")
+                    assert lost.value.code().name == "NOT_FOUND"
+                else:
+                    assert session.fetch_blob("X").tolist() == [1.0] * 4
+            fresh = [client.session("cpu") for _ in range(12)]
+            assert "127.0.0.5" in upstreams(mark) and "127.0.0.3" not in upstreams(mark)
+            # cosserve-2 leaves the DNS (not ready): no call reaches it.
+            del records[names[2]]
+            time.sleep(7)
+            mark = len(log.read_text())
+            fresh += [client.session("cpu") for _ in range(12)]
+            for _ in range(20):
+                client.operators()
+            assert set(upstreams(mark)) == {"127.0.0.2", "127.0.0.5"}
+    finally:
+        if nginx is not None:
+            nginx.terminate()
+            nginx.wait(10)
+        for proc in servers.values():
+            stop_process(proc)
+        dns.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ---- the docs name real files ----
