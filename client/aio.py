@@ -37,9 +37,11 @@ from cosserve.client import (
     OpSpec,
     PemSource,
     _array_in,
+    _check_k,
     _check_name,
     _framed_callable,
     _query_batches,
+    build_request,
     call_metadata,
     channel_credentials,
     compute_inputs,
@@ -147,7 +149,7 @@ class Client:
 
     async def attach(self, session_id: str) -> Session:
         """The existing session `session_id` of this identity (see `cosserve.Client.attach`)."""
-        await self._call("ListBlobs", pb.ListBlobsRequest(session_id=session_id), session=session_id)
+        await self._call("ListBlobs", build_request(pb.ListBlobsRequest, session_id=session_id), session=session_id)
         return Session(self, session_id, "unknown")
 
     async def operators(self) -> list[OpInfo]:
@@ -348,17 +350,17 @@ class Session:
 
     async def save(self, name: str, *, timeout: float | None = None) -> tuple[int, int]:
         """Write the session's blobs as the snapshot `name` (see `cosserve.Session.save`)."""
-        reply = await self._call("SaveWorkspace", pb.SaveWorkspaceRequest(session_id=self.id, name=name), timeout=timeout)
+        reply = await self._call("SaveWorkspace", build_request(pb.SaveWorkspaceRequest, session_id=self.id, name=name), timeout=timeout)
         return int(reply.blobs), int(reply.bytes)
 
     async def load(self, name: str, *, timeout: float | None = None) -> tuple[int, int]:
         """Replace the session's blobs with the snapshot `name` (see `cosserve.Session.load`)."""
-        reply = await self._call("LoadWorkspace", pb.LoadWorkspaceRequest(session_id=self.id, name=name), timeout=timeout)
+        reply = await self._call("LoadWorkspace", build_request(pb.LoadWorkspaceRequest, session_id=self.id, name=name), timeout=timeout)
         return int(reply.blobs), int(reply.bytes)
 
     async def publish_corpus(self, blob: str, name: str) -> None:
         """Share blob `blob` as the corpus `@name` (see `cosserve.Session.publish_corpus`)."""
-        await self._call("PublishCorpus", pb.PublishCorpusRequest(session_id=self.id, blob=blob, name=name))
+        await self._call("PublishCorpus", build_request(pb.PublishCorpusRequest, session_id=self.id, blob=blob, name=name))
 
     # ---- operators -----------------------------------------------------------------------
 
@@ -382,7 +384,8 @@ class Session:
         **args: Any,
     ) -> GradientCheck:
         """The gradient op against finite differences (see `cosserve.Session.check_gradient`)."""
-        request = pb.CheckGradientRequest(
+        request = build_request(
+            pb.CheckGradientRequest,
             session_id=self.id,
             op=operator_def(op_type, inputs, outputs or [], args),
             step_size=step_size,
@@ -411,6 +414,7 @@ class Session:
         """Like `top_k`, an async iterator of each message's (scores, indices) as they arrive.
         `queries` is an (N, D) array or an iterable of (n, D) batches."""
         _check_name(corpus)
+        _check_k(k)
         batches, count = _query_batches(queries, batch_size)
         first = next(batches, None)
         if first is None:

@@ -100,6 +100,8 @@ def _argument(name: str, value: Any) -> pb.Argument:
     if isinstance(value, (bool, np.bool_)):
         arg.b = bool(value)
     elif isinstance(value, (int, np.integer)):
+        if not -(2**63) <= int(value) < 2**63:
+            raise InvalidArgumentError(f"argument {name}={value}: an int argument must fit in int64")
         arg.i = int(value)
     elif isinstance(value, (float, np.floating)):
         arg.f = float(value)
@@ -131,6 +133,11 @@ def operator_def(op_type: str, inputs: Sequence[str], outputs: Sequence[str], ar
         output=list(outputs),
         arg=[_argument(k, v) for k, v in args.items()],
     )
+
+
+def _check_k(k: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise InvalidTypeError(f"k is an int, 1 <= k <= M, got {k!r}")
 
 
 def _check_name(name: Any) -> None:
@@ -193,6 +200,17 @@ def channel_credentials(
 # ---- pure request building and reply decoding, shared with cosserve.aio ------------------
 
 
+def build_request(message_type: Any, **fields: Any) -> Any:
+    """A request message of user-given fields; the client's errors, not protobuf's, for a value of
+    the wrong type (`InvalidTypeError`) or out of range (`InvalidArgumentError`)."""
+    try:
+        return message_type(**fields)
+    except TypeError as err:
+        raise InvalidTypeError(f"{message_type.DESCRIPTOR.name}: {err}") from None
+    except ValueError as err:
+        raise InvalidArgumentError(f"{message_type.DESCRIPTOR.name}: {err}") from None
+
+
 def call_metadata(base: tuple[tuple[str, str], ...], session: str | None) -> tuple[tuple[str, str], ...]:
     """A call's metadata: `base` (the token), and for a session's call its id, so that a load
     balancer hashing on `cosserve-session-id` sends every call of a session to the replica holding it."""
@@ -204,7 +222,7 @@ def call_metadata(base: tuple[tuple[str, str], ...], session: str | None) -> tup
 def create_session_request(device: str) -> pb.CreateSessionRequest:
     """CreateSession with a proposed id: 128 random bits, also sent as metadata, so that a balancer
     hashing on that header sends the creation where every later call will go."""
-    return pb.CreateSessionRequest(device=device, session_id=secrets.token_hex(16))
+    return build_request(pb.CreateSessionRequest, device=device, session_id=secrets.token_hex(16))
 
 
 def rpc_error(err: grpc.RpcError, method: str) -> CosserveRpcError:
@@ -258,7 +276,7 @@ def fits_one_compute(arrays: Mapping[str, np.ndarray]) -> bool:
 
 
 def compute_request(op: pb.OperatorDef, arrays: Mapping[str, np.ndarray], device: str) -> pb.ComputeRequest:
-    request = pb.ComputeRequest(op=op, device=device)
+    request = build_request(pb.ComputeRequest, op=op, device=device)
     for name, array in arrays.items():
         tensors.to_wire(array, request.inputs.add(name=name).tensor)
     return request
@@ -362,7 +380,7 @@ def top_k_requests(session_id: str, corpus: str, k: int, batch: np.ndarray) -> I
     reply_rows = max(1, TOP_K_REPLY_BYTES // top_k_row_bytes(k, batch.dtype.itemsize))
     rows = max(1, min(reply_rows, limits.INLINE_BYTES // max(1, batch[:1].nbytes)))
     for start in range(0, max(1, batch.shape[0]), rows):
-        request = pb.TopKRequest(session_id=session_id, corpus=corpus, k=k)
+        request = build_request(pb.TopKRequest, session_id=session_id, corpus=corpus, k=k)
         tensors.to_wire(batch[start : start + rows], request.queries)
         yield request
 
@@ -493,7 +511,7 @@ class Client:
                 not restore it after a restart (the details say why).
         """
         # One cheap call that names the session: the server checks it exists and is ours.
-        self._call("ListBlobs", pb.ListBlobsRequest(session_id=session_id), session=session_id)
+        self._call("ListBlobs", build_request(pb.ListBlobsRequest, session_id=session_id), session=session_id)
         # The device is the server's to know; this reply does not say it.
         return Session(self, session_id, "unknown")
 
@@ -701,7 +719,7 @@ class Session:
         Raises CosserveRpcError: INVALID_ARGUMENT for such a name, FAILED_PRECONDITION on a server
         without a state directory, RESOURCE_EXHAUSTED when its disk has no room. `timeout`: the
         deadline in seconds (default the client's); a large session takes about a second per GB."""
-        request = pb.SaveWorkspaceRequest(session_id=self.id, name=name)
+        request = build_request(pb.SaveWorkspaceRequest, session_id=self.id, name=name)
         reply = self._call("SaveWorkspace", request, timeout=timeout)
         return int(reply.blobs), int(reply.bytes)
 
@@ -714,7 +732,7 @@ class Session:
         RESOURCE_EXHAUSTED when the blobs would pass the session's limits (checked before
         anything is read), FAILED_PRECONDITION for a damaged snapshot (the message says what
         and which file) or a server without a state directory."""
-        request = pb.LoadWorkspaceRequest(session_id=self.id, name=name)
+        request = build_request(pb.LoadWorkspaceRequest, session_id=self.id, name=name)
         reply = self._call("LoadWorkspace", request, timeout=timeout)
         return int(reply.blobs), int(reply.bytes)
 
@@ -726,7 +744,7 @@ class Session:
         Raises CosserveRpcError: FAILED_PRECONDITION for a name already in use (or a server that
         publishes nothing), RESOURCE_EXHAUSTED past the server's --max-published-bytes,
         INVALID_ARGUMENT for a bad name, NOT_FOUND for a blob the session does not hold."""
-        self._call("PublishCorpus", pb.PublishCorpusRequest(session_id=self.id, blob=blob, name=name))
+        self._call("PublishCorpus", build_request(pb.PublishCorpusRequest, session_id=self.id, blob=blob, name=name))
 
     # ---- operators -----------------------------------------------------------------------
 
@@ -759,7 +777,8 @@ class Session:
         whose `.max_rel_error` and `.rel_errors` ({input: error}) give the relative errors,
         |analytic - numeric| / max(1, |numeric|).
         """
-        request = pb.CheckGradientRequest(
+        request = build_request(
+            pb.CheckGradientRequest,
             session_id=self.id,
             op=operator_def(op_type, inputs, outputs or [], args),
             step_size=step_size,
@@ -808,6 +827,7 @@ class Session:
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Like `top_k`, but yields (scores, indices) of each message's queries as they arrive, in order."""
         _check_name(corpus)
+        _check_k(k)
         batches, count = _query_batches(queries, batch_size)
         first = next(batches, None)
         if first is None:

@@ -140,6 +140,20 @@ def test_bad_arguments_of_single_calls(cpu_ws, client):
         client.compute("Cos", {"X": np.ones(2, np.complex128)}, ["Y"])
 
 
+def test_request_fields_of_the_wrong_type_or_range(cpu_ws, client):
+    with pytest.raises(InvalidTypeError, match="CreateSessionRequest"):
+        client.session(device=3)  # type: ignore[arg-type]
+    with pytest.raises(InvalidTypeError, match="SaveWorkspaceRequest"):
+        cpu_ws.save(3)  # type: ignore[arg-type]
+    cpu_ws.feed_blob("C", np.ones((4, 3), np.float32))
+    with pytest.raises(InvalidArgumentError, match="must fit in int64"):
+        cpu_ws.top_k(np.ones((2, 3), np.float32), "C", k=2**70)
+    with pytest.raises(InvalidTypeError, match="k is an int"):
+        cpu_ws.top_k(np.ones((2, 3), np.float32), "C", k=2.5)
+    with pytest.raises(InvalidTypeError, match="CheckGradientRequest"):
+        cpu_ws.check_gradient("Cos", ["C"], step_size="small")  # type: ignore[arg-type]
+
+
 def test_tls_options_and_unreadable_files(tmp_path):
     with pytest.raises(InvalidArgumentError, match="client_cert and client_key go together"):
         Client("127.0.0.1:1", client_cert=b"x")
