@@ -5,9 +5,11 @@ one, and ShardedScorer's queries/s over 1, 2 and 3 replicas.
     python -m bench.replicas [--quick] [--device cpu] [--json out.json]
 
 Every server is a real `cosserve serve` process and nginx is the real one (Debian's package), all
-on this machine's loopback: replicas share its cores, so more replicas add server processes,
-not cores. On a machine with fewer cores than replicas x the work of one, the three-replica
-figures measure contention as much as scale-out; the table prints the core count.
+on this machine's loopback, so the replicas share its cores. Each replica gets a third of them for
+torch (OMP_NUM_THREADS, at least 1), as if each ran on its own share of the machine: one replica
+then scores with a third of the cores and three with all of them. Where a third is less than one
+core (a 2-core machine), the replicas and nginx compete for the cores and the scale-out figures
+measure contention as much as scale-out; the table says how many cores there were.
 """
 
 from __future__ import annotations
@@ -132,13 +134,15 @@ class Nginx:
         return self.access_log.read_text().splitlines()
 
 
-def start_replicas(count: int, device: str = "cpu") -> list[ServerProcess]:
-    """`count` cosserve serve processes, started at once (each takes seconds to import torch)."""
+def start_replicas(count: int, device: str = "cpu", threads: int | None = None) -> list[ServerProcess]:
+    """`count` cosserve serve processes, started at once (each takes seconds to import torch), with
+    `threads` torch threads each (None: torch's default, one per core)."""
+    env = None if threads is None else {"OMP_NUM_THREADS": str(threads)}
     started: list[ServerProcess | BaseException] = [RuntimeError("not started")] * count
 
     def start(i: int) -> None:
         try:
-            started[i] = start_cosserve(allow_shm=False, device=device)
+            started[i] = start_cosserve(allow_shm=False, device=device, env=env)
         except BaseException as err:  # noqa: BLE001  (raised below)
             started[i] = err
 
@@ -175,7 +179,8 @@ class Params:
 
     @classmethod
     def quick(cls) -> Params:
-        return cls(w1_calls=1000, w1_repeats=3, w2_seconds=3.0, w2_repeats=2, queries=1024, shard_repeats=2)
+        return cls(w1_calls=800, w1_repeats=3, w2_seconds=2.0, w2_repeats=2, corpus_rows=200_000, queries=1024,
+                   shard_repeats=2)  # fmt: skip
 
     @classmethod
     def tiny(cls) -> Params:
@@ -254,15 +259,25 @@ def sharded_throughput(replicas: Sequence[str], p: Params) -> list[dict[str, Any
         for n in counts[1:]:  # the same answer whatever the number of shards
             if not (np.array_equal(answers[n][1], answers[1][1]) and np.array_equal(answers[n][0], answers[1][0])):
                 raise AssertionError(f"ShardedScorer over {n} replicas differs from 1 replica")
-        per: dict[int, list[float]] = {n: [] for n in counts}
+        # The same replica's session, holding the whole corpus, asked directly: what the scorer's
+        # merging costs.
+        whole = scorers[1]._shards[0].session
+        runs: dict[Any, Callable[[], Any]] = {
+            "session": lambda: whole.top_k(queries, scorers[1].blob, p.k, batch_size=p.batch),
+            **{n: functools.partial(scorers[n].top_k, queries, p.k, batch_size=p.batch) for n in counts},
+        }
+        per: dict[Any, list[float]] = {name: [] for name in runs}
         for repeat in range(p.shard_repeats):
-            for n in counts if repeat % 2 == 0 else list(reversed(counts)):
+            for name in list(runs) if repeat % 2 == 0 else list(reversed(runs)):
                 start = time.perf_counter()
-                scorers[n].top_k(queries, p.k, batch_size=p.batch)
-                per[n].append(p.queries / (time.perf_counter() - start))
+                runs[name]()
+                per[name].append(p.queries / (time.perf_counter() - start))
     qps = {n: median(v) for n, v in per.items()}
     shape = f"top-{p.k} of {p.corpus_rows:,}x{p.dim} float32, batches of {p.batch}"
-    return [
+    merging = {"what": f"ShardedScorer {shape}", "unit": "queries/s", "base": "Session.top_k, 1 replica",
+               "base_value": qps["session"], "value": qps[1], "of": "ShardedScorer, 1 replica",
+               "ratio": qps[1] / qps["session"], "note": "the scorer's own cost"}  # fmt: skip
+    return [merging] + [
         {"what": f"ShardedScorer {shape}", "unit": "queries/s", "base": "1 replica", "base_value": qps[1],
          "value": qps[n], "of": f"{n} replicas", "ratio": qps[n] / qps[1], "note": ""}  # fmt: skip
         for n in counts[1:]
@@ -271,7 +286,7 @@ def sharded_throughput(replicas: Sequence[str], p: Params) -> list[dict[str, Any
 
 
 def run(p: Params, directory: Path) -> list[dict[str, Any]]:
-    replicas = start_replicas(3, p.device)
+    replicas = start_replicas(3, p.device, threads=max(1, (os.cpu_count() or 1) // 3))
     try:
         addresses = [r.address for r in replicas]
         with Nginx(addresses[:1], directory / "nginx-1") as one, Nginx(addresses, directory / "nginx-3") as three:
@@ -299,7 +314,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.replicas", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="fewer and shorter repeats (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter repeats, a smaller corpus (under 2 minutes)")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the smoke test
     parser.add_argument("--device", default="cpu", help="device of the replicas' sessions [default cpu]")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
@@ -313,7 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine()
     print(
         f"({time.perf_counter() - started:.0f} s; device {p.device}; {info['nproc']} x {info['cpu']}: three replicas "
-        f"and nginx share these cores; load average {info['loadavg']})"
+        f"({max(1, (os.cpu_count() or 1) // 3)} torch thread(s) each) and nginx share these cores; "
+        f"load average {info['loadavg']})"
     )
     if ns.json:
         with open(ns.json, "w") as f:
