@@ -8,7 +8,7 @@ import dataclasses
 import queue
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -91,23 +91,25 @@ class ShardedScorer:
 
     # ---- feeding -------------------------------------------------------------------------
 
-    def feed(self, corpus: Any, progress: bool | None = None) -> None:
+    def feed(self, corpus: Any, progress: bool | None | Callable[[int], object] = None) -> None:
         """Give server i rows [M*i/n, M*(i+1)/n) of the (M, D) `corpus` (numpy, torch or memory-
         mapped: each range is streamed from it, never copied whole), all servers at once. Replaces
-        a corpus fed before. `progress`: a tqdm bar of the bytes sent, on stderr; None shows it
-        when stderr is a terminal."""
+        a corpus fed before. `progress`: a tqdm bar of the bytes sent, on stderr (None: when
+        stderr is a terminal), or a function called with the bytes of each piece sent."""
         array = tensors.as_numpy(corpus)
         if array.ndim != 2:
             raise ShapeError(f"the corpus must be 2-D (M, D), got shape {array.shape}")
         self._close_sessions()
         ranges = [(client, start, stop) for client, (start, stop) in zip(self._clients, shard_bounds(array.shape[0], len(self._clients)))]
         ranges = [r for r in ranges if r[2] > r[1]]  # fewer rows than servers: some get none
-        bar = _bar(array.nbytes, progress)
+        report, bar = (progress, None) if callable(progress) else (None, _bar(array.nbytes, progress))
         lock = threading.Lock()
 
         def sent(nbytes: int) -> None:
-            if bar is not None:
-                with lock:  # pieces of every shard are reported from grpc's threads
+            with lock:  # pieces of every shard are reported from grpc's threads
+                if report is not None:
+                    report(nbytes)
+                elif bar is not None:
                     bar.update(nbytes)
 
         def feed_one(client: Client, start: int, stop: int) -> _Shard:

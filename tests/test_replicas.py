@@ -140,9 +140,11 @@ def test_sharded_scorer_over_three_replicas_equals_one_server_and_numpy(replicas
         whole.feed_blob("C", corpus)
         for k in (1, 9, 1000):
             want = whole.top_k(queries, "C", k, batch_size=16)
+            sent: list[int] = []
             with ShardedScorer([r.address for r in replicas], device="cpu") as sharded:
-                sharded.feed(corpus, progress=False)
+                sharded.feed(corpus, progress=sent.append)
                 got = sharded.top_k(queries, k, batch_size=16)
+            assert sum(sent) == corpus.nbytes  # every byte of every shard reported once
             assert got[0].dtype == np.float32 and got[1].dtype == np.int64 and got[0].shape == (50, k)
             np.testing.assert_array_equal(got[1], want[1])
             np.testing.assert_array_equal(got[0], want[0])
