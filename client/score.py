@@ -80,7 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="NPZ", help="write arrays 'scores' (N, k) and 'indices' (N, k) here")
     parser.add_argument("--batch-size", type=int, default=256, help="queries per streamed batch [default 256]")
     parser.add_argument(
-        "--server", metavar="ADDR", default=None, help="host:port of a running server; default: start one in this process"
+        "--server",
+        metavar="ADDR[,ADDR...]",
+        default=None,
+        help="host:port of a running server; several, comma-separated: the corpus is sharded over them "
+        "(cosserve.ShardedScorer); default: start one in this process",
     )
     parser.add_argument("--device", default="auto", help="session device: auto, cpu, cuda, cuda:N [default auto]")
     parser.add_argument(
@@ -268,6 +272,24 @@ def session_scorer(ns: argparse.Namespace, corpus: Corpus, uploaded: Callable[[i
             yield SessionScorer(session, blob, dtype, ns.batch_size, client.timeout)
 
 
+def _servers(ns: argparse.Namespace) -> list[str]:
+    """The addresses of --server, split at commas ("" when none is given)."""
+    return [a.strip() for a in (ns.server or "").split(",") if a.strip()]
+
+
+@contextlib.contextmanager
+def sharded_scorer(ns: argparse.Namespace, corpus: Corpus, uploaded: Callable[[int], object]) -> Iterator[TopKScorer]:
+    """The ScorerFactory of `--server a,b,c`: the corpus's rows split over the servers in
+    contiguous ranges (cosserve.ShardedScorer), their top-k merged exactly."""
+    from cosserve.sharded import ShardedScorer
+
+    if isinstance(corpus, str):
+        raise UsageError(f"--corpus {corpus}: a shared corpus is one server's; give one --server to score against it")
+    with ShardedScorer(_servers(ns), device=ns.device, token=ns.token or None) as scorer:
+        scorer.feed(corpus, progress=uploaded)
+        yield scorer
+
+
 # ---- the command ------------------------------------------------------------------------------
 
 
@@ -300,7 +322,8 @@ def run(ns: argparse.Namespace, make_scorer: ScorerFactory | None = None) -> int
 
     `make_scorer` (default `session_scorer`) holds the corpus and scores: the one seam between the
     command and where the corpus lives (one server's session, or several servers' shards)."""
-    make_scorer = make_scorer or session_scorer
+    if make_scorer is None:
+        make_scorer = sharded_scorer if len(_servers(ns)) > 1 else session_scorer
     try:
         if ns.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {ns.batch_size}")

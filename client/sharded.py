@@ -15,7 +15,7 @@ import numpy as np
 
 from cosserve import tensors
 from cosserve.client import Client, Session, _query_batches
-from cosserve.errors import InvalidArgumentError, ShapeError
+from cosserve.errors import InvalidArgumentError, ProtocolError, ShapeError
 
 __all__ = ["ShardedScorer", "merge_top_k", "shard_bounds"]
 
@@ -206,7 +206,7 @@ class ShardedScorer:
                             pending[i].append(answer)
                             buffered[i] += answer[0].shape[0]
                 if all(finished) and any(buffered):
-                    raise RuntimeError(f"servers answered different numbers of query rows: {buffered}")  # our bug
+                    raise ProtocolError(f"servers answered different numbers of query rows: {buffered}")  # a reply we cannot use
         finally:
             stop.set()
             for pump in pumps:

@@ -161,11 +161,10 @@ def test_k_equal_to_a_200k_corpus(tmp_path, address):
             np.testing.assert_allclose(result["scores"][row], np.sort(sims[row])[::-1], atol=1e-5)
 
 
-def test_the_scorer_seam_takes_a_sharded_scorer(files, capsys):
-    """`score.run(ns, make_scorer)`: the few lines `--server a,b` needs, with cosserve.ShardedScorer."""
-    import contextlib
-
-    from cosserve import ShardedScorer, cli, score as score_command
+def test_score_over_several_servers_shards_the_corpus(files, capsys):
+    """`--server a,b`: the corpus split over two servers (cosserve.ShardedScorer), the same answer
+    as numpy's; each server holds only its share of the rows."""
+    from cosserve import cli
 
     from tests.conftest import start_server
 
@@ -173,21 +172,17 @@ def test_the_scorer_seam_takes_a_sharded_scorer(files, capsys):
     servers = [start_server(), start_server()]
     try:
         addresses = ",".join(s.address for s in servers)
-
-        @contextlib.contextmanager
-        def sharded(ns, corpus, uploaded):
-            with ShardedScorer(ns.server.split(","), device=ns.device) as scorer:
-                scorer.feed(corpus, progress=ns.progress)
-                yield scorer
-
         out = tmp_path / "sharded.npz"
-        ns = cli._parser().parse_args(["score", "--corpus", str(tmp_path / "corpus.npy"), "--queries",
-                                       str(tmp_path / "queries.npy"), "--k", "7", "--server", addresses,
-                                       "--device", "cpu", "--out", str(out), "--no-progress"])
-        assert score_command.run(ns, sharded) == 0
+        argv = ["score", "--corpus", str(tmp_path / "corpus.npy"), "--queries", str(tmp_path / "queries.npy"),
+                "--k", "7", "--server", addresses, "--device", "cpu", "--out", str(out), "--no-progress"]
+        assert cli.main(argv) == 0
         assert SUMMARY.match(capsys.readouterr().err.strip())
         with np.load(out) as result:
             np.testing.assert_array_equal(result["indices"], _reference_indices(queries, corpus, 7))
+        # A shared corpus is one server's: several servers refuse it in one line.
+        argv[argv.index("--corpus") + 1] = "@docs"
+        assert cli.main(argv) == 2
+        assert "a shared corpus is one server's" in capsys.readouterr().err
     finally:
         for running in servers:
             running.stop(0)
