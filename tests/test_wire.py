@@ -135,10 +135,15 @@ _VARINT_TYPES = {
 def wire_types(field: FieldDescriptor) -> set[int]:
     """The wire types protobuf reads `field` from; any other makes it an unknown field."""
     if field.type in _VARINT_TYPES:
-        return {VARINT, LEN} if field.label == field.LABEL_REPEATED else {VARINT}
+        return {VARINT, LEN} if _repeated(field) else {VARINT}
     if field.type == field.TYPE_DOUBLE:
         return {I64}
     return {LEN}
+
+
+def _repeated(field: FieldDescriptor) -> bool:
+    # protobuf 7 has no FieldDescriptor.label; protobuf 5.27 has no is_repeated yet.
+    return field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
 
 
 class Rewriter:
@@ -155,7 +160,9 @@ class Rewriter:
         return key(number, kind, self.draw(st.sampled_from([0, 0, 0, 5])))  # tags: up to 5 bytes
 
     def ld(self, number: int, body: bytes) -> bytes:
-        return self.key(number, LEN) + self.varint(len(body)) + body
+        # A length takes at most 5 bytes: protobuf 7 refuses a longer one (5.x read up to 10).
+        length = varint(len(body), self.draw(st.sampled_from([0, 0, 0, 2, 5])))
+        return self.key(number, LEN) + length + body
 
     def message(self, payload: bytes, desc: Descriptor) -> bytes:
         return b"".join(encoding for _, encoding in self.fields(payload, desc))
@@ -165,7 +172,7 @@ class Rewriter:
         out: list[tuple[int, bytes]] = []
         for number, kind, value in split_fields(payload):
             field = desc.fields_by_number[number]
-            repeated = field.label == field.LABEL_REPEATED
+            repeated = _repeated(field)
             if not repeated and self.draw(st.booleans()):  # an earlier value, that the real one replaces
                 out.append((number, self.earlier(field)))
             if kind == VARINT:
