@@ -53,7 +53,9 @@ class SessionStore:
         self._sessions: dict[str, Workspace] = {}
         self._owners: dict[str, str] = {}
         self._counts: collections.Counter[str] = collections.Counter()  # open sessions per owner
-        # One Account per identity with open sessions: their bytes against --max-identity-bytes.
+        # One Account per identity with open sessions: their bytes against --max-identity-bytes,
+        # and through `total` against --max-total-bytes (every session's, whoever owns it).
+        self.total = Account("the server's sessions", settings.max_total_bytes, flag="--max-total-bytes")
         self._accounts: dict[str, Account] = {}
         # Closed and expired sessions: id -> (owner, whether it expired); the oldest first.
         self._retired: collections.OrderedDict[str, tuple[str, bool]] = collections.OrderedDict()
@@ -149,7 +151,9 @@ class SessionStore:
                 )
             account = self._accounts.get(owner)
             if account is None:
-                account = self._accounts[owner] = Account(owner, self.settings.max_identity_bytes)
+                account = self._accounts[owner] = Account(
+                    f"identity {owner[:64]!r}", self.settings.max_identity_bytes, parent=self.total
+                )
             workspace = Workspace(session_id, resolved, self.settings.max_session_bytes, account, self.corpora)
             self._sessions[session_id] = workspace
             self._owners[session_id] = owner

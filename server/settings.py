@@ -195,6 +195,13 @@ class Settings:
     )
     max_sessions: int = _setting(1024, "open sessions at most; more answer RESOURCE_EXHAUSTED", _at_least(1))
     max_session_bytes: int = _setting(16 * 1024**3, "bytes of blobs one session may hold", _at_least(1), size=True)
+    max_total_bytes: int = _setting(
+        0,
+        "bytes of blobs all sessions together may hold, whoever owns them; set it under the host's or "
+        "container's memory (0: no limit)",
+        _at_least(0),
+        size=True,
+    )
     session_idle_timeout_s: float = _setting(3600.0, "close sessions idle this many seconds (0: never)", _seconds())
     grace_s: float = _setting(10.0, "seconds in-flight calls get to finish on SIGTERM", _seconds())
     allow_shm: bool = _setting(

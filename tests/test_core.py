@@ -116,7 +116,7 @@ def test_a_claim_holds_its_room_until_stored_or_released():
 
 
 def test_an_account_is_charged_by_every_workspace_of_its_identity():
-    account = Account("alice", max_bytes=_charge("a", 400) + _charge("b", 400) + 10)
+    account = Account("identity 'alice'", max_bytes=_charge("a", 400) + _charge("b", 400) + 10)
     one, two = _workspace(account=account), _workspace(account=account)
     one.put("a", torch.ones(100))
     with two.claim("b", 400) as claim:

@@ -41,6 +41,7 @@ BAD: dict[str, list[tuple[str, str]]] = {
     "api_keys_file": [("/nonexistent/keys", "cannot read it")],
     "max_identity_sessions": [("-1", "must be at least 0")],
     "max_identity_bytes": [("-1", "must be a number of bytes")],
+    "max_total_bytes": [("-1", "must be a number of bytes")],
     "tls_cert": [("/nonexistent/cert.pem", "cannot read it")],
     "tls_key": [("/nonexistent/key.pem", "cannot read it")],
     "tls_client_ca": [("/nonexistent/ca.pem", "cannot read it")],
