@@ -9,7 +9,7 @@ import torch
 from google.protobuf.message import DecodeError, Message
 
 from cosserve.caffe2 import caffe2_pb2 as c2
-from cosserve.server.engine import OpCall
+from cosserve.server.engine import OpCall, check_net_count, check_op_counts
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, quoted
 
 __all__ = ["CPU", "CUDA", "net_calls", "operator_calls"]
@@ -32,12 +32,6 @@ _SINGULAR_FIELDS = ("f", "i", "s")
 _CAFFE2_DOMAINS = ("", "caffe2")
 # Characters of protobuf's own parse error kept in a message.
 _PARSE_ERROR_CHARS = 200
-# Bounds checked before anything is converted, each far above what any cosine-family net needs:
-# one message holds up to 3.5 million empty ops (or arguments, or names), and turning that many
-# protobuf objects into Python ones takes about 3 microseconds each, which a request must not buy.
-MAX_NET_OPS = 10_000
-MAX_OP_ARGS = 64
-MAX_OP_BLOBS = 64  # inputs, and outputs, of one op (cosserve's take at most 3 and give at most 2)
 
 
 def operator_calls(data: bytes, device: torch.device) -> list[OpCall]:
@@ -60,8 +54,7 @@ def net_calls(data: bytes, device: torch.device) -> list[OpCall]:
     where = f"caffe2_net {quoted(_text(net.name, 'caffe2_net: name'))}" if net.name else "caffe2_net"
     for field, count in (("op", len(net.op)), ("external_input", len(net.external_input)),
                          ("external_output", len(net.external_output))):
-        if count > MAX_NET_OPS:
-            raise InvalidArgument(f"{where}: {count} {field} entries, more than the {MAX_NET_OPS} a net may have")
+        check_net_count(count, where, field)  # bounded before anything is converted (engine.MAX_NET_OPS)
     calls = []
     for position, op in enumerate(net.op):
         if not op.HasField("device_option") and net.HasField("device_option"):
@@ -90,10 +83,7 @@ def _text(value: str | bytes, where: str) -> str:
 
 def _op_call(op: Any, device: torch.device, where: str) -> OpCall:
     op_type = _text(op.type, where)
-    for field, count, bound in (("arg", len(op.arg), MAX_OP_ARGS), ("input", len(op.input), MAX_OP_BLOBS),
-                                ("output", len(op.output), MAX_OP_BLOBS)):
-        if count > bound:
-            raise InvalidArgument(f"{where}: {count} {field} entries, more than the {bound} an operator may have")
+    check_op_counts(len(op.arg), len(op.input), len(op.output), where)
     domain = _text(op.domain, where)
     if domain not in _CAFFE2_DOMAINS:
         raise InvalidArgument(

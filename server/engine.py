@@ -46,6 +46,26 @@ GRADIENT_CHECK_CALL_ELEMENTS = 10_000
 # bound is a few seconds of one idle core (Cos of 12,000 elements: 8.2e8, about 3 s; Cos of
 # 20,000, once allowed, is 2e9 and took 30-140 s on a loaded host).
 MAX_GRADIENT_CHECK_COST = 1_000_000_000
+# Counts in one request, checked before anything is converted, each far above what any
+# cosine-family net needs: one message holds up to 3.5 million empty ops (or arguments, or names),
+# and turning that many protobuf objects into Python ones takes microseconds each, on the event
+# loop, which a request must not buy (a full message of empty ops held every call for 23.7 s).
+MAX_NET_OPS = 10_000
+MAX_OP_ARGS = 64
+MAX_OP_BLOBS = 64  # inputs, and outputs, of one op (cosserve's take at most 3 and give at most 2)
+
+
+def check_op_counts(args: int, inputs: int, outputs: int, where: str) -> None:
+    """InvalidArgument when one op has more arguments, inputs or outputs than any op takes."""
+    for field, count, bound in (("arg", args, MAX_OP_ARGS), ("input", inputs, MAX_OP_BLOBS), ("output", outputs, MAX_OP_BLOBS)):
+        if count > bound:
+            raise InvalidArgument(f"{where}: {count} {field} entries, more than the {bound} an operator may have")
+
+
+def check_net_count(ops: int, where: str, field: str = "op") -> None:
+    """InvalidArgument when a net has more ops than MAX_NET_OPS."""
+    if ops > MAX_NET_OPS:
+        raise InvalidArgument(f"{where}: {ops} {field} entries, more than the {MAX_NET_OPS} a net may have")
 
 
 # Told (op name, device, seconds) after each op runs, e.g. by Metrics.observe_op.

@@ -172,6 +172,8 @@ def decode_request(request: pb.ModelInferRequest, device: torch.device) -> tuple
     request's bytes; typed contents are converted only when their count matches the shape)."""
     found = model(request.model_name, request.model_version)
     schema = found.op.schema
+    # Counted before converted, as for our own OperatorDef (engine.check_op_counts).
+    engine.check_op_counts(len(request.parameters), len(request.inputs), len(request.outputs), schema.name)
     args = {name: _parameter(f"{schema.name}: parameter {name!r}", value) for name, value in request.parameters.items()}
     expected = [i.name for i in schema.inputs]
     names = [i.name for i in request.inputs]

@@ -45,7 +45,9 @@ _ALWAYS_THREAD = math.inf
 _CPU = torch.device("cpu")
 
 
-def op_call(message: pb.OperatorDef) -> engine.OpCall:
+def op_call(message: pb.OperatorDef, where: str = "op") -> engine.OpCall:
+    # Counted before converted: a message can hold millions of names or arguments.
+    engine.check_op_counts(len(message.arg), len(message.input), len(message.output), where)
     args: dict[str, Any] = {}
     for arg in message.arg:
         kind = arg.WhichOneof("value")
@@ -236,7 +238,8 @@ class CosserveServicer:
                 raise InvalidArgument("RunNet: give ops or caffe2_net, not both")
             calls = await self._caffe2_calls(request.session_id, caffe2_format.net_calls, request.caffe2_net)
         else:
-            calls = [op_call(op) for op in request.ops]
+            engine.check_net_count(len(request.ops), "RunNet")
+            calls = [op_call(op, f"op #{i}") for i, op in enumerate(request.ops)]
         await self._run_net(request.session_id, calls)
         return pb.RunNetResponse()
 
