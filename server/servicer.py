@@ -257,6 +257,7 @@ class CosserveServicer:
     async def Compute(self, request: pb.ComputeRequest, context: aio.ServicerContext) -> pb.ComputeResponse:
         # Plain protobuf: for tensors of one message its parser is faster than framing by hand.
         device = resolve_device(request.device, self.settings.device)
+        engine.check_op_counts(0, len(request.inputs), 0, "Compute: inputs")  # counted before converted
         inputs: dict[str, torch.Tensor] = {}
         nbytes = 0
         for item in request.inputs:

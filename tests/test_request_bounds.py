@@ -58,6 +58,15 @@ def test_an_op_with_more_names_or_arguments_than_the_bound_is_refused(server, fi
         assert code == "INVALID_ARGUMENT" and f"{field} entries, more than the" in details
 
 
+def test_compute_with_more_inputs_than_any_op_takes_is_refused_by_count(server):
+    with Client(server.address) as client:
+        tensor = pb.Tensor(dtype=pb.FLOAT32, shape=[1], data=b"\0\0\0\0")
+        inputs = [pb.NamedTensor(name=f"x{i}", tensor=tensor) for i in range(engine.MAX_OP_BLOBS + 1)]
+        request = pb.ComputeRequest(op=pb.OperatorDef(type="Cos", input=["x0"], output=["y"]), inputs=inputs, device="cpu")
+        code, details = _code(client.stub.Compute, request, "")
+        assert code == "INVALID_ARGUMENT" and "input entries, more than the" in details
+
+
 def test_a_full_message_of_empty_ops_does_not_hold_other_calls(server):
     with Client(server.address) as client, client.session("cpu") as ws:
         head = pb.RunNetRequest(session_id=ws.id).SerializeToString()
