@@ -373,6 +373,14 @@ class Session:
         """Run operators in order, all or nothing (see `cosserve.Session.run_net`)."""
         await self._call("RunNet", pb.RunNetRequest(session_id=self.id, ops=[op_from_spec(s) for s in ops]))
 
+    async def run_caffe2_operator(self, operator_def: bytes) -> None:
+        """Run a serialized Caffe2 OperatorDef (see `cosserve.Session.run_caffe2_operator`)."""
+        await self._call("RunOperator", pb.RunOperatorRequest(session_id=self.id, caffe2_op=bytes(operator_def)))
+
+    async def run_caffe2_net(self, net_def: bytes) -> None:
+        """Run a serialized Caffe2 NetDef, all or nothing (see `cosserve.Session.run_caffe2_net`)."""
+        await self._call("RunNet", pb.RunNetRequest(session_id=self.id, caffe2_net=bytes(net_def)))
+
     async def check_gradient(
         self,
         op_type: str,

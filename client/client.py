@@ -761,6 +761,15 @@ class Session:
         request = pb.RunNetRequest(session_id=self.id, ops=[op_from_spec(s) for s in ops])
         self._call("RunNet", request)
 
+    def run_caffe2_operator(self, operator_def: bytes) -> None:
+        """Run one operator given as a serialized Caffe2 OperatorDef (Caffe2's own encoding, as a
+        program holding Caffe2 protobufs has it); on failure nothing changes."""
+        self._call("RunOperator", pb.RunOperatorRequest(session_id=self.id, caffe2_op=bytes(operator_def)))
+
+    def run_caffe2_net(self, net_def: bytes) -> None:
+        """Run a serialized Caffe2 NetDef, all or nothing."""
+        self._call("RunNet", pb.RunNetRequest(session_id=self.id, caffe2_net=bytes(net_def)))
+
     def check_gradient(
         self,
         op_type: str,

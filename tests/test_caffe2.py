@@ -413,3 +413,36 @@ def test_device_option_of_a_cuda_session(stub, client):
         refused(lambda: run_op(stub, ws.id, cpu.SerializeToString()), grpc.StatusCode.FAILED_PRECONDITION, "cuda:0")
         other = core.CreateOperator("Cos", ["X"], ["C"], device_option=core.DeviceOption(c2.CUDA, 7))
         refused(lambda: run_op(stub, ws.id, other.SerializeToString()), grpc.StatusCode.FAILED_PRECONDITION, "cuda:7")
+
+
+def test_sessions_run_caffe2_bytes_sync_and_async(server, client):
+    """Session.run_caffe2_operator / run_caffe2_net (and cosserve.aio's): a program holding Caffe2
+    protobufs forwards their bytes unchanged; checked against numpy."""
+    import asyncio
+
+    from cosserve import aio
+
+    x = np.array([[3.0, 4.0], [1.0, 0.0]], np.float32)
+    y = np.array([[4.0, 3.0], [0.0, 2.0]], np.float32)
+    expected = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+    op = core.CreateOperator("CosineSimilarity", ["X", "Y"], ["S"]).SerializeToString()
+    net = c2.NetDef(op=[c2.OperatorDef.FromString(op)]).SerializeToString()
+    with client.session("cpu") as ws:
+        ws.feed_blob("X", x)
+        ws.feed_blob("Y", y)
+        ws.run_caffe2_operator(op)
+        np.testing.assert_allclose(ws.fetch_blob("S"), expected, rtol=1e-6)
+        ws.remove_blob("S")
+        ws.run_caffe2_net(net)
+        np.testing.assert_allclose(ws.fetch_blob("S"), expected, rtol=1e-6)
+
+    async def remote() -> np.ndarray:
+        async with aio.Client(server.address) as aclient:
+            async with aclient.session("cpu") as aws:
+                await aws.feed_blob("X", x)
+                await aws.feed_blob("Y", y)
+                await aws.run_caffe2_net(net)
+                await aws.run_caffe2_operator(op)
+                return await aws.fetch_blob("S")
+
+    np.testing.assert_allclose(asyncio.run(remote()), expected, rtol=1e-6)

@@ -23,7 +23,6 @@ from google.protobuf.message import Message
 from cosserve.caffe2 import caffe2_pb2
 from cosserve.client import Client, Session
 from cosserve.errors import CosserveRpcError
-from cosserve.v1 import cosserve_pb2 as pb
 
 __all__ = [
     "ADDRESS_VARIABLE",
@@ -235,8 +234,9 @@ def _serialized(proto: Any, kind: type) -> bytes:
 def RunOperatorOnce(operator: Any) -> bool:
     """Run one operator (an OperatorDef from core.CreateOperator, or its bytes) on the current
     workspace; returns True, or raises RuntimeError and changes nothing."""
-    request = pb.RunOperatorRequest(caffe2_op=_serialized(operator, caffe2_pb2.OperatorDef))
-    _run("RunOperator", request)
+    data = _serialized(operator, caffe2_pb2.OperatorDef)
+    with _as_runtime_error():
+        _state.session().run_caffe2_operator(data)
     return True
 
 
@@ -250,14 +250,7 @@ def RunOperatorsOnce(operators: Iterable[Any]) -> bool:
 def RunNetOnce(net: Any) -> bool:
     """Run a net (a NetDef, a core.Net or the NetDef's bytes) on the current workspace, all or
     nothing; returns True."""
-    request = pb.RunNetRequest(caffe2_net=_serialized(net, caffe2_pb2.NetDef))
-    _run("RunNet", request)
-    return True
-
-
-def _run(method: str, request: Any) -> None:
-    session = _state.session()
-    request.session_id = session.id
+    data = _serialized(net, caffe2_pb2.NetDef)
     with _as_runtime_error():
-        # Session has no public call for Caffe2's bytes; _call adds the session's metadata.
-        session._call(method, request)
+        _state.session().run_caffe2_net(data)
+    return True
