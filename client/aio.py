@@ -43,7 +43,7 @@ from cosserve.client import (
     _query_batches,
     build_request,
     call_metadata,
-    channel_credentials,
+    connection_options,
     compute_inputs,
     compute_outputs,
     compute_request,
@@ -63,7 +63,7 @@ from cosserve.client import (
     top_k_row_bytes,
     top_k_scratch_names,
 )
-from cosserve.errors import CosserveRpcError, InvalidArgumentError, ProtocolError
+from cosserve.errors import CosserveRpcError, ProtocolError
 from cosserve.v1 import cosserve_pb2 as pb
 from cosserve.v1 import cosserve_pb2_grpc as pb_grpc
 
@@ -91,19 +91,13 @@ class Client:
         self.target = target
         self.timeout = timeout
         options = list(limits.GRPC_OPTIONS)
-        if tls or root_certificates is not None or client_cert is not None or client_key is not None:
-            if credentials is not None:
-                raise InvalidArgumentError(
-                    "give credentials, or the TLS options (tls, root_certificates, client_cert, client_key)"
-                )
-            credentials = channel_credentials(
-                root_certificates=root_certificates, client_cert=client_cert, client_key=client_key
-            )
+        credentials, self._metadata = connection_options(
+            credentials, token, tls=tls, root_certificates=root_certificates, client_cert=client_cert, client_key=client_key
+        )
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=options)
         else:
             self._channel = grpc.aio.secure_channel(target, credentials, options=options)
-        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self.stub = pb_grpc.CosserveStub(self._channel)
         self._framed = {name: _framed_callable(self._channel, method) for name, method in wire.FRAMED_METHODS.items()}
 

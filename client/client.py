@@ -197,6 +197,24 @@ def channel_credentials(
     )
 
 
+def connection_options(
+    credentials: grpc.ChannelCredentials | None,
+    token: str | None,
+    *,
+    tls: bool,
+    root_certificates: PemSource | None,
+    client_cert: PemSource | None,
+    client_key: PemSource | None,
+) -> tuple[grpc.ChannelCredentials | None, tuple[tuple[str, str], ...]]:
+    """(the channel's credentials, None for plaintext; the metadata every call sends) from a
+    client's arguments (see Client): any TLS option means TLS, and a token is a bearer header."""
+    if tls or root_certificates is not None or client_cert is not None or client_key is not None:
+        if credentials is not None:
+            raise InvalidArgumentError("give credentials, or the TLS options (tls, root_certificates, client_cert, client_key)")
+        credentials = channel_credentials(root_certificates=root_certificates, client_cert=client_cert, client_key=client_key)
+    return credentials, ((("authorization", f"Bearer {token}"),) if token else ())
+
+
 # ---- pure request building and reply decoding, shared with cosserve.aio ------------------
 
 
@@ -427,21 +445,13 @@ class Client:
         self.target = target
         self.timeout = timeout
         options = list(limits.GRPC_OPTIONS)
-        if tls or root_certificates is not None or client_cert is not None or client_key is not None:
-            if credentials is not None:
-                raise InvalidArgumentError(
-                    "give credentials, or the TLS options (tls, root_certificates, client_cert, client_key)"
-                )
-            credentials = channel_credentials(
-                root_certificates=root_certificates, client_cert=client_cert, client_key=client_key
-            )
+        credentials, self._metadata = connection_options(
+            credentials, token, tls=tls, root_certificates=root_certificates, client_cert=client_cert, client_key=client_key
+        )
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
             self._channel = grpc.secure_channel(target, credentials, options=options)
-        self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {token}"),) if token else ()
-        )
         self.stub = pb_grpc.CosserveStub(self._channel)
         # The RPCs that carry tensor data skip the protobuf runtime on that side (see cosserve.wire):
         # their requests are bytes framed by wire, or their responses bytes read in place by it.
