@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import secrets
@@ -16,6 +17,7 @@ from grpc import aio
 
 from grpc._cython import cygrpc
 
+from cosserve import limits
 from cosserve.server import identity, observability
 from cosserve.server.errors import InvalidArgument, Unauthenticated
 from cosserve.server.identity import Identities
@@ -341,18 +343,26 @@ class MetricsInterceptor(aio.ServerInterceptor):
         return wrapped
 
 
+# The call's `cosserve-session-id` metadata values (limits.SESSION_ID_METADATA), the key a load
+# balancer routes a session's calls on; the servicer checks they name the request's session.
+SESSION_METADATA: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("session_metadata", default=())
+
+
 class RequestIdInterceptor(aio.ServerInterceptor):
     """Gives every call a request id: the caller's x-request-id if it is plain and short, else a
     new one. The id is in observability.REQUEST_ID for every log line of the call, returned in the
-    trailing metadata (also of a refused or failed call), and at DEBUG each call logs one line."""
+    trailing metadata (also of a refused or failed call), and at DEBUG each call logs one line.
+    It also records the call's routing metadata in SESSION_METADATA."""
 
     def __init__(self) -> None:
         self._wrapped: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         # Set here, in the call's own task before its handler runs (as identity.CALLER is).
-        request_id = observability.request_id_of(details.invocation_metadata)
+        metadata = details.invocation_metadata or ()
+        request_id = observability.request_id_of(metadata)
         observability.REQUEST_ID.set(request_id)
+        SESSION_METADATA.set(tuple(str(value) for key, value in metadata if key == limits.SESSION_ID_METADATA))
         handler = await continuation(details)
         if handler is None:
             return None

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import inspect
 import math
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,7 +14,7 @@ from cosserve import limits, wire
 from cosserve.server import caffe2_format, codec, engine, identity, shm, snapshots
 from cosserve.server.corpora import is_corpus
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, quoted
-from cosserve.server.interceptors import HANDLER_KINDS
+from cosserve.server.interceptors import HANDLER_KINDS, SESSION_METADATA
 from cosserve.server.metrics import Metrics
 from cosserve.server.registry import REGISTRY, ArgType, InputKind, OpSchema
 from cosserve.server.scorer import Batch, Scorer
@@ -37,9 +34,6 @@ _ARG_TYPES = {
     ArgType.BOOL: pb.ARG_BOOL,
     ArgType.STRING: pb.ARG_STRING,
 }
-# The values of the call's `cosserve-session-id` metadata (limits.SESSION_ID_METADATA), the key a
-# load balancer routes a session's calls on; set for each call by add_to_server's handlers.
-_SESSION_HEADER: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("session_header", default=())
 # Work that is always sent to a worker thread, whatever its input size.
 _ALWAYS_THREAD = math.inf
 _CPU = torch.device("cpu")
@@ -363,37 +357,12 @@ def _check_routed(session_id: str) -> None:
     """InvalidArgument when the call's `cosserve-session-id` metadata names another session than
     its request: a balancer routed the call on the metadata, so it may have reached a replica that
     does not hold the session the request acts on (a misbuilt client)."""
-    for value in _SESSION_HEADER.get():
+    for value in SESSION_METADATA.get():
         if value != session_id:
             raise InvalidArgument(
                 f"the {limits.SESSION_ID_METADATA!r} metadata names session {quoted(value)} but the request names "
                 f"{quoted(session_id)}; a load balancer routes the call on the metadata, so send the request's id there"
             )
-
-
-def _with_session_header(behavior: Any) -> Any:
-    """`behavior`, first recording the call's `cosserve-session-id` values for `_check_routed`
-    (each call runs in its own task, so no other call sees them)."""
-
-    def record(context: aio.ServicerContext) -> None:
-        metadata = context.invocation_metadata() or ()
-        _SESSION_HEADER.set(tuple(str(value) for key, value in metadata if key == limits.SESSION_ID_METADATA))
-
-    if inspect.isasyncgenfunction(behavior):
-
-        async def stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-            record(context)
-            async with contextlib.aclosing(behavior(request, context)) as replies:
-                async for reply in replies:
-                    yield reply
-
-        return stream
-
-    async def unary(request: Any, context: aio.ServicerContext) -> Any:
-        record(context)
-        return await behavior(request, context)
-
-    return unary
 
 
 def _decoded(method: str, decode: Any, raw: bytes) -> Any:
@@ -417,7 +386,7 @@ def add_to_server(servicer: CosserveServicer, server: aio.Server) -> None:
         response_type = getattr(pb, method.output_type.name)
         _, factory = HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = factory(
-            _with_session_header(getattr(servicer, method.name)),
+            getattr(servicer, method.name),
             request_deserializer=None if request_bytes else request_type.FromString,
             response_serializer=None if response_bytes else response_type.SerializeToString,
         )
