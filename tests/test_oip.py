@@ -13,7 +13,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -132,19 +131,6 @@ def triton_python() -> str:
     return str(toolenv.python("tritonclient", TRITONCLIENT))
 
 
-@pytest.fixture(scope="module")
-def oip_server() -> Iterator[RunningServer]:
-    running = start_server()
-    yield running
-    running.stop(0)
-
-
-@pytest.fixture(scope="module")
-def ours(oip_server: RunningServer) -> Iterator[Client]:
-    with Client(oip_server.address) as c:
-        yield c
-
-
 def tritonclient(python: str, address: str, actions: list[dict[str, Any]], headers: dict[str, str] | None = None) -> list[Any]:
     """Run `actions` through tritonclient against `address`; its result for each, in order."""
     job = json.dumps({"address": address, "headers": headers or {}, "actions": actions})
@@ -232,7 +218,7 @@ def test_every_message_and_rpc_is_tritons(triton_python: str) -> None:
 # ---- inference ------------------------------------------------------------------------------
 
 
-def test_infer_matches_numpy_and_compute(triton_python: str, oip_server: RunningServer, ours: Client) -> None:
+def test_infer_matches_numpy_and_compute(triton_python: str, server: RunningServer, client: Client) -> None:
     x16, y16 = X.astype(np.float16), Y.astype(np.float16)
     x64, y64 = X.astype(np.float64), Y.astype(np.float64)
     xbf = X.astype(ml_dtypes.bfloat16)
@@ -245,11 +231,11 @@ def test_infer_matches_numpy_and_compute(triton_python: str, oip_server: Running
         ("DotProduct", {"X": x64, "Y": y64}, "P", (x64 * y64).sum(1), 1e-12),
         ("Cos", {"X": xbf}, "Y", np.cos(xbf.astype(np.float64)), 1e-2),
     ]
-    results = tritonclient(triton_python, oip_server.address, [infer(op, **ins) for op, ins, _, _, _ in cases])
+    results = tritonclient(triton_python, server.address, [infer(op, **ins) for op, ins, _, _, _ in cases])
     for (op, ins, out, want, tol), got in zip(cases, results):
         assert "error" not in got, got
         dtype = next(iter(ins.values())).dtype
-        compute = ours.compute(op, ins, [out])[out]
+        compute = client.compute(op, ins, [out])[out]
         tensor = got["outputs"][out]
         assert tensor["datatype"] == {"float16": "FP16", "bfloat16": "BF16", "float32": "FP32", "float64": "FP64"}[dtype.name]
         np.testing.assert_allclose(value(tensor), want, rtol=tol, atol=tol, err_msg=op)
@@ -257,12 +243,12 @@ def test_infer_matches_numpy_and_compute(triton_python: str, oip_server: Running
         assert got["model_version"] == "1"
 
 
-def test_parameters_are_the_operators_arguments(triton_python: str, oip_server: RunningServer, ours: Client) -> None:
+def test_parameters_are_the_operators_arguments(triton_python: str, server: RunningServer, client: Client) -> None:
     q = RNG.standard_normal((3, 4)).astype(np.float32)
     c = RNG.standard_normal((9, 4)).astype(np.float32)
     s = np.array([0.9, -0.3, 0.4, 0.1], np.float32)
     labels = np.array([1, -1, -1, -1], np.int32)
-    results = tritonclient(triton_python, oip_server.address, [
+    results = tritonclient(triton_python, server.address, [
         infer("CosineTopK", {"k": 4}, Q=q, C=c),
         infer("CosineEmbeddingCriterion", {"margin": 0.25}, S=s, Y=labels),
         infer("CosineEmbeddingCriterion", {"margin": 1}, S=s, Y=labels),  # an int64 parameter for a float argument
@@ -276,7 +262,7 @@ def test_parameters_are_the_operators_arguments(triton_python: str, oip_server: 
     assert topk["outputs"]["Indices"]["datatype"] == "INT64"
     np.testing.assert_array_equal(value(topk["outputs"]["Indices"]), order)
     np.testing.assert_allclose(value(topk["outputs"]["Scores"]), np.take_along_axis(sims, order, 1), rtol=1e-6, atol=1e-6)
-    mine = ours.compute("CosineTopK", {"Q": q, "C": c}, ["Scores", "Indices"], k=4)
+    mine = client.compute("CosineTopK", {"Q": q, "C": c}, ["Scores", "Indices"], k=4)
     np.testing.assert_array_equal(value(topk["outputs"]["Indices"]), np.asarray(mine["Indices"]))
     for got, m in ((margin, 0.25), (int_margin, 1.0)):
         want = np.where(labels == 1, 1 - s.astype(np.float64), np.maximum(0, s.astype(np.float64) - m))
@@ -287,10 +273,10 @@ def test_parameters_are_the_operators_arguments(triton_python: str, oip_server: 
     assert "no_such" in unknown["error"]["message"]
 
 
-def test_typed_contents_and_requested_outputs(triton_python: str, oip_server: RunningServer) -> None:
+def test_typed_contents_and_requested_outputs(triton_python: str, server: RunningServer) -> None:
     g = RNG.standard_normal(6).astype(np.float32)
     x64 = X.astype(np.float64)
-    results = tritonclient(triton_python, oip_server.address, [
+    results = tritonclient(triton_python, server.address, [
         {"do": "typed", "model": "CosineSimilarity", "inputs": {
             "X": {"datatype": "FP32", "shape": [6, 5], "field": "fp32_contents", "data": X.reshape(-1).tolist()},
             "Y": {"datatype": "FP32", "shape": [6, 5], "field": "fp32_contents", "data": Y.reshape(-1).tolist()}}},
@@ -314,19 +300,19 @@ def test_typed_contents_and_requested_outputs(triton_python: str, oip_server: Ru
     assert "dZ" in unknown["error"]["message"]
 
 
-def test_errors_have_the_codes_compute_gives(triton_python: str, oip_server: RunningServer, ours: Client) -> None:
+def test_errors_have_the_codes_compute_gives(triton_python: str, server: RunningServer, client: Client) -> None:
     cases = [
         ("CosineSimilarity", {"X": X, "Y": Y[:, :3]}, ["S"]),  # wrong shape
         ("Cos", {"X": np.arange(4, dtype=np.int32)}, ["Y"]),  # wrong dtype
         ("CosineSimilarity", {"X": X, "Y": Y.astype(np.float64)}, ["S"]),  # floating dtypes differ
     ]
     results = tritonclient(
-        triton_python, oip_server.address,
+        triton_python, server.address,
         [infer(op, **ins) for op, ins, _ in cases] + [infer("CosineSimilarty", X=X, Y=Y), infer("Nothing", X=X)],
     )
     for (op, ins, outs), got in zip(cases, results):
         with pytest.raises(CosserveRpcError) as raised:
-            ours.compute(op, ins, outs)
+            client.compute(op, ins, outs)
         assert got["error"]["status"] == f"StatusCode.{raised.value.code().name}", (op, got)
         assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert op in got["error"]["message"]
@@ -336,11 +322,11 @@ def test_errors_have_the_codes_compute_gives(triton_python: str, oip_server: Run
     assert nothing["error"]["status"] == "StatusCode.NOT_FOUND"
 
 
-def test_stream_infer_answers_in_order_with_errors_inline(triton_python: str, oip_server: RunningServer) -> None:
+def test_stream_infer_answers_in_order_with_errors_inline(triton_python: str, server: RunningServer) -> None:
     requests = [infer("Cos", X=X), infer("CosineSimilarity", X=X, Y=Y[:, :2]), infer("CosineSimilarity", X=X, Y=Y), infer("Coss", X=X)]
     for i, r in enumerate(requests):
         r["id"] = f"r{i}"
-    (answers,) = tritonclient(triton_python, oip_server.address, [{"do": "stream", "requests": requests}])
+    (answers,) = tritonclient(triton_python, server.address, [{"do": "stream", "requests": requests}])
     first, bad_shape, third, unknown = answers
     np.testing.assert_allclose(value(first["outputs"]["Y"]), np.cos(X.astype(np.float64)), rtol=1e-6, atol=1e-7)
     assert first["id"] == "r0" and third["id"] == "r2"
@@ -352,17 +338,17 @@ def test_stream_infer_answers_in_order_with_errors_inline(triton_python: str, oi
 # ---- metadata, readiness, statistics --------------------------------------------------------
 
 
-def test_metadata_and_readiness(triton_python: str, oip_server: RunningServer) -> None:
+def test_metadata_and_readiness(triton_python: str, server: RunningServer) -> None:
     actions = [
         {"do": "live"}, {"do": "ready"}, {"do": "server_metadata"},
         {"do": "model_ready", "model": "Cos"}, {"do": "model_ready", "model": "Cos", "version": "1"},
         {"do": "model_ready", "model": "Cos", "version": "2"}, {"do": "model_ready", "model": "Sin"},
         {"do": "model_metadata", "model": "Sin"}, {"do": "model_metadata", "model": "Cos", "version": "7"},
     ] + [{"do": "model_metadata", "model": name} for name in sorted(REGISTRY)]
-    live, ready, server, cos, cos1, cos2, sin, sin_meta, cos7, *metadata = tritonclient(triton_python, oip_server.address, actions)
+    live, ready, server_metadata, cos, cos1, cos2, sin, sin_meta, cos7, *metadata = tritonclient(triton_python, server.address, actions)
     assert (live, ready, cos, cos1, cos2, sin) == (True, True, True, True, False, False)
-    assert server["name"] == "cosserve"
-    assert set(server["extensions"]) == {"parameters", "statistics"}
+    assert server_metadata["name"] == "cosserve"
+    assert set(server_metadata["extensions"]) == {"parameters", "statistics"}
     assert sin_meta["error"]["status"] == "StatusCode.NOT_FOUND"
     assert cos7["error"]["status"] == "StatusCode.NOT_FOUND"
     for name, meta in zip(sorted(REGISTRY), metadata):
@@ -375,10 +361,10 @@ def test_metadata_and_readiness(triton_python: str, oip_server: RunningServer) -
             assert tensor["datatype"] in ("FP32", "INT32", "INT64")
 
 
-def test_metadata_datatypes_are_what_the_ops_return(oip_server: RunningServer) -> None:
+def test_metadata_datatypes_are_what_the_ops_return(server: RunningServer) -> None:
     """For every op with a sample in tests/op_db.py: a float32 infer's outputs have the datatypes
     ModelMetadata lists (checked here with our own stubs, no tritonclient needed)."""
-    with grpc.insecure_channel(oip_server.address) as channel:
+    with grpc.insecure_channel(server.address) as channel:
         meta_call = channel.unary_unary(SERVICE + "ModelMetadata", pb.ModelMetadataRequest.SerializeToString, pb.ModelMetadataResponse.FromString)
         infer_call = channel.unary_unary(SERVICE + "ModelInfer", pb.ModelInferRequest.SerializeToString, pb.ModelInferResponse.FromString)
         for entry in OP_DB.values():
@@ -507,9 +493,9 @@ def _code(channel: grpc.Channel, request: pb.ModelInferRequest | bytes) -> tuple
     return grpc.StatusCode.OK, ""
 
 
-def test_hostile_requests_are_precise_refusals(oip_server: RunningServer) -> None:
+def test_hostile_requests_are_precise_refusals(server: RunningServer) -> None:
     garbage = [b"\xff\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f", bytes(range(256)) * 4]
-    with grpc.insecure_channel(oip_server.address) as channel:
+    with grpc.insecure_channel(server.address) as channel:
         for method in ("ModelInfer", "ModelMetadata", "ModelReady", "ModelStatistics", "ServerMetadata"):
             call = channel.unary_unary(SERVICE + method)
             for body in garbage:
@@ -584,10 +570,10 @@ def test_hostile_requests_are_precise_refusals(oip_server: RunningServer) -> Non
         np.testing.assert_allclose(np.frombuffer(reply.raw_output_contents[0], np.float32), np.cos(X).reshape(-1), rtol=1e-6)
 
 
-def test_reflection_lists_the_inference_service(oip_server: RunningServer) -> None:
+def test_reflection_lists_the_inference_service(server: RunningServer) -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    with grpc.insecure_channel(oip_server.address) as channel:
+    with grpc.insecure_channel(server.address) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         replies = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
     names = {s.name for s in replies[0].list_services_response.service}
@@ -602,14 +588,14 @@ def test_stubs_stay_out_of_the_client_package() -> None:
     assert done.stdout.strip() == "False", done.stderr
 
 
-def test_readme_example_runs_with_tritonclient(triton_python: str, oip_server: RunningServer) -> None:
+def test_readme_example_runs_with_tritonclient(triton_python: str, server: RunningServer) -> None:
     import pathlib
     import re
 
     readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme[readme.index("## Open Inference Protocol (KServe v2 / Triton)") :]
     (example,) = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], flags=re.S)
-    code = example.replace('"127.0.0.1:50051"', repr(oip_server.address))
+    code = example.replace('"127.0.0.1:50051"', repr(server.address))
     code += "\nimport json\nprint(json.dumps({'s': s.tolist(), 'x': x.tolist(), 'y': y.tolist(), 'indices': indices.tolist()}))\n"
     done = subprocess.run([triton_python, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -623,7 +609,7 @@ def test_readme_example_runs_with_tritonclient(triton_python: str, oip_server: R
 FUZZ_OK = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
-def test_fuzzed_infer_requests_get_precise_codes(oip_server: RunningServer) -> None:
+def test_fuzzed_infer_requests_get_precise_codes(server: RunningServer) -> None:
     """Hypothesis builds ModelInferRequests from near-valid parts (real and misspelt models and
     inputs, every datatype and some that are not, shapes with huge and negative dimensions, raw
     bytes of any length, typed contents, parameters of every kind): every answer is OK or a
@@ -687,7 +673,7 @@ def test_fuzzed_infer_requests_get_precise_codes(oip_server: RunningServer) -> N
         return request
 
     examples = int(os.environ.get("COSSERVE_FUZZ_EXAMPLES", "300"))
-    with grpc.insecure_channel(oip_server.address) as channel:
+    with grpc.insecure_channel(server.address) as channel:
 
         @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
         @given(request_strategy())
