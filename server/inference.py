@@ -166,11 +166,11 @@ def _refuse_tensor_parameters(what: str, parameters: Mapping[str, pb.InferParame
         )
 
 
-def decode_request(request: pb.ModelInferRequest, device: torch.device) -> tuple[Model, DecodedRequest]:
-    """The model and the call a ModelInferRequest asks for. Every input's header is checked and its
-    byte length matched to its shape before any tensor is made (raw inputs are views of the
-    request's bytes; typed contents are converted only when their count matches the shape)."""
-    found = model(request.model_name, request.model_version)
+def decode_request(found: Model, request: pb.ModelInferRequest, device: torch.device) -> DecodedRequest:
+    """The call a ModelInferRequest asks of its model `found` (`model(request.model_name, ...)`).
+    Every input's header is checked and its byte length matched to its shape before any tensor is
+    made (raw inputs are views of the request's bytes; typed contents are converted only when their
+    count matches the shape)."""
     schema = found.op.schema
     # Counted before converted, as for our own OperatorDef (engine.check_op_counts).
     engine.check_op_counts(len(request.parameters), len(request.inputs), len(request.outputs), schema.name)
@@ -216,7 +216,7 @@ def decode_request(request: pb.ModelInferRequest, device: torch.device) -> tuple
             f"{schema.name}: requested outputs must be among {', '.join(outputs)}, each once; got {returned[:8]}"
         )
     call = engine.OpCall(schema.name, tuple(expected), tuple(outputs), args)
-    return found, DecodedRequest(call, inputs, nbytes, returned or outputs)
+    return DecodedRequest(call, inputs, nbytes, returned or outputs)
 
 
 def _from_raw(what: str, dtype: torch.dtype, shape: tuple[int, ...], data: bytes, size: int) -> torch.Tensor:

@@ -90,10 +90,10 @@ class InferenceServicer:
         request for an unknown model has no model to count it for)."""
         started = time.perf_counter_ns()
         name = request.model_name
-        inference.model(name, request.model_version)
+        found = inference.model(name, request.model_version)  # NOT_FOUND before anything is counted
         try:
             device = resolve_device("", self.settings.device)
-            _, decoded = inference.decode_request(request, device)
+            decoded = inference.decode_request(found, request, device)
             submitted = time.perf_counter_ns()
             outputs, run_started, run_finished = await self.workers.run(
                 decoded.nbytes, inference.timed, engine.compute, decoded.call, decoded.inputs, _MAX_REPLY_BYTES, self._observe_op
