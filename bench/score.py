@@ -4,7 +4,7 @@ in-process, and faiss IndexFlatIP; checked against a float64 numpy brute force.
     python bench/score.py                                   # 100k x 384, 1024 queries (< 60 s on 2 cores)
     python bench/score.py --corpus-rows 1000000 --queries 2048 --verify-queries 512
 
-The server is built by cosserve.server.app.build_server in a child process of its own, so its
+The server is built by cosserve.server.edge.app.build_server in a child process of its own, so its
 peak resident memory (psutil samples and the kernel's VmHWM) is the server's alone. The corpus
 is fed once (streamed), then the queries are streamed in --batch-size batches over one ScoreTopK
 call. Each path runs --repeat times, interleaved; the table gives the best (least disturbed by
@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(conn: Connection, device: str, max_session_bytes: int) -> None:
-    from cosserve.server.app import build_server
+    from cosserve.server.edge.app import build_server
     from cosserve.server.settings import Settings
 
     running = build_server(Settings(host="127.0.0.1", port=0, device=device, max_session_bytes=max_session_bytes))
@@ -171,18 +171,18 @@ class TorchPath:
     def __init__(self, corpus: np.ndarray, ns: argparse.Namespace) -> None:
         import torch
 
-        from cosserve.server import scoring
+        from cosserve.server.compute import similarity
 
         self.ns, self.scoring, self.torch = ns, scoring, torch
         self.device = torch.device(ns.device)
         self.corpus = torch.from_numpy(corpus).to(self.device)
-        self.norms = scoring.NormCache()
+        self.norms = similarity.NormCache()
         self.norms.get(self.corpus)
 
     def _batches(self, queries: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for rows in _batches(len(queries), self.ns.batch_size):
-            q = self.scoring.to_device(self.torch.from_numpy(queries[rows]), self.device)
-            s, i = self.scoring.top_k(q, self.corpus, self.ns.k, self.norms.get(self.corpus))
+            q = self.similarity.to_device(self.torch.from_numpy(queries[rows]), self.device)
+            s, i = self.similarity.top_k(q, self.corpus, self.ns.k, self.norms.get(self.corpus))
             yield s.cpu().numpy(), i.cpu().numpy()
 
     def run(self, queries: np.ndarray) -> dict[str, Any]:

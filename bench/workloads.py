@@ -83,8 +83,8 @@ class _SmallCall:
 
     def in_process(self) -> Callable[[], Any]:
         """The op on inputs already on the device (and finished there, for CUDA)."""
-        from cosserve.server import ops  # noqa: F401  (fills the registry)
-        from cosserve.server.registry import REGISTRY
+        from cosserve.server.compute import ops  # noqa: F401  (fills the registry)
+        from cosserve.server.compute.registry import REGISTRY
 
         impl = REGISTRY[self.op].impl
         tensors = [torch.from_numpy(a).to(self.device) for a in self.inputs.values()]

@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     if ns.command == "serve":
         try:
-            from cosserve.server import app
+            from cosserve.server.edge import app
         except ImportError as err:
             print(f"cosserve: {_NEEDS_SERVER} ({err})", file=sys.stderr)
             return 2

@@ -228,7 +228,7 @@ def _server(address: str | None, device: str, corpus_bytes: int) -> Iterator[str
         yield address
         return
     try:
-        from cosserve.server.app import build_server
+        from cosserve.server.edge.app import build_server
         from cosserve.server.settings import Settings
     except ImportError as err:
         raise UsageError(f"{_NEEDS_SERVER} ({err})") from None

@@ -30,7 +30,7 @@ def merge_top_k(parts: Sequence[tuple[np.ndarray, np.ndarray, int]], k: int) -> 
     """The top-k of each row over every shard's top-k: `parts` are (scores (n, k_i), indices (n, k_i)
     within the shard, the shard's first global row). Global indices; best first; equal scores by
     the lower index, and NaN before any number, as the server's sort orders them
-    (server/scoring.py); scores keep their dtype, indices are int64."""
+    (server/compute/similarity.py); scores keep their dtype, indices are int64."""
     scores = np.concatenate([s for s, _, _ in parts], axis=1)
     indices = np.concatenate([i.astype(np.int64) + offset for _, i, offset in parts], axis=1)
     # np.lexsort sorts by its last key first: NaN or not, then the score descending, then the index.

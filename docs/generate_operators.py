@@ -9,9 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from cosserve.server import engine
-from cosserve.server.codec import dtype_name
-from cosserve.server.registry import REGISTRY, ArgType, OpSchema
+from cosserve.server.compute import engine
+from cosserve.server.protocols.codec import dtype_name
+from cosserve.server.compute.registry import REGISTRY, ArgType, OpSchema
 
 __all__ = ["DIFFERENCES", "OUTPUT", "main", "render"]
 

@@ -155,7 +155,7 @@ def _corpus_specs(value: tuple[str, ...]) -> None:
     # The files themselves are mapped, and refused, when the server starts (app._start).
     if not value:
         return
-    from cosserve.server.corpora import parse_spec  # imports torch: only for a server that names corpora
+    from cosserve.server.state.corpora import parse_spec  # imports torch: only for a server that names corpora
 
     names: set[str] = set()
     for spec in value:

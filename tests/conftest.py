@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from cosserve import Client  # noqa: E402
-from cosserve.server.app import RunningServer, build_server  # noqa: E402
+from cosserve.server.edge.app import RunningServer, build_server  # noqa: E402
 from cosserve.server.settings import Settings  # noqa: E402
 
 CUDA = torch.cuda.is_available()

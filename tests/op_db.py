@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cosserve.server.registry import ArgType, InputKind, OpSchema
+from cosserve.server.compute.registry import ArgType, InputKind, OpSchema
 
 __all__ = [
     "ALL_DTYPES",

@@ -14,13 +14,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cosserve.server import engine, errors  # noqa: E402
-from cosserve.server.scorer import Batch, Scorer  # noqa: E402
+from cosserve.server.compute import engine  # noqa: E402
+
+from cosserve.server import errors
+from cosserve.server.compute.scorer import Batch, Scorer  # noqa: E402
 from cosserve.server.settings import Settings  # noqa: E402
-from cosserve.server.status import STATUS_CODES, status_of  # noqa: E402
-from cosserve.server.workers import Workers  # noqa: E402
-from cosserve.server.sessions import SessionStore  # noqa: E402
-from cosserve.server.workspace import BLOB_OVERHEAD_BYTES, MAX_NAME_BYTES, Account, Workspace  # noqa: E402
+from cosserve.server.edge.status import STATUS_CODES, status_of  # noqa: E402
+from cosserve.server.compute.workers import Workers  # noqa: E402
+from cosserve.server.state.sessions import SessionStore  # noqa: E402
+from cosserve.server.state.workspace import BLOB_OVERHEAD_BYTES, MAX_NAME_BYTES, Account, Workspace  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -244,7 +246,7 @@ def test_a_subclass_of_a_domain_error_takes_its_parents_code():
 
 
 def test_work_on_a_thread_sees_its_calls_request_id():
-    from cosserve.server.observability import REQUEST_ID
+    from cosserve.server.edge.observability import REQUEST_ID
 
     workers = Workers(threads=1, inline_bytes=0)
 
@@ -264,7 +266,7 @@ def test_work_on_a_thread_sees_its_calls_request_id():
 
 
 def test_a_replacing_commit_is_one_step_and_one_journal_record():
-    from cosserve.server.workspace import blob_charge
+    from cosserve.server.state.workspace import blob_charge
 
     workspace = Workspace("s", torch.device("cpu"), 1 << 20)
     records: list[tuple[str, list[str]]] = []

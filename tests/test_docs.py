@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from cosserve.server.registry import REGISTRY  # noqa: E402
+from cosserve.server.compute.registry import REGISTRY  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

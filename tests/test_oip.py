@@ -22,8 +22,8 @@ import pytest
 
 from cosserve import Client, CosserveRpcError
 from cosserve.inference import grpc_service_pb2 as pb
-from cosserve.server.app import RunningServer
-from cosserve.server.registry import REGISTRY
+from cosserve.server.edge.app import RunningServer
+from cosserve.server.compute.registry import REGISTRY
 from tests import toolenv
 from tests.conftest import start_server
 from tests.op_db import OP_DB
@@ -438,7 +438,7 @@ def test_metrics_request_ids_and_message_limits_cover_inference_calls() -> None:
     import urllib.request
 
     from cosserve import limits
-    from cosserve.server.observability import REQUEST_ID_KEY
+    from cosserve.server.edge.observability import REQUEST_ID_KEY
 
     running = start_server(metrics_port=_free_port())
     try:

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from cosserve import Client, limits
-from cosserve.server import engine
+from cosserve.server.compute import engine
 from cosserve.v1 import cosserve_pb2 as pb
 from tests.conftest import start_server
 

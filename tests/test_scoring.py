@@ -19,7 +19,7 @@ from cosserve.v1 import cosserve_pb2_grpc as pb_grpc
 
 torch = pytest.importorskip("torch")
 
-from cosserve.server import scoring  # noqa: E402
+from cosserve.server.compute import similarity  # noqa: E402
 
 # dtype, atol of scores: computed in float32 (float64) and rounded once to the output dtype.
 FLOATS = {
@@ -81,19 +81,19 @@ def assert_top_k(
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Tiles of a few rows, so a corpus of dozens of rows spans many chunks; counts the tiles."""
-    monkeypatch.setattr(scoring, "CPU_BLOCK_BYTES", 64)
-    monkeypatch.setattr(scoring, "CUDA_BLOCK_BYTES", 64)
-    monkeypatch.setattr(scoring, "CORPUS_CHUNK_BYTES", 64)
-    monkeypatch.setattr(scoring, "QUERY_BLOCK_ROWS", 2)
-    monkeypatch.setattr(scoring, "MERGE_EVERY", 2)
+    monkeypatch.setattr(similarity, "CPU_BLOCK_BYTES", 64)
+    monkeypatch.setattr(similarity, "CUDA_BLOCK_BYTES", 64)
+    monkeypatch.setattr(similarity, "CORPUS_CHUNK_BYTES", 64)
+    monkeypatch.setattr(similarity, "QUERY_BLOCK_ROWS", 2)
+    monkeypatch.setattr(similarity, "MERGE_EVERY", 2)
     calls = []
-    original = scoring._tile_candidates
+    original = similarity._tile_candidates
 
     def counting(tile, k):
         calls.append(tile.shape)
         return original(tile, k)
 
-    monkeypatch.setattr(scoring, "_tile_candidates", counting)
+    monkeypatch.setattr(similarity, "_tile_candidates", counting)
     return calls
 
 
@@ -175,10 +175,10 @@ def test_chunked_result_equals_unchunked(ws, small_tiles):
     assert tiles >= 3 * 17, small_tiles  # 3 query blocks of 2 rows x chunks of 2 corpus rows
     assert max(shape[1] for shape in small_tiles) < c.shape[0]
     with pytest.MonkeyPatch.context() as undo:  # back to one tile for this small corpus
-        undo.setattr(scoring, "CPU_BLOCK_BYTES", 4 * 1024**2)
-        undo.setattr(scoring, "CUDA_BLOCK_BYTES", 64 * 1024**2)
-        undo.setattr(scoring, "CORPUS_CHUNK_BYTES", 16 * 1024**2)
-        undo.setattr(scoring, "QUERY_BLOCK_ROWS", 1024)
+        undo.setattr(similarity, "CPU_BLOCK_BYTES", 4 * 1024**2)
+        undo.setattr(similarity, "CUDA_BLOCK_BYTES", 64 * 1024**2)
+        undo.setattr(similarity, "CORPUS_CHUNK_BYTES", 16 * 1024**2)
+        undo.setattr(similarity, "QUERY_BLOCK_ROWS", 1024)
         whole = ws.top_k(q, "C", k=4)
         ws.run_operator("CosineSimilarityMatrix", ["Q", "C"], ["S1"])
         assert len(small_tiles) == tiles + 1
@@ -195,7 +195,7 @@ def test_onednn_and_matmul_paths_agree(cpu_ws, monkeypatch, dtype_name):
     q, c = sample(rng, 9, 32, dtype), sample(rng, 400, 32, dtype)
     cpu_ws.feed_blob("C", c)
     fast = cpu_ws.top_k(q, "C", k=5)
-    monkeypatch.setattr(scoring, "USE_ONEDNN", False)
+    monkeypatch.setattr(similarity, "USE_ONEDNN", False)
     plain = cpu_ws.top_k(q, "C", k=5)
     np.testing.assert_array_equal(fast[1], plain[1])
     np.testing.assert_allclose(fast[0].astype(np.float64), plain[0].astype(np.float64), rtol=0, atol=atol)
@@ -207,14 +207,14 @@ def test_corpus_norms_are_cached_and_dropped_with_the_blob(cpu_ws, server, monke
     q = sample(rng, 6, 8, np.float32)
     first, second = sample(rng, 30, 8, np.float32), sample(rng, 30, 8, np.float32)
     corpus_norms = []
-    original = scoring.inverse_norms
+    original = similarity.inverse_norms
 
     def counting(x):
         if x.shape[0] == 30:
             corpus_norms.append(x.shape)
         return original(x)
 
-    monkeypatch.setattr(scoring, "inverse_norms", counting)
+    monkeypatch.setattr(similarity, "inverse_norms", counting)
     cache = server.store.get(cpu_ws.id).norms
     cpu_ws.feed_blob("C", first)
     assert_top_k(cpu_ws.top_k(q, "C", k=3), q, first, 3, atol=1e-5)

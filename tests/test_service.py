@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from cosserve import Client, CosserveRpcError
 from cosserve.v1 import cosserve_pb2 as pb
-from cosserve.server.workspace import BLOB_OVERHEAD_BYTES
+from cosserve.server.state.workspace import BLOB_OVERHEAD_BYTES
 from tests.conftest import start_process, start_server
 
 pytest.importorskip("torch")
@@ -63,7 +63,7 @@ def test_auth_token_is_required_when_configured():
 
 def test_unexpected_errors_are_internal_with_an_opaque_id(client, caplog):
     # An op whose implementation fails unexpectedly: reach it through the registry.
-    from cosserve.server.registry import REGISTRY, InputSpec, OpSchema, register
+    from cosserve.server.compute.registry import REGISTRY, InputSpec, OpSchema, register
 
     @register(OpSchema(name="_TestBoom", inputs=(InputSpec("X"),), outputs=("Y",), doc="raises"))
     def boom(inputs, args):
@@ -186,7 +186,7 @@ def test_operator_list_is_sorted_and_has_cos(client):
 
 def test_wire_dtype_enum_matches_the_codecs():
     from cosserve import tensors
-    from cosserve.server import codec
+    from cosserve.server.protocols import codec
 
     codes = [v for v in pb.DType.values() if v != pb.DTYPE_UNSPECIFIED]
     assert sorted(tensors.NUMPY_DTYPES) == sorted(codec.TORCH_DTYPES) == sorted(codes)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cosserve import Client, CosserveRpcError
-from cosserve.server import shm
+from cosserve.server.protocols import shm
 from cosserve.server.errors import FailedPrecondition, PermissionDenied
 from cosserve.v1 import cosserve_pb2 as pb
 

@@ -23,7 +23,7 @@ from tests.test_security import KEYS, keys_file
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from cosserve.server import snapshots  # noqa: E402
+from cosserve.server.state import snapshots  # noqa: E402
 from cosserve.server.errors import InvalidArgument  # noqa: E402
 
 # Bit patterns numpy and torch would not produce by arithmetic: NaNs with payloads, -0.0, infinities.
@@ -392,7 +392,7 @@ def test_the_charge_comes_before_any_tensor(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument):
         snapshots.read(path, torch.device("cpu"), refuse)
     # What a session is charged for them: data, names and per-blob overhead.
-    from cosserve.server.workspace import blob_charge
+    from cosserve.server.state.workspace import blob_charge
 
     assert charged == [blob_charge("a", 40) + blob_charge("bb", 72)]
     tensors, meta = snapshots.read(path, torch.device("cpu"), lambda n: None)

@@ -14,7 +14,7 @@ from tests.certs import CertSet, issue, make_authority, make_certs
 from tests.conftest import start_server
 
 from cosserve import Client, CosserveRpcError
-from cosserve.server.app import RunningServer
+from cosserve.server.edge.app import RunningServer
 
 # A refused handshake fails the call at once (UNAVAILABLE); this only bounds a test that would hang.
 _TIMEOUT_S = 10.0

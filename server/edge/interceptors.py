@@ -18,10 +18,11 @@ from grpc import aio
 from grpc._cython import cygrpc
 
 from cosserve import limits
-from cosserve.server import identity, observability
+from cosserve.server.state import identity
+from cosserve.server.edge import observability
 from cosserve.server.errors import InvalidArgument, Unauthenticated
-from cosserve.server.identity import Identities
-from cosserve.server.status import MalformedRequest, bounded, status_of
+from cosserve.server.state.identity import Identities
+from cosserve.server.edge.status import MalformedRequest, bounded, status_of
 
 __all__ = [
     "HANDLER_KINDS", "AuthInterceptor", "ErrorInterceptor", "MetricsInterceptor", "Observer", "RequestIdInterceptor",

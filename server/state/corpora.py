@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from cosserve.server.codec import WIRE_DTYPES, dtype_name
+from cosserve.server.protocols.codec import WIRE_DTYPES, dtype_name
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, quoted
-from cosserve.server.scoring import NormCache
+from cosserve.server.compute.similarity import NormCache
 
 __all__ = [
     "CORPUS_PREFIX",

@@ -36,11 +36,13 @@ from typing import Any, BinaryIO
 
 import torch
 
-from cosserve.server import codec, snapshots
+from cosserve.server.protocols import codec
+
+from cosserve.server.state import snapshots
 from cosserve.server.errors import CosserveError, FailedPrecondition, NotFound, ResourceExhausted, SnapshotError
-from cosserve.server.sessions import SessionStore
+from cosserve.server.state.sessions import SessionStore
 from cosserve.server.settings import Settings
-from cosserve.server.workspace import Workspace
+from cosserve.server.state.workspace import Workspace
 
 __all__ = ["JOURNAL", "MAGIC", "SESSION_META", "Durability", "Journal", "mode_of"]
 

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from cosserve.server.codec import FLOAT_DTYPES, dtype_name, is_out_of_memory
+from cosserve.server.protocols.codec import FLOAT_DTYPES, dtype_name, is_out_of_memory
 from cosserve.server.errors import InvalidArgument, ResourceExhausted
-from cosserve.server.numerics import NORM_FLOOR, check_query_corpus, compute_dtype
+from cosserve.server.compute.numerics import NORM_FLOOR, check_query_corpus, compute_dtype
 
 __all__ = [
     "CORPUS_CHUNK_BYTES",

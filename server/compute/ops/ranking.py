@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from cosserve.server import scoring
-from cosserve.server.numerics import check_query_corpus
-from cosserve.server.registry import ArgSpec, ArgType, InputSpec, OpSchema, register
+from cosserve.server.compute import similarity
+from cosserve.server.compute.numerics import check_query_corpus
+from cosserve.server.compute.registry import ArgSpec, ArgType, InputSpec, OpSchema, register
 
 _INPUTS = (InputSpec("Q", doc="(N, D) queries"), InputSpec("C", doc="(M, D) corpus"))
 
@@ -37,7 +37,7 @@ def _check_top_k(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> Non
 def cosine_similarity_matrix(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # S[i, j] = q_i·c_j / sqrt(max(q_i·q_i, 1e-12) · max(c_j·c_j, 1e-12))
     queries, corpus = inputs
-    return [scoring.similarity_matrix(queries, corpus)]
+    return [similarity.similarity_matrix(queries, corpus)]
 
 
 @register(
@@ -57,4 +57,4 @@ def cosine_similarity_matrix(inputs: Sequence[torch.Tensor], args: Mapping[str, 
 def cosine_top_k(inputs: Sequence[torch.Tensor], args: Mapping[str, Any]) -> list[torch.Tensor]:
     # Scores[i], Indices[i] = the k largest S[i, j] (of CosineSimilarityMatrix) by (-S[i, j], j)
     queries, corpus = inputs
-    return list(scoring.top_k(queries, corpus, args["k"]))
+    return list(similarity.top_k(queries, corpus, args["k"]))

@@ -9,8 +9,8 @@ from concurrent import futures
 
 import torch
 
-from cosserve.server import scoring
-from cosserve.server.workspace import Workspace
+from cosserve.server.compute import similarity
+from cosserve.server.state.workspace import Workspace
 
 __all__ = ["Batch", "Scorer"]
 
@@ -30,7 +30,7 @@ class Batch:
     corpus: torch.Tensor
     queries: torch.Tensor
     k: int
-    norms: scoring.NormCache | None = None  # None: the workspace's own cache
+    norms: similarity.NormCache | None = None  # None: the workspace's own cache
 
 
 class Scorer:
@@ -49,7 +49,7 @@ class Scorer:
         async def read() -> None:
             try:
                 async for batch in batches:
-                    batch.queries = scoring.to_device(batch.queries, batch.workspace.device)
+                    batch.queries = similarity.to_device(batch.queries, batch.workspace.device)
                     await ready.put((batch, None))
             except Exception as err:  # noqa: BLE001  (handed to the consumer, in order)
                 await ready.put((None, err))
@@ -70,7 +70,7 @@ class Scorer:
                         failure = None  # no cycle through this frame
                 yield await loop.run_in_executor(
                     self._thread,
-                    scoring.score_blob,
+                    similarity.score_blob,
                     batch.corpus_name,
                     batch.corpus,
                     batch.queries,

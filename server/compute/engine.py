@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 
-from cosserve.server import ops as _ops  # noqa: F401  (fills the registry)
-from cosserve.server.codec import FLOAT_DTYPES, dtype_name, is_out_of_memory
+from cosserve.server.compute import ops as _ops  # noqa: F401  (fills the registry)
+from cosserve.server.protocols.codec import FLOAT_DTYPES, dtype_name, is_out_of_memory
 from cosserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
-from cosserve.server.registry import REGISTRY, ArgType, InputKind, Operator, lookup
-from cosserve.server.workers import StopSignal
-from cosserve.server.workspace import Transaction, Workspace, check_name
+from cosserve.server.compute.registry import REGISTRY, ArgType, InputKind, Operator, lookup
+from cosserve.server.compute.workers import StopSignal
+from cosserve.server.state.workspace import Transaction, Workspace, check_name
 
 __all__ = [
     "ACCEPTED_DTYPES",

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from cosserve.server.errors import InvalidArgument
-from cosserve.server.numerics import (
+from cosserve.server.compute.numerics import (
     NORM_FLOOR,
     check_gradient_input,
     check_same_shape,
@@ -18,7 +18,7 @@ from cosserve.server.numerics import (
     rows,
     shape_of,
 )
-from cosserve.server.registry import ArgSpec, ArgType, InputSpec, OpSchema, ShapeCheck, register
+from cosserve.server.compute.registry import ArgSpec, ArgType, InputSpec, OpSchema, ShapeCheck, register
 
 
 # ---- CosineSimilarity --------------------------------------------------------------------

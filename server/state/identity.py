@@ -12,7 +12,7 @@ import logging
 import re
 from collections.abc import Iterable
 
-from cosserve.server.sessions import ANONYMOUS
+from cosserve.server.state.sessions import ANONYMOUS
 from cosserve.server.settings import Settings
 
 __all__ = [

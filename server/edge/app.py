@@ -26,21 +26,23 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from cosserve import limits
-from cosserve.server import observability, oip, servicer
+from cosserve.server.edge import observability
+from cosserve.server.edge import inference_servicer
+from cosserve.server.edge import cosserve_servicer
 from cosserve.server import settings as settings_mod
-from cosserve.server.codec import dtype_name
-from cosserve.server.corpora import Corpora
-from cosserve.server.durability import Durability
+from cosserve.server.protocols.codec import dtype_name
+from cosserve.server.state.corpora import Corpora
+from cosserve.server.state.durability import Durability
 from cosserve.server.errors import CosserveError
-from cosserve.server.identity import Identities
-from cosserve.server.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor, RequestIdInterceptor
-from cosserve.server.metrics import Metrics
-from cosserve.server.scorer import Scorer
-from cosserve.server.servicer import SERVICE_NAME, CosserveServicer
+from cosserve.server.state.identity import Identities
+from cosserve.server.edge.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor, RequestIdInterceptor
+from cosserve.server.edge.metrics import Metrics
+from cosserve.server.compute.scorer import Scorer
+from cosserve.server.edge.cosserve_servicer import SERVICE_NAME, CosserveServicer
 from cosserve.server.settings import Settings
-from cosserve.server.workers import Workers
-from cosserve.server.sessions import SessionStore
-from cosserve.server.workspace import resolve_device
+from cosserve.server.compute.workers import Workers
+from cosserve.server.state.sessions import SessionStore
+from cosserve.server.state.workspace import resolve_device
 
 __all__ = ["RunningServer", "build_server", "run", "serve"]
 
@@ -228,14 +230,14 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
     )
     workers = Workers(settings.max_workers, settings.inline_op_bytes)
     scorer = Scorer(limits.INLINE_BYTES)
-    servicer.add_to_server(CosserveServicer(store, settings, workers, scorer, metrics), server)
+    cosserve_servicer.add_to_server(CosserveServicer(store, settings, workers, scorer, metrics), server)
     # The Open Inference Protocol (KServe v2 / Triton) on the same port, behind the same interceptors.
-    oip.add_to_server(oip.InferenceServicer(settings, workers, metrics), server)
+    inference_servicer.add_to_server(inference_servicer.InferenceServicer(settings, workers, metrics), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     services = (
         SERVICE_NAME,
-        oip.SERVICE_NAME,
+        inference_servicer.SERVICE_NAME,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
         REFLECTION_V1,
@@ -261,7 +263,7 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
     # Metrics first: if its port was taken since check_listen looked, nothing has started yet.
     metrics_port = metrics.start(host, settings.metrics_port) if metrics else 0
     await server.start()
-    for service in ("", SERVICE_NAME, oip.SERVICE_NAME):
+    for service in ("", SERVICE_NAME, inference_servicer.SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     loop.create_task(_expire_idle(store))

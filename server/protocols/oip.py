@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from cosserve.inference import grpc_service_pb2 as pb
-from cosserve.server import codec, engine
+from cosserve.server.protocols import codec
+from cosserve.server.compute import engine
 from cosserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
-from cosserve.server.registry import REGISTRY, InputKind, Operator, lookup
+from cosserve.server.compute.registry import REGISTRY, InputKind, Operator, lookup
 
 __all__ = [
     "DATATYPES",

@@ -23,10 +23,10 @@ from typing import Any, BinaryIO, TypeGuard
 
 import torch
 
-from cosserve.server import codec
+from cosserve.server.protocols import codec
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, SnapshotError, quoted
-from cosserve.server.workspace import Workspace, blob_charge
-from cosserve.server.workspace import check_name as check_blob_name
+from cosserve.server.state.workspace import Workspace, blob_charge
+from cosserve.server.state.workspace import check_name as check_blob_name
 
 __all__ = [
     "DATA_SUFFIX",

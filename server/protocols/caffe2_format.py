@@ -9,7 +9,7 @@ import torch
 from google.protobuf.message import DecodeError, Message
 
 from cosserve.caffe2 import caffe2_pb2 as c2
-from cosserve.server.engine import OpCall, check_net_count, check_op_counts
+from cosserve.server.compute.engine import OpCall, check_net_count, check_op_counts
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, quoted
 
 __all__ = ["CPU", "CUDA", "net_calls", "operator_calls"]

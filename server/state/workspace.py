@@ -9,9 +9,9 @@ from types import TracebackType
 
 import torch
 
-from cosserve.server.corpora import CORPUS_PREFIX, READ_ONLY, Corpora, is_corpus
+from cosserve.server.state.corpora import CORPUS_PREFIX, READ_ONLY, Corpora, is_corpus
 from cosserve.server.errors import CosserveError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, quoted
-from cosserve.server.scoring import NormCache
+from cosserve.server.compute.similarity import NormCache
 
 __all__ = [
     "BLOB_OVERHEAD_BYTES",
@@ -33,7 +33,7 @@ BLOB_OVERHEAD_BYTES = 640
 MAX_NAME_BYTES = 1024
 
 
-# Told of each change about to be made to a workspace, for --durability (server/durability.py):
+# Told of each change about to be made to a workspace, for --durability (server/state/durability.py):
 # called with the workspace, the kind of change and its blobs, under the workspace's lock, once
 # every check has passed and before anything is changed, so before the change is acknowledged.
 # If it raises, nothing is changed. Kinds: "set" (the blobs being stored), "remove" (the blob

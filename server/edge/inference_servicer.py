@@ -2,7 +2,7 @@
 
 Registered beside cosserve's own service on the same port, behind the same interceptors (auth,
 limits, metrics, request ids, the error table). The model view, the decoding of requests and the
-statistics are in server/inference.py; the op runs as Compute runs it (engine.compute on the
+statistics are in server/protocols/oip.py; the op runs as Compute runs it (engine.compute on the
 Workers pool).
 """
 
@@ -15,14 +15,15 @@ from grpc import aio
 
 from cosserve import __version__, limits
 from cosserve.inference import grpc_service_pb2 as pb
-from cosserve.server import engine, inference
+from cosserve.server.compute import engine
+from cosserve.server.protocols import oip
 from cosserve.server.errors import CosserveError
-from cosserve.server.interceptors import HANDLER_KINDS
-from cosserve.server.metrics import Metrics
+from cosserve.server.edge.interceptors import HANDLER_KINDS
+from cosserve.server.edge.metrics import Metrics
 from cosserve.server.settings import Settings
-from cosserve.server.status import bounded
-from cosserve.server.workers import Workers
-from cosserve.server.workspace import resolve_device
+from cosserve.server.edge.status import bounded
+from cosserve.server.compute.workers import Workers
+from cosserve.server.state.workspace import resolve_device
 
 __all__ = ["SERVICE_NAME", "InferenceServicer", "add_to_server"]
 
@@ -40,7 +41,7 @@ class InferenceServicer:
         self.settings = settings
         self.workers = workers
         self.metrics = metrics
-        self.statistics = inference.Statistics()
+        self.statistics = oip.Statistics()
         self._observe_op = metrics.observe_op if metrics is not None else None
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: aio.ServicerContext) -> pb.ServerLiveResponse:
@@ -51,17 +52,17 @@ class InferenceServicer:
         return pb.ServerReadyResponse(ready=True)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: aio.ServicerContext) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=inference.is_ready(request.name, request.version))
+        return pb.ModelReadyResponse(ready=oip.is_ready(request.name, request.version))
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: aio.ServicerContext) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="cosserve", version=__version__, extensions=inference.EXTENSIONS)
+        return pb.ServerMetadataResponse(name="cosserve", version=__version__, extensions=oip.EXTENSIONS)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: aio.ServicerContext) -> pb.ModelMetadataResponse:
-        found = inference.model(request.name, request.version)
+        found = oip.model(request.name, request.version)
         return pb.ModelMetadataResponse(
             name=found.name,
-            versions=[inference.VERSION],
-            platform=inference.PLATFORM,
+            versions=[oip.VERSION],
+            platform=oip.PLATFORM,
             inputs=[pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in found.inputs],
             outputs=[pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in found.outputs],
         )
@@ -90,15 +91,15 @@ class InferenceServicer:
         request for an unknown model has no model to count it for)."""
         started = time.perf_counter_ns()
         name = request.model_name
-        found = inference.model(name, request.model_version)  # NOT_FOUND before anything is counted
+        found = oip.model(name, request.model_version)  # NOT_FOUND before anything is counted
         try:
             device = resolve_device("", self.settings.device)
-            decoded = inference.decode_request(found, request, device)
+            decoded = oip.decode_request(found, request, device)
             submitted = time.perf_counter_ns()
             outputs, run_started, run_finished = await self.workers.run(
-                decoded.nbytes, inference.timed, engine.compute, decoded.call, decoded.inputs, _MAX_REPLY_BYTES, self._observe_op
+                decoded.nbytes, oip.timed, engine.compute, decoded.call, decoded.inputs, _MAX_REPLY_BYTES, self._observe_op
             )
-            response = inference.encode_response(request, decoded, outputs)
+            response = oip.encode_response(request, decoded, outputs)
         except Exception:
             self.statistics.failed(name, time.perf_counter_ns() - started)
             raise

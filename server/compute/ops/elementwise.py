@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from cosserve.server.numerics import check_same_shape
-from cosserve.server.registry import InputSpec, OpSchema, register
+from cosserve.server.compute.numerics import check_same_shape
+from cosserve.server.compute.registry import InputSpec, OpSchema, register
 
 
 @register(

@@ -25,9 +25,9 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from cosserve.limits import SHM_PREFIX
-from cosserve.server import codec
+from cosserve.server.protocols import codec
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
-from cosserve.server.workspace import Workspace
+from cosserve.server.state.workspace import Workspace
 
 try:  # POSIX only; without it every shared-memory call is refused.
     import _posixshmem

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cosserve.server.sessions import SessionStore
+    from cosserve.server.state.sessions import SessionStore
 
 __all__ = ["Metrics"]
 

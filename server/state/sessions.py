@@ -11,10 +11,10 @@ import time
 import torch
 from collections.abc import Callable, Iterator
 
-from cosserve.server.corpora import Corpora
+from cosserve.server.state.corpora import Corpora
 from cosserve.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, quoted
 from cosserve.server.settings import Settings
-from cosserve.server.workspace import Account, Workspace, resolve_device
+from cosserve.server.state.workspace import Account, Workspace, resolve_device
 
 __all__ = ["ANONYMOUS", "EXPIRED_REMEMBERED", "SESSION_ID", "SessionStore"]
 
@@ -29,7 +29,7 @@ EXPIRED_REMEMBERED = 4096
 
 # A session id: 128 bits as 32 lowercase hex digits, whoever picked it (the server, or the client
 # that proposed it so a load balancer could route its creation, see deploy/nginx/cosserve.conf).
-# It names files of the state directory (server/durability.py), so nothing else is accepted.
+# It names files of the state directory (server/state/durability.py), so nothing else is accepted.
 SESSION_ID = re.compile(r"[0-9a-f]{32}")
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from cosserve.server.errors import InvalidArgument
-from cosserve.server.registry import ShapeCheck
+from cosserve.server.compute.registry import ShapeCheck
 
 __all__ = [
     "NORM_FLOOR",
