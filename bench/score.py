@@ -172,17 +172,18 @@ class TorchPath:
         import torch
 
         from cosserve.server.compute import similarity
+        from cosserve.server.state.norm_cache import NormCache
 
-        self.ns, self.scoring, self.torch = ns, scoring, torch
+        self.ns, self.similarity, self.torch = ns, similarity, torch
         self.device = torch.device(ns.device)
         self.corpus = torch.from_numpy(corpus).to(self.device)
-        self.norms = similarity.NormCache()
-        self.norms.get(self.corpus)
+        self.norms = NormCache()
+        self.norms.get(self.corpus, self.similarity.inverse_norms)
 
     def _batches(self, queries: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for rows in _batches(len(queries), self.ns.batch_size):
             q = self.similarity.to_device(self.torch.from_numpy(queries[rows]), self.device)
-            s, i = self.similarity.top_k(q, self.corpus, self.ns.k, self.norms.get(self.corpus))
+            s, i = self.similarity.top_k(q, self.corpus, self.ns.k, self.norms.get(self.corpus, self.similarity.inverse_norms))
             yield s.cpu().numpy(), i.cpu().numpy()
 
     def run(self, queries: np.ndarray) -> dict[str, Any]:

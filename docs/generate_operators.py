@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from cosserve.server.compute import engine
-from cosserve.server.protocols.codec import dtype_name
+from cosserve.server.memory import dtype_name
 from cosserve.server.compute.registry import REGISTRY, ArgType, OpSchema
 
 __all__ = ["DIFFERENCES", "OUTPUT", "main", "render"]

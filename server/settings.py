@@ -8,28 +8,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import ipaddress
 import logging
 import math
 import os
 import re
 import shlex
-import socket
 import ssl
-import threading
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from cosserve.server.errors import quoted
 
 __all__ = [
     "SettingError",
     "Settings",
     "TlsFiles",
-    "TlsWatcher",
     "add_arguments",
     "check_files",
-    "check_listen",
+    "parse_corpus_spec",
     "format_size",
     "from_args",
     "parse_size",
@@ -151,15 +149,37 @@ def _path(value: str) -> None:
         raise ValueError("must be a file path")
 
 
+# Corpus names: they follow '@' in blob names and precede '=' in --corpus, so they are plain.
+CORPUS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+CORPUS_NAME_RULE = "1-128 letters, digits, '_', '.' or '-', starting with a letter or digit"
+
+
+def parse_corpus_spec(spec: str) -> tuple[str, str, str]:
+    """(name, path, safetensors key or "") of `NAME=FILE` or `NAME=FILE.safetensors:KEY`; ValueError with the reason."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not rest:
+        raise ValueError(f"{spec[:80]!r} must be NAME=FILE (a .npy or .safetensors file)")
+    if not CORPUS_NAME.fullmatch(name):
+        raise ValueError(f"corpus name {quoted(name)} must be {CORPUS_NAME_RULE}")
+    path, key = rest, ""
+    if not rest.endswith((".npy", ".safetensors")):
+        head, colon, tail = rest.rpartition(":")
+        if colon and head.endswith(".safetensors") and tail:
+            path, key = head, tail
+        else:
+            raise ValueError(f"{rest[:80]!r} must be a .npy or .safetensors file (FILE.safetensors:KEY for one tensor of several)")
+    if "\0" in path:
+        raise ValueError("must be a file path")
+    return name, path, key
+
+
 def _corpus_specs(value: tuple[str, ...]) -> None:
     # The files themselves are mapped, and refused, when the server starts (app._start).
     if not value:
         return
-    from cosserve.server.state.corpora import parse_spec  # imports torch: only for a server that names corpora
-
     names: set[str] = set()
     for spec in value:
-        name = parse_spec(spec)[0]
+        name = parse_corpus_spec(spec)[0]
         if name in names:
             raise ValueError(f"corpus name {name!r} is given twice")
         names.add(name)
@@ -575,82 +595,3 @@ def read_tls_files(settings: Settings) -> TlsFiles:
     if _read("tls_cert", settings.tls_cert) != cert or _read("tls_key", settings.tls_key) != key:
         raise SettingError("tls_cert", settings.tls_cert, "changed while it was being read; try again")
     return TlsFiles(cert, key, ca)
-
-
-class TlsWatcher:
-    """The server's TLS files, reread when they change: `changed()` is asked on every handshake."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._lock = threading.Lock()  # handshakes may ask from several grpc threads at once
-        self._stamp = self._stat()
-        self.current = read_tls_files(settings)
-
-    def _stat(self) -> tuple[tuple[int, int, int], ...]:
-        paths = [self._settings.tls_cert, self._settings.tls_key]
-        if self._settings.tls_client_ca:
-            paths.append(self._settings.tls_client_ca)
-        stamps = []
-        for path in paths:
-            try:
-                st = os.stat(path)
-                stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
-            except OSError:
-                stamps.append((0, 0, 0))
-        return tuple(stamps)
-
-    def changed(self) -> TlsFiles | None:
-        """The new files when they changed and still belong together; None to keep the current ones.
-        A half-written rotation (a new certificate, the old key) keeps the current ones and is
-        tried again once the files change again."""
-        with self._lock:
-            stamp = self._stat()
-            if stamp == self._stamp:
-                return None
-            self._stamp = stamp
-            try:
-                files = read_tls_files(self._settings)
-            except SettingError as err:
-                log.warning("TLS files changed but cannot be used yet (%s); keeping the previous ones", err)
-                return None
-            if files == self.current:
-                return None
-            self.current = files
-        log.info("TLS files changed; new connections use them")
-        return files
-
-
-# ---- addresses named by settings ----
-
-
-def _check_port_free(name: str, host: str, port: int) -> None:
-    """SettingError unless host:port can be listened on now (port 0 always can)."""
-    try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (socket.gaierror, UnicodeError) as err:
-        raise SettingError("host", host, f"is not an address or a name this machine resolves ({err})") from None
-    if port == 0:
-        return
-    for family, kind, proto, _, address in addresses:
-        # SO_REUSEADDR as grpc and http.server set it: a port left in TIME_WAIT is free, one with
-        # a listener is not. grpc's SO_REUSEPORT is off (app._grpc_options), so nobody shares it.
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(address)
-            except OSError as err:
-                if err.errno == errno.EADDRINUSE:
-                    raise SettingError(name, port, f"{host}:{port} is in use by another process") from None
-                if err.errno == errno.EADDRNOTAVAIL:
-                    raise SettingError("host", host, "is not an address of this machine") from None
-                if err.errno == errno.EACCES:
-                    raise SettingError(name, port, "needs privileges this process lacks (ports below 1024)") from None
-                raise SettingError(name, port, f"cannot listen on {host}:{port}: {err.strerror}") from None
-
-
-def check_listen(settings: Settings) -> None:
-    """SettingError unless --host resolves and --port and --metrics-port are free: checked before
-    grpc binds, so a port in use is one line here, not grpc's log and a RuntimeError."""
-    _check_port_free("port", settings.host, settings.port)
-    if settings.metrics_port:
-        _check_port_free("metrics_port", settings.host, settings.metrics_port)

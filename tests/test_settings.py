@@ -13,6 +13,7 @@ import pytest
 from tests.certs import CertSet, make_certs
 
 from cosserve.server import settings
+from cosserve.server.edge import tls
 from cosserve.server.settings import SettingError, Settings
 
 FIELDS = dataclasses.fields(Settings)
@@ -268,7 +269,7 @@ def test_tls_watcher_takes_changed_files_only_once_they_match(certs, tmp_path):
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
     cert.write_bytes(certs.server.cert_pem)
     key.write_bytes(certs.server.key_pem)
-    watcher = settings.TlsWatcher(Settings(tls_cert=str(cert), tls_key=str(key)))
+    watcher = tls.TlsWatcher(Settings(tls_cert=str(cert), tls_key=str(key)))
     assert watcher.changed() is None
     cert.write_bytes(certs.client.cert_pem)  # half a rotation: the old key
     assert watcher.changed() is None

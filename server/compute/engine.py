@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from cosserve.server.compute import ops as _ops  # noqa: F401  (fills the registry)
-from cosserve.server.protocols.codec import FLOAT_DTYPES, dtype_name, is_out_of_memory
+from cosserve.server.memory import FLOAT_DTYPES, dtype_name, is_out_of_memory
 from cosserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from cosserve.server.compute.registry import REGISTRY, ArgType, InputKind, Operator, lookup
 from cosserve.server.compute.workers import StopSignal

@@ -10,6 +10,7 @@ from concurrent import futures
 import torch
 
 from cosserve.server.compute import similarity
+from cosserve.server.state.norm_cache import NormCache
 from cosserve.server.state.workspace import Workspace
 
 __all__ = ["Batch", "Scorer"]
@@ -30,7 +31,7 @@ class Batch:
     corpus: torch.Tensor
     queries: torch.Tensor
     k: int
-    norms: similarity.NormCache | None = None  # None: the workspace's own cache
+    norms: NormCache | None = None  # None: the workspace's own cache
 
 
 class Scorer:

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
-from cosserve.server.protocols.codec import FLOAT_DTYPES, dtype_name, is_out_of_memory
+from cosserve.server.memory import FLOAT_DTYPES, dtype_name, is_out_of_memory
 from cosserve.server.errors import InvalidArgument, ResourceExhausted
+from cosserve.server.state.norm_cache import NormCache
 from cosserve.server.compute.numerics import NORM_FLOOR, check_query_corpus, compute_dtype
 
 __all__ = [
     "CORPUS_CHUNK_BYTES",
     "CPU_BLOCK_BYTES",
     "CUDA_BLOCK_BYTES",
-    "NormCache",
     "check_dtypes",
     "inverse_norms",
     "score_blob",
@@ -67,33 +65,6 @@ def inverse_norms(x: torch.Tensor) -> torch.Tensor:
         # sqrt, then reciprocal: the CosineSimilarity formula, not an approximate rsqrt
         out[start : start + rows] = torch.linalg.vecdot(part, part).clamp_min_(NORM_FLOOR).sqrt_().reciprocal_()
     return out
-
-
-class NormCache:
-    """Inverse row norms of corpus tensors, keyed weakly by tensor identity.
-
-    Workspace blobs are replaced, never mutated in place, so an entry stays right for as long as
-    its tensor lives and goes with it when the blob is overwritten or removed. The tensor's
-    version counter is checked too, so even an in-place change could not serve stale norms.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
-    def get(self, corpus: torch.Tensor) -> torch.Tensor:
-        with self._lock:
-            entry = self._entries.get(corpus)
-        if entry is not None and entry[0] == corpus._version:
-            return entry[1]
-        norms = inverse_norms(corpus)  # outside the lock: a large corpus takes a while
-        with self._lock:
-            self._entries[corpus] = (corpus._version, norms)
-        return norms
 
 
 def _plan(n: int, d: int, device: torch.device, ct: torch.dtype) -> tuple[int, int]:
@@ -290,7 +261,7 @@ def score_blob(
             f"{max_result_bytes} bytes a ScoreTopK reply may carry; {advice}"
         )
     try:
-        return top_k(queries, corpus, k, norms.get(corpus))
+        return top_k(queries, corpus, k, norms.get(corpus, inverse_norms))
     except Exception as err:
         if is_out_of_memory(err):
             raise ResourceExhausted(f"ScoreTopK: out of memory: {err}") from None

@@ -26,11 +26,11 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from cosserve import limits
-from cosserve.server.edge import observability
+from cosserve.server.edge import listen, observability, tls
 from cosserve.server.edge import inference_servicer
 from cosserve.server.edge import cosserve_servicer
 from cosserve.server import settings as settings_mod
-from cosserve.server.protocols.codec import dtype_name
+from cosserve.server.memory import dtype_name
 from cosserve.server.state.corpora import Corpora
 from cosserve.server.state.durability import Durability
 from cosserve.server.errors import CosserveError
@@ -116,26 +116,6 @@ def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
         options.append(("grpc.max_connection_age_ms", max(1, round(settings.max_connection_age_s * 1000))))
         options.append(("grpc.max_connection_age_grace_ms", round(settings.grace_s * 1000)))
     return options
-
-
-def _tls_credentials(settings: Settings) -> grpc.ServerCredentials:
-    """TLS only, with the client certificate required under --tls-client-ca. grpc asks `fetch` at
-    every handshake; it rereads the files when they changed, so rotated certificates are used by
-    new connections without a restart."""
-    watcher = settings_mod.TlsWatcher(settings)  # SettingError for files that are bad now
-
-    def configuration(files: settings_mod.TlsFiles) -> grpc.ServerCertificateConfiguration:
-        return grpc.ssl_server_certificate_configuration(
-            [(files.private_key, files.cert_chain)], root_certificates=files.client_ca
-        )
-
-    def fetch() -> grpc.ServerCertificateConfiguration | None:
-        files = watcher.changed()
-        return None if files is None else configuration(files)
-
-    return grpc.dynamic_ssl_server_credentials(
-        configuration(watcher.current), fetch, require_client_authentication=bool(settings.tls_client_ca)
-    )
 
 
 @dataclasses.dataclass
@@ -251,10 +231,10 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
     host = settings.host
     # A bad host or a port in use (ours or --metrics-port) is one SettingError here, before grpc
     # would log its own error and raise RuntimeError.
-    settings_mod.check_listen(settings)
+    listen.check_listen(settings)
     bind = f"[{host}]:{settings.port}" if ":" in host else f"{host}:{settings.port}"
     try:
-        credentials = _tls_credentials(settings) if settings.tls_cert else None
+        credentials = tls.server_credentials(settings) if settings.tls_cert else None
         port = server.add_insecure_port(bind) if credentials is None else server.add_secure_port(bind, credentials)
     except RuntimeError as err:  # taken since check_listen looked
         raise settings_mod.SettingError("port", settings.port, f"cannot listen on {bind}") from err

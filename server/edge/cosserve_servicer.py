@@ -12,6 +12,7 @@ from grpc import aio
 
 from cosserve import limits, wire
 from cosserve.server.protocols import caffe2_format
+from cosserve.server import memory
 from cosserve.server.protocols import codec
 from cosserve.server.compute import engine
 from cosserve.server.state import identity
@@ -177,7 +178,7 @@ class CosserveServicer:
                 "use FetchBlobStream"
             )
         self._count("out", "FetchBlob", nbytes)
-        return b"".join(wire.fetch_blob_response(codec.WIRE_DTYPES[tensor.dtype], tensor.shape, codec.tensor_bytes(tensor)))
+        return b"".join(wire.fetch_blob_response(codec.WIRE_DTYPES[tensor.dtype], tensor.shape, memory.tensor_bytes(tensor)))
 
     async def FetchBlobStream(self, request: pb.FetchBlobRequest, context: aio.ServicerContext) -> AsyncIterator[bytes]:
         """Encoded FetchBlobChunks: the first has dtype, shape and the first bytes (all of them for a

@@ -10,24 +10,19 @@ import numpy as np
 import torch
 
 from cosserve import wire
+from cosserve.server import memory
 from cosserve.server.errors import InvalidArgument, ResourceExhausted
 from cosserve.v1 import cosserve_pb2 as pb
 
 __all__ = [
-    "FLOAT_DTYPES",
     "TORCH_DTYPES",
     "WIRE_DTYPES",
     "ChunkAssembler",
-    "byte_view",
-    "dtype_name",
-    "empty",
     "check_header",
-    "is_out_of_memory",
     "stream_chunks",
     "tensor_from_frame",
     "tensor_from_wire",
     "tensor_to_wire",
-    "tensor_bytes",
 ]
 
 if sys.byteorder != "little":  # the wire is little-endian and we reinterpret bytes in place
@@ -46,19 +41,6 @@ TORCH_DTYPES: dict[int, torch.dtype] = {
     pb.FLOAT64: torch.float64,
 }
 WIRE_DTYPES: dict[torch.dtype, int] = {dt: code for code, dt in TORCH_DTYPES.items()}
-# The floating dtypes operators accept (Caffe2: float32 only; the rest is cosserve's extension).
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """Whether torch or Python failed to allocate (CPU allocation failures are plain RuntimeErrors)."""
-    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def check_header(what: str, dtype_code: int, shape: Sequence[int], max_bytes: int | None = None) -> int:
@@ -113,45 +95,8 @@ def _tensor_at(
     try:
         return tensor.to(device)
     except Exception as err:
-        _refuse_if_out_of_memory(what, err)
+        memory.refuse_if_out_of_memory(what, err)
         raise
-
-
-def _refuse_if_out_of_memory(what: str, err: Exception) -> None:
-    """ResourceExhausted if `err` is an allocation the machine refused (a size it cannot hold)."""
-    if is_out_of_memory(err):
-        raise ResourceExhausted(f"{what}: the server cannot allocate it now ({type(err).__name__}); try a smaller one") from None
-
-
-def empty(dtype: torch.dtype, shape: Sequence[int], device: torch.device, what: str = "tensor") -> torch.Tensor:
-    """An uninitialized tensor; ResourceExhausted if the machine cannot allocate it. Host memory
-    comes from numpy, which asks the kernel for huge pages on large arrays: first writes into
-    fresh memory fault far less (4x faster here for 1 GiB)."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    try:
-        if device.type != "cpu" or not nbytes:
-            return torch.empty(tuple(shape), dtype=dtype, device=device)
-        return torch.from_numpy(np.empty(nbytes, np.uint8)).view(dtype).reshape(tuple(shape))
-    except Exception as err:
-        _refuse_if_out_of_memory(what, err)
-        raise
-
-
-def byte_view(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes, C-ordered, as a flat uint8 tensor on its device (a view when contiguous)."""
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The tensor's bytes, C-ordered, in host memory (a view when it is already contiguous on CPU)."""
-    host = tensor.detach()
-    if host.device.type != "cpu" or not host.is_contiguous():
-        host = host.to("cpu").contiguous()
-    if host.numel() == 0:
-        return memoryview(b"")
-    # Through numpy: fewer torch calls than view(uint8), which counts on a server's hot path.
-    array = host.view(torch.int16).numpy() if host.dtype is torch.bfloat16 else host.numpy()
-    return array.reshape(-1).view(np.uint8).data
 
 
 def tensor_from_frame(
@@ -168,7 +113,7 @@ def tensor_from_frame(
         try:
             tensor = tensor.clone()
         except Exception as err:
-            _refuse_if_out_of_memory(what, err)
+            memory.refuse_if_out_of_memory(what, err)
             raise
     return tensor
 
@@ -176,7 +121,7 @@ def tensor_from_frame(
 def tensor_to_wire(tensor: torch.Tensor, out: pb.Tensor) -> pb.Tensor:
     out.dtype = WIRE_DTYPES[tensor.dtype]
     out.shape[:] = tensor.shape
-    out.data = tensor_bytes(tensor).tobytes()
+    out.data = memory.tensor_bytes(tensor).tobytes()
     return out
 
 
@@ -188,11 +133,11 @@ def stream_chunks(tensor: torch.Tensor, chunk_bytes: int) -> Iterator[memoryview
     next one is asked for: copy it first.
     """
     if tensor.device.type != "cuda":
-        data = tensor_bytes(tensor)
+        data = memory.tensor_bytes(tensor)
         for start in range(0, len(data), chunk_bytes):
             yield data[start : start + chunk_bytes]
         return
-    flat = byte_view(tensor)
+    flat = memory.byte_view(tensor)
     total = flat.numel()
     stream = torch.cuda.current_stream(tensor.device)
     staging = [torch.empty(min(chunk_bytes, total), dtype=torch.uint8, pin_memory=True) for _ in range(2)]
@@ -236,8 +181,8 @@ class ChunkAssembler:
         self.nbytes = check_header(what, dtype_code, self.shape, max_bytes)
         self.dtype = TORCH_DTYPES[dtype_code]
         self.device = device if device is not None and device.type == "cuda" else torch.device("cpu")
-        self.tensor = empty(self.dtype, self.shape, self.device, what)
-        self.buffer = byte_view(self.tensor)
+        self.tensor = memory.empty(self.dtype, self.shape, self.device, what)
+        self.buffer = memory.byte_view(self.tensor)
         self.view = self.buffer.numpy() if self.device.type == "cpu" else None
         self._staging: list[torch.Tensor | None] = [None, None]
         self._done: list[torch.cuda.Event | None] = [None, None]

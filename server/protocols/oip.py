@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cosserve.inference import grpc_service_pb2 as pb
+from cosserve.server import memory
 from cosserve.server.protocols import codec
 from cosserve.server.compute import engine
 from cosserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
@@ -262,7 +263,7 @@ def _to_device(what: str, tensor: torch.Tensor, device: torch.device) -> torch.T
     try:
         return tensor.to(device)
     except Exception as err:
-        if codec.is_out_of_memory(err):
+        if memory.is_out_of_memory(err):
             raise ResourceExhausted(f"{what}: the server cannot allocate it now; try a smaller one") from None
         raise
 
@@ -274,7 +275,7 @@ def encode_response(request: pb.ModelInferRequest, decoded: DecodedRequest, outp
     for name in decoded.returned:
         tensor = by_name[name]
         response.outputs.add(name=name, datatype=_DATATYPE_NAMES[tensor.dtype], shape=tensor.shape)
-        response.raw_output_contents.append(codec.tensor_bytes(tensor).tobytes())
+        response.raw_output_contents.append(memory.tensor_bytes(tensor).tobytes())
     return response
 
 

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from cosserve.limits import SHM_PREFIX
+from cosserve.server import memory
 from cosserve.server.protocols import codec
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from cosserve.server.state.workspace import Workspace
@@ -179,7 +180,7 @@ class _Region:
 
     def read_into(self, tensor: torch.Tensor, offset: int, what: str) -> None:
         """Fill `tensor` (fresh, contiguous) from the region's bytes at `offset`, already checked to fit."""
-        target = codec.byte_view(tensor)
+        target = memory.byte_view(tensor)
         nbytes = target.numel()
         # On CUDA each chunk passes through one host buffer; on the CPU pread writes into the blob.
         staging = None if target.device.type == "cpu" else torch.empty(min(nbytes, _CHUNK_BYTES), dtype=torch.uint8)
@@ -229,7 +230,7 @@ def _kind(mode: int) -> str:
 def _host_chunks(tensor: torch.Tensor) -> Iterator[tuple[int, memoryview]]:
     """(offset, bytes) of a tensor's bytes in host memory, _CHUNK_BYTES at a time: views of a
     CPU tensor, one host copy per chunk of a CUDA tensor."""
-    source = codec.byte_view(tensor)
+    source = memory.byte_view(tensor)
     for start in range(0, source.numel(), _CHUNK_BYTES):
         chunk = source[start : start + _CHUNK_BYTES]
         yield start, chunk.cpu().numpy().data
@@ -247,7 +248,7 @@ def feed(workspace: Workspace, name: str, dtype_code: int, shape: Sequence[int],
         with _Region(shm_name, writable=False, session_id=workspace.id) as region:
             region.check_span(offset, nbytes, what)
             # ResourceExhausted when the host or device cannot allocate what the limits allowed.
-            tensor = codec.empty(codec.TORCH_DTYPES[dtype_code], shape, workspace.device, f"{what} ({nbytes} bytes)")
+            tensor = memory.empty(codec.TORCH_DTYPES[dtype_code], shape, workspace.device, f"{what} ({nbytes} bytes)")
             if nbytes:
                 region.read_into(tensor, offset, what)
         claim.store(tensor)

@@ -11,17 +11,16 @@ import dataclasses
 import json
 import math
 import os
-import re
 import struct
 import threading
-from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from cosserve.server.protocols.codec import WIRE_DTYPES, dtype_name
+from cosserve.server.memory import STORED_DTYPES, dtype_name
+from cosserve.server.settings import CORPUS_NAME, CORPUS_NAME_RULE, parse_corpus_spec
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, quoted
-from cosserve.server.compute.similarity import NormCache
+from cosserve.server.state.norm_cache import NormCache
 
 __all__ = [
     "CORPUS_PREFIX",
@@ -31,14 +30,11 @@ __all__ = [
     "check_corpus_name",
     "is_corpus",
     "load_file",
-    "parse_spec",
 ]
 
 # A blob name starting with this names a shared corpus; a session's own blobs may not.
 CORPUS_PREFIX = "@"
 READ_ONLY = "shared corpora are read-only"
-# Corpus names: they follow '@' in blob names and precede '=' in --corpus, so they are plain.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # safetensors' own bound on its JSON header; a larger one is not a safetensors file.
 _MAX_SAFETENSORS_HEADER = 100 * 1024**2
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -62,10 +58,8 @@ def is_corpus(name: str) -> bool:
 
 def check_corpus_name(name: str) -> str:
     """`name` (without '@') if a corpus may have it: a letter or digit, then letters, digits, _ . -; at most 128."""
-    if not _NAME.fullmatch(name):
-        raise InvalidArgument(
-            f"corpus name {quoted(name)} must be 1-128 letters, digits, '_', '.' or '-', starting with a letter or digit"
-        )
+    if not CORPUS_NAME.fullmatch(name):
+        raise InvalidArgument(f"corpus name {quoted(name)} must be {CORPUS_NAME_RULE}")
     return name
 
 
@@ -80,27 +74,6 @@ class Corpus:
     @property
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
-
-
-def parse_spec(spec: str) -> tuple[str, str, str]:
-    """(name, path, safetensors key or "") of `NAME=FILE` or `NAME=FILE.safetensors:KEY`; ValueError with the reason."""
-    name, sep, rest = spec.partition("=")
-    if not sep or not rest:
-        raise ValueError(f"{spec[:80]!r} must be NAME=FILE (a .npy or .safetensors file)")
-    try:
-        check_corpus_name(name)
-    except InvalidArgument as err:
-        raise ValueError(str(err)) from None
-    path, key = rest, ""
-    if not rest.endswith((".npy", ".safetensors")):
-        head, colon, tail = rest.rpartition(":")
-        if colon and head.endswith(".safetensors") and tail:
-            path, key = head, tail
-        else:
-            raise ValueError(f"{rest[:80]!r} must be a .npy or .safetensors file (FILE.safetensors:KEY for one tensor of several)")
-    if "\0" in path:
-        raise ValueError("must be a file path")
-    return name, path, key
 
 
 def _load_npy(path: str) -> torch.Tensor:
@@ -182,7 +155,7 @@ def load_file(name: str, path: str, key: str = "") -> Corpus:
         raise ValueError(f"cannot read {path[:200]!r}: {err.strerror or err}") from None
     except ValueError as err:
         raise ValueError(f"{path[:200]!r} {err}") from None
-    if tensor.dtype not in WIRE_DTYPES:
+    if tensor.dtype not in STORED_DTYPES:
         raise ValueError(f"{path[:200]!r} holds {dtype_name(tensor.dtype)}, which cosserve does not take")
     return Corpus(name, tensor, source)
 
@@ -208,7 +181,7 @@ class Corpora:
 
     def add_file(self, spec: str) -> Corpus:
         """Add the corpus of one `--corpus NAME=FILE` entry, mapped (not read); ValueError with the reason."""
-        name, path, key = parse_spec(spec)
+        name, path, key = parse_corpus_spec(spec)
         corpus = load_file(name, path, key)
         with self._lock:
             if name in self._corpora:

@@ -36,8 +36,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-from cosserve.server.protocols import codec
 
+from cosserve.server import memory
 from cosserve.server.state import snapshots
 from cosserve.server.errors import CosserveError, FailedPrecondition, NotFound, ResourceExhausted, SnapshotError
 from cosserve.server.state.sessions import SessionStore
@@ -71,7 +71,7 @@ RESTORE_GRACE_S = 60.0
 _READ_TRIES = 5
 # The least time between two compactions the log's size asked for.
 _MIN_COMPACTION_GAP_S = 1.0
-_DTYPES = {codec.dtype_name(dtype): dtype for dtype in codec.WIRE_DTYPES}
+_DTYPES = {memory.dtype_name(dtype): dtype for dtype in memory.STORED_DTYPES}
 
 
 def mode_of(settings: Settings) -> str:
@@ -259,9 +259,9 @@ class Durability:
         data: list[memoryview] = []
         if kind in ("set", "replace"):  # replace: the session's blobs are these, and only these
             header["blobs"] = [
-                {"name": name, "dtype": codec.dtype_name(t.dtype), "shape": list(t.shape)} for name, t in blobs.items()
+                {"name": name, "dtype": memory.dtype_name(t.dtype), "shape": list(t.shape)} for name, t in blobs.items()
             ]
-            data = [codec.tensor_bytes(t) for t in blobs.values()]
+            data = [memory.tensor_bytes(t) for t in blobs.values()]
         elif kind == "remove":
             header["name"] = next(iter(blobs))
         try:
@@ -476,8 +476,8 @@ class Durability:
                 staged.expect([name for name, _, _ in entries], data_bytes, f"replaying session {workspace.id}")
                 blobs = {}
                 for name, dtype, shape in entries:
-                    host = codec.empty(dtype, shape, torch.device("cpu"), f"blob {name!r}")
-                    crc = _read_into(source, codec.tensor_bytes(host), crc)
+                    host = memory.empty(dtype, shape, torch.device("cpu"), f"blob {name!r}")
+                    crc = _read_into(source, memory.tensor_bytes(host), crc)
                     blobs[name] = host if workspace.device.type == "cpu" else host.to(workspace.device)
                 if _CRC.unpack(source.read(_CRC.size))[0] != crc:
                     raise _Torn("its crc32 does not match")

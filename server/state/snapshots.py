@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, TypeGuard
 
 import torch
 
-from cosserve.server.protocols import codec
+from cosserve.server import memory
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, SnapshotError, quoted
 from cosserve.server.state.workspace import Workspace, blob_charge
 from cosserve.server.state.workspace import check_name as check_blob_name
@@ -224,7 +224,7 @@ def _entry(name: str, tensor: torch.Tensor) -> _Blob:
     if tensor.dtype not in SAFETENSORS_DTYPES:
         raise InvalidArgument(
             f"blob {quoted(name)} is {tensor.dtype}, which a snapshot cannot hold; it holds "
-            + ", ".join(codec.dtype_name(d) for d in SAFETENSORS_DTYPES)
+            + ", ".join(memory.dtype_name(d) for d in SAFETENSORS_DTYPES)
         )
     if name == _RESERVED_KEY:
         raise InvalidArgument(f"blob {name!r} cannot be saved: safetensors keeps that name for itself; rename it")
@@ -250,13 +250,13 @@ def _safetensors_header(entries: list[_Blob]) -> bytes:
 def _host_chunks(tensor: torch.Tensor) -> Iterator[memoryview]:
     """The tensor's bytes, C-ordered, in pieces of at most COPY_BYTES in host memory."""
     if tensor.device.type == "cpu":
-        data = codec.tensor_bytes(tensor)
+        data = memory.tensor_bytes(tensor)
         for start in range(0, len(data), COPY_BYTES):
             yield data[start : start + COPY_BYTES]
         return
-    flat = codec.byte_view(tensor)
+    flat = memory.byte_view(tensor)
     for start in range(0, flat.numel(), COPY_BYTES):
-        yield codec.tensor_bytes(flat[start : start + COPY_BYTES].to(_CPU))
+        yield memory.tensor_bytes(flat[start : start + COPY_BYTES].to(_CPU))
 
 
 def _write_data(temp: Path, header: bytes, blobs: Mapping[str, torch.Tensor], entries: list[_Blob]) -> list[int]:
@@ -466,8 +466,8 @@ def _read_data(path: Path, data_bytes: int, entries: list[_Blob], device: torch.
         _check_header(path.name, source, size, entries)
         tensors: dict[str, torch.Tensor] = {}
         for blob in entries:
-            host = codec.empty(blob.dtype, blob.shape, _CPU, f"blob {quoted(blob.name)}")
-            if _read_into(source, codec.tensor_bytes(host), path.name) != blob.crc32:
+            host = memory.empty(blob.dtype, blob.shape, _CPU, f"blob {quoted(blob.name)}")
+            if _read_into(source, memory.tensor_bytes(host), path.name) != blob.crc32:
                 raise SnapshotError(f"{path.name}: blob {quoted(blob.name)} does not match its checksum (the file is corrupt)")
             tensors[blob.name] = host if device.type == "cpu" else host.to(device)
     return tensors

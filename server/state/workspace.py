@@ -11,7 +11,7 @@ import torch
 
 from cosserve.server.state.corpora import CORPUS_PREFIX, READ_ONLY, Corpora, is_corpus
 from cosserve.server.errors import CosserveError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, quoted
-from cosserve.server.compute.similarity import NormCache
+from cosserve.server.state.norm_cache import NormCache
 
 __all__ = [
     "BLOB_OVERHEAD_BYTES",
