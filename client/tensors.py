@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -59,10 +60,10 @@ def as_numpy(value: Any) -> np.ndarray:
 def _torch_to_numpy(tensor: Any) -> np.ndarray:
     tensor = tensor.detach().cpu()
     if str(tensor.dtype) == "torch.bfloat16":
-        # numpy has no bfloat16: reinterpret the bits (int16 view keeps shape and strides).
-        import torch  # only reached when the caller already uses torch
-
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        # numpy has no bfloat16: reinterpret the bits (int16 view keeps shape and strides). The
+        # caller holds a torch tensor, so torch is loaded; the client never imports it itself.
+        int16 = sys.modules["torch"].int16
+        return tensor.view(int16).numpy().view(ml_dtypes.bfloat16)
     return tensor.numpy()
 
 

@@ -22,7 +22,8 @@ from cosserve.server.settings import Settings  # noqa: E402
 from cosserve.server.edge.status import STATUS_CODES, status_of  # noqa: E402
 from cosserve.server.compute.workers import Workers  # noqa: E402
 from cosserve.server.state.sessions import SessionStore  # noqa: E402
-from cosserve.server.state.workspace import BLOB_OVERHEAD_BYTES, MAX_NAME_BYTES, Account, Workspace  # noqa: E402
+from cosserve.server.state.accounts import Account  # noqa: E402
+from cosserve.server.state.workspace import BLOB_OVERHEAD_BYTES, MAX_NAME_BYTES, Workspace  # noqa: E402
 
 CPU = torch.device("cpu")
 

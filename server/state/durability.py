@@ -20,13 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import json
 import logging
 import math
 import os
 import re
-import struct
 import threading
 import time
 import zlib
@@ -38,13 +36,13 @@ import torch
 
 
 from cosserve.server import memory
-from cosserve.server.state import snapshots
-from cosserve.server.errors import CosserveError, FailedPrecondition, NotFound, ResourceExhausted, SnapshotError
+from cosserve.server.state import journal, snapshots
+from cosserve.server.errors import CosserveError, NotFound, SnapshotError
 from cosserve.server.state.sessions import SessionStore
 from cosserve.server.settings import Settings
 from cosserve.server.state.workspace import Workspace
 
-__all__ = ["JOURNAL", "MAGIC", "SESSION_META", "Durability", "Journal", "mode_of"]
+__all__ = ["JOURNAL", "SESSION_META", "Durability", "mode_of"]
 
 log = logging.getLogger("cosserve.server")
 
@@ -52,16 +50,6 @@ SESSION_META = "cosserve-session"
 SESSION_META_VERSION = 1
 JOURNAL = "journal.log"
 OLD_JOURNAL = "journal.old.log"
-# Every record: MAGIC, u32 header bytes, u64 data bytes, the JSON header, the data, and the
-# crc32 of everything after MAGIC. A record that does not end, or whose crc differs, is the tail
-# a crash cut: replay stops there and cuts it off.
-MAGIC = b"CSJ1"
-_PREFIX = struct.Struct("<4sIQ")
-_CRC = struct.Struct("<I")
-# A header names a session and its blobs' names, dtypes and shapes: a few KiB at most.
-MAX_HEADER_BYTES = 16 * 1024**2
-# Bytes read per call when replaying the data of a record no session will keep.
-_SCRATCH_BYTES = 16 * 1024**2
 _SESSION_ID = re.compile(r"[0-9a-f]{32}")
 # A session restored after a crash gets at least this much of its idle timeout, so that its
 # client has time to come back to it: a periodic snapshot only records the idle clock of
@@ -79,78 +67,6 @@ def mode_of(settings: Settings) -> str:
     if settings.durability == "auto":
         return "snapshot" if settings.state_dir else "none"
     return settings.durability
-
-
-def _refusal(what: str, err: OSError) -> CosserveError:
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ResourceExhausted(f"{what}: the state directory's disk is full; nothing was changed")
-    return FailedPrecondition(f"{what}: {err.strerror or err}; nothing was changed")
-
-
-class Journal:
-    """The sync log: records appended and fsynced one at a time, by any thread.
-
-    A record that cannot be written whole is cut off again, so the log always ends with a whole
-    record; if even that fails, every later append is refused (the log is no longer trusted)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lock = threading.Lock()
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        self.size = os.fstat(self._fd).st_size
-        self._broken = ""
-
-    def append(self, header: Mapping[str, Any], data: list[memoryview]) -> int:
-        """Write one record and fsync it; the log's size after it."""
-        text = json.dumps(header, ensure_ascii=True, separators=(",", ":")).encode("ascii")
-        length = sum(len(piece) for piece in data)
-        prefix = _PREFIX.pack(MAGIC, len(text), length) + text
-        crc = zlib.crc32(prefix[len(MAGIC) :])
-        for piece in data:
-            crc = zlib.crc32(piece, crc)
-        with self.lock:
-            if self._broken:
-                raise FailedPrecondition(f"the sync log cannot be written ({self._broken}); nothing was changed")
-            try:
-                for piece in (memoryview(prefix), *data, memoryview(_CRC.pack(crc))):
-                    while piece:
-                        piece = piece[os.write(self._fd, piece) :]
-                os.fsync(self._fd)
-            except OSError as err:
-                self._cut()
-                raise _refusal("the sync log", err) from None
-            self.size += len(prefix) + length + _CRC.size
-            return self.size
-
-    def _cut(self) -> None:
-        """Take back a record written in part (lock held)."""
-        try:
-            os.ftruncate(self._fd, self.size)
-            os.fsync(self._fd)
-        except OSError as err:
-            self._broken = err.strerror or str(err)
-            log.error("the sync log %s cannot be repaired (%s): every change is refused from now on", self.path, err)
-
-    def set_aside(self, old: Path) -> bool:
-        """Rename this log to `old` and go on in a new, empty one, unless it is empty or `old` is
-        still there (its snapshots were not all written: it stays the log set aside). Appends wait
-        meanwhile, so every record lands in one of the two."""
-        with self.lock:
-            if not self.size or old.exists():
-                return False
-            # A crash between the two leaves only `old`, which start-up replays.
-            os.replace(self.path, old)
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-            snapshots.fsync_directory(self.path.parent)
-            os.close(self._fd)
-            self._fd, self.size = fd, 0
-            return True
-
-    def close(self) -> None:
-        with self.lock:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._broken = "the server is stopping"
 
 
 @dataclasses.dataclass
@@ -173,7 +89,7 @@ class Durability:
         # only when its generation moved since it was last written.
         self._generations: dict[str, int] = {}
         self._written: dict[str, _Written] = {}
-        self._journal: Journal | None = None
+        self._journal: journal.Journal | None = None
         self._pass_lock = threading.Lock()  # one pass (snapshot or compaction) at a time
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -204,7 +120,7 @@ class Durability:
             workspace.journal = self._changed
         self.store.on_open = self._opened
         if self.mode == "sync":
-            self._journal = Journal(self.directory / JOURNAL)
+            self._journal = journal.Journal(self.directory / JOURNAL)
         # What the logs brought back is written now, and the logs start again from nothing.
         self._pass(final=False)
         if self.mode == "snapshot":
@@ -404,7 +320,7 @@ class Durability:
             while start < size:
                 try:
                     end = self._apply_record(source, start, size)
-                except _Torn as torn:
+                except journal.TornRecord as torn:
                     log.warning(
                         "sync log %s: the record at byte %d is incomplete or corrupt (%s); %s",
                         path.name, start, torn, "cut off there" if cut_tail else "what follows is skipped",
@@ -421,17 +337,17 @@ class Durability:
     def _apply_record(self, source: BinaryIO, start: int, size: int) -> int:
         """Read the record at `start`, apply it if it is whole; return where the next begins."""
         source.seek(start)
-        prefix = source.read(_PREFIX.size)
-        if len(prefix) < _PREFIX.size:
-            raise _Torn("it ends inside its prefix")
-        magic, header_bytes, data_bytes = _PREFIX.unpack(prefix)
-        if magic != MAGIC or header_bytes > MAX_HEADER_BYTES:
-            raise _Torn("it does not start like a record")
-        end = start + _PREFIX.size + header_bytes + data_bytes + _CRC.size
+        prefix = source.read(journal.RECORD_PREFIX.size)
+        if len(prefix) < journal.RECORD_PREFIX.size:
+            raise journal.TornRecord("it ends inside its prefix")
+        magic, header_bytes, data_bytes = journal.RECORD_PREFIX.unpack(prefix)
+        if magic != journal.MAGIC or header_bytes > journal.MAX_HEADER_BYTES:
+            raise journal.TornRecord("it does not start like a record")
+        end = start + journal.RECORD_PREFIX.size + header_bytes + data_bytes + journal.RECORD_CRC.size
         if end > size:
-            raise _Torn(f"it needs {end - start} bytes, the log has {size - start} left")
+            raise journal.TornRecord(f"it needs {end - start} bytes, the log has {size - start} left")
         text = source.read(header_bytes)
-        crc = zlib.crc32(prefix[len(MAGIC) :])
+        crc = zlib.crc32(prefix[len(journal.MAGIC) :])
         crc = zlib.crc32(text, crc)
         try:
             header = json.loads(text)
@@ -439,12 +355,12 @@ class Durability:
             if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
                 raise ValueError("not a session id")
         except (ValueError, KeyError, TypeError):
-            raise _Torn("its header is not a record's") from None
+            raise journal.TornRecord("its header is not a record's") from None
         workspace = next((ws for ws, _ in self.store.owned() if ws.id == session_id), None)
         op = header.get("op")
         if op in ("set", "replace") and workspace is not None:
             return self._replay_set(source, header, workspace, crc, data_bytes, end)
-        _skip(source, data_bytes, crc)  # raises _Torn on a crc mismatch: nothing applied
+        journal.skip_data(source, data_bytes, crc)  # raises journal.TornRecord on a crc mismatch: nothing applied
         try:
             if op == "open" and workspace is None and session_id not in self.store.unrestorable():
                 self.store.restore(session_id, str(header["owner"]), str(header["device"]), None)
@@ -466,21 +382,21 @@ class Durability:
         try:
             entries = [(str(b["name"]), _DTYPES[b["dtype"]], tuple(int(d) for d in b["shape"])) for b in header["blobs"]]
         except (KeyError, TypeError, ValueError):
-            raise _Torn("its header is not a record's") from None
+            raise journal.TornRecord("its header is not a record's") from None
         if any(d < 0 for _, _, shape in entries for d in shape) or data_bytes != sum(
             math.prod(shape) * dtype.itemsize for _, dtype, shape in entries
         ):
-            raise _Torn("its blobs' sizes do not add up to its data")
+            raise journal.TornRecord("its blobs' sizes do not add up to its data")
         try:
             with workspace.transaction() as staged:
                 staged.expect([name for name, _, _ in entries], data_bytes, f"replaying session {workspace.id}")
                 blobs = {}
                 for name, dtype, shape in entries:
                     host = memory.empty(dtype, shape, torch.device("cpu"), f"blob {name!r}")
-                    crc = _read_into(source, memory.tensor_bytes(host), crc)
+                    crc = journal.read_into(source, memory.tensor_bytes(host), crc)
                     blobs[name] = host if workspace.device.type == "cpu" else host.to(workspace.device)
-                if _CRC.unpack(source.read(_CRC.size))[0] != crc:
-                    raise _Torn("its crc32 does not match")
+                if journal.RECORD_CRC.unpack(source.read(journal.RECORD_CRC.size))[0] != crc:
+                    raise journal.TornRecord("its crc32 does not match")
                 staged.stage_outputs(blobs, f"replaying session {workspace.id}")
                 staged.commit(replace=header["op"] == "replace")
         except CosserveError as err:
@@ -489,33 +405,6 @@ class Durability:
             source.seek(end)
         self._generations[workspace.id] = self._generations.get(workspace.id, 0) + 1
         return end
-
-
-class _Torn(Exception):
-    """A log record that is not whole: the tail a crash cut, or damage."""
-
-
-def _read_into(source: BinaryIO, target: memoryview, crc: int) -> int:
-    filled = 0
-    while filled < len(target):
-        count = source.readinto(target[filled : filled + _SCRATCH_BYTES])  # type: ignore[attr-defined]
-        if not count:
-            raise _Torn("it ends early")
-        crc = zlib.crc32(target[filled : filled + count], crc)
-        filled += count
-    return crc
-
-
-def _skip(source: BinaryIO, data_bytes: int, crc: int) -> None:
-    """Read past a record's data, checking its crc32 (nothing kept beyond one scratch buffer)."""
-    scratch = memoryview(bytearray(min(data_bytes, _SCRATCH_BYTES)))
-    left = data_bytes
-    while left:
-        crc = _read_into(source, scratch[: min(left, len(scratch))], crc)
-        left -= min(left, len(scratch))
-    tail = source.read(_CRC.size)
-    if len(tail) < _CRC.size or _CRC.unpack(tail)[0] != crc:
-        raise _Torn("its crc32 does not match")
 
 
 def _session_meta(path: Path, session_id: str) -> dict[str, Any]:

@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 from cosserve.server.state.corpora import Corpora
 from cosserve.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, quoted
 from cosserve.server.settings import Settings
-from cosserve.server.state.workspace import Account, Workspace, resolve_device
+from cosserve.server.state.accounts import Account
+from cosserve.server.state.workspace import Workspace, resolve_device
 
 __all__ = ["ANONYMOUS", "EXPIRED_REMEMBERED", "SESSION_ID", "SessionStore"]
 

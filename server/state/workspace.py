@@ -1,4 +1,5 @@
-"""Sessions: each a Caffe2-style workspace of named torch tensors on one device."""
+"""A session's workspace: Caffe2-style named torch tensors on one device, charged before they are
+allocated, changed only by transactions that commit whole."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from types import TracebackType
 
 import torch
 
+from cosserve.server.state.accounts import Account
 from cosserve.server.state.corpora import CORPUS_PREFIX, READ_ONLY, Corpora, is_corpus
 from cosserve.server.errors import CosserveError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, quoted
 from cosserve.server.state.norm_cache import NormCache
@@ -16,8 +18,7 @@ from cosserve.server.state.norm_cache import NormCache
 __all__ = [
     "BLOB_OVERHEAD_BYTES",
     "MAX_NAME_BYTES",
-    "Account",
-    "Journal",
+    "ChangeRecorder",
     "Reservation",
     "Transaction",
     "Workspace",
@@ -38,7 +39,7 @@ MAX_NAME_BYTES = 1024
 # every check has passed and before anything is changed, so before the change is acknowledged.
 # If it raises, nothing is changed. Kinds: "set" (the blobs being stored), "remove" (the blob
 # being removed), "reset" and "close" (no blobs).
-Journal = Callable[["Workspace", str, Mapping[str, torch.Tensor]], None]
+ChangeRecorder = Callable[["Workspace", str, Mapping[str, torch.Tensor]], None]
 
 
 def resolve_device(spec: str, default: str = "auto") -> torch.device:
@@ -93,46 +94,6 @@ def blob_charge(name: str, nbytes: int) -> int:
     return nbytes + _name_bytes(name) + BLOB_OVERHEAD_BYTES
 
 
-class Account:
-    """The bytes held by every session of one identity, against that identity's limit (0: none),
-    and through `parent` against the server's (--max-total-bytes: all identities together).
-    Thread-safe: its sessions charge it from many calls at once. Each Workspace charges its account
-    with every charge of its own, under the workspace's lock (workspace lock, then account lock,
-    then the parent's lock: always that order, so no two calls wait on each other in a cycle)."""
-
-    def __init__(self, name: str, max_bytes: int = 0, parent: Account | None = None, flag: str = "--max-identity-bytes") -> None:
-        self.name = name
-        self.max_bytes = max_bytes
-        self.parent = parent
-        self.flag = flag
-        self._lock = threading.Lock()
-        self._held = 0
-
-    @property
-    def held(self) -> int:
-        return self._held
-
-    def charge(self, nbytes: int, what: str = "this") -> None:
-        """Count nbytes more, here and in the parent, or raise ResourceExhausted and count nothing
-        if that passes either limit."""
-        with self._lock:
-            after = self._held + nbytes
-            if self.max_bytes and nbytes > 0 and after > self.max_bytes:
-                raise ResourceExhausted(
-                    f"{what} would take {self.name[:64]} to {after} bytes, above its limit of "
-                    f"{self.max_bytes} ({self.flag}); remove blobs or close sessions"
-                )
-            if self.parent is not None:
-                self.parent.charge(nbytes, what)
-            self._held = after
-
-    def release(self, nbytes: int) -> None:
-        with self._lock:
-            self._held -= nbytes
-            if self.parent is not None:
-                self.parent.release(nbytes)
-
-
 class Workspace:
     """Named tensors of one session. Its lock is held only for bookkeeping, never while computing:
     readers take a snapshot, writers commit staged tensors (see Transaction).
@@ -163,7 +124,7 @@ class Workspace:
         self._reserved = 0  # the charges of open reservations
         self.last_used = time.monotonic()
         self.closed = False
-        self.journal: Journal | None = None  # set by durability before the session is used
+        self.journal: ChangeRecorder | None = None  # set by durability before the session is used
         # Corpus row norms for ScoreTopK, keyed weakly by tensor: an entry goes with its blob's tensor
         # when the blob is overwritten or removed (blobs are replaced, never changed in place).
         self.norms = NormCache()

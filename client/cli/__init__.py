@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         "('scores' and 'indices', best first), with progress bars on a terminal and a one-line summary. "
         "Uses --server, or starts a server in this process.",
     )
-    from cosserve import score as score_command
+    from cosserve.cli import score as score_command
 
     score_command.add_arguments(score)
     return parser
@@ -115,11 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command == "health":
         return _health(ns)
     if ns.command == "score":
-        from cosserve import score as score_command
+        from cosserve.cli import score as score_command
 
         return score_command.run(ns)
     raise AssertionError(ns.command)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

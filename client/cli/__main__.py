@@ -1,0 +1,7 @@
+"""`python -m cosserve.cli`: the `cosserve` command."""
+
+import sys
+
+from cosserve.cli import main
+
+sys.exit(main())
