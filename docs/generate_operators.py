@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from cosserve.server.compute import engine
-from cosserve.server.memory import dtype_name
 from cosserve.server.compute.registry import REGISTRY, ArgType, OpSchema
+from cosserve.server.memory import dtype_name
 
 __all__ = ["DIFFERENCES", "OUTPUT", "main", "render"]
 

@@ -14,15 +14,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cosserve.server.compute import engine  # noqa: E402
-
 from cosserve.server import errors
+from cosserve.server.compute import engine  # noqa: E402
 from cosserve.server.compute.scorer import Batch, Scorer  # noqa: E402
-from cosserve.server.settings import Settings  # noqa: E402
-from cosserve.server.edge.status import STATUS_CODES, status_of  # noqa: E402
 from cosserve.server.compute.workers import Workers  # noqa: E402
-from cosserve.server.state.sessions import SessionStore  # noqa: E402
+from cosserve.server.edge.status import STATUS_CODES, status_of  # noqa: E402
+from cosserve.server.settings import Settings  # noqa: E402
 from cosserve.server.state.accounts import Account  # noqa: E402
+from cosserve.server.state.sessions import SessionStore  # noqa: E402
 from cosserve.server.state.workspace import BLOB_OVERHEAD_BYTES, MAX_NAME_BYTES, Workspace  # noqa: E402
 
 CPU = torch.device("cpu")

@@ -22,8 +22,8 @@ import pytest
 
 from cosserve import Client, CosserveRpcError
 from cosserve.inference import grpc_service_pb2 as pb
-from cosserve.server.edge.app import RunningServer
 from cosserve.server.compute.registry import REGISTRY
+from cosserve.server.edge.app import RunningServer
 from tests import toolenv
 from tests.conftest import start_server
 from tests.op_db import OP_DB

@@ -16,8 +16,8 @@ import pytest
 
 from cosserve import CosserveRpcError
 from cosserve.server.compute import engine  # importing it fills the registry
-from cosserve.server.errors import InvalidArgument
 from cosserve.server.compute.registry import REGISTRY, InputKind, OpSchema
+from cosserve.server.errors import InvalidArgument
 from tests.op_db import ALL_DTYPES, DEFAULT_TOLERANCES, OP_DB, OpEntry, blob, generic_error_cases, out_blob
 
 torch = pytest.importorskip("torch")

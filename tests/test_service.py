@@ -16,8 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from cosserve import Client, CosserveRpcError
-from cosserve.v1 import cosserve_pb2 as pb
 from cosserve.server.state.workspace import BLOB_OVERHEAD_BYTES
+from cosserve.v1 import cosserve_pb2 as pb
 from tests.conftest import start_process, start_server
 
 pytest.importorskip("torch")

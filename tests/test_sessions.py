@@ -17,9 +17,9 @@ import pytest
 
 from cosserve import Client, CosserveRpcError
 from cosserve.server import errors
+from cosserve.server.settings import Settings
 from cosserve.server.state import sessions
 from cosserve.server.state.sessions import SessionStore
-from cosserve.server.settings import Settings
 from cosserve.v1 import cosserve_pb2 as pb
 from tests.conftest import start_server
 

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.certs import CertSet, make_certs
-
 from cosserve.server import settings
 from cosserve.server.edge import tls
 from cosserve.server.settings import SettingError, Settings
+from tests.certs import CertSet, make_certs
 
 FIELDS = dataclasses.fields(Settings)
 HINTS = typing.get_type_hints(Settings)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-
 from collections.abc import Iterator
 from multiprocessing import shared_memory
 
@@ -13,10 +12,9 @@ import numpy as np
 import pytest
 
 from cosserve import Client, CosserveRpcError
-from cosserve.server.protocols import shm
 from cosserve.server.errors import FailedPrecondition, PermissionDenied
+from cosserve.server.protocols import shm
 from cosserve.v1 import cosserve_pb2 as pb
-
 from tests.conftest import DEVICES, start_server
 
 DTYPES = [

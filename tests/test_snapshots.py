@@ -23,8 +23,8 @@ from tests.test_security import KEYS, keys_file
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from cosserve.server.state import snapshots  # noqa: E402
 from cosserve.server.errors import InvalidArgument  # noqa: E402
+from cosserve.server.state import snapshots  # noqa: E402
 
 # Bit patterns numpy and torch would not produce by arithmetic: NaNs with payloads, -0.0, infinities.
 _F32_BITS = [0x7FC00001, 0xFFC00123, 0x80000000, 0x7F800000, 0xFF800000, 0x00000001, 0x3F800000]

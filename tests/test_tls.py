@@ -10,11 +10,10 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.certs import CertSet, issue, make_authority, make_certs
-from tests.conftest import start_server
-
 from cosserve import Client, CosserveRpcError
 from cosserve.server.edge.app import RunningServer
+from tests.certs import CertSet, issue, make_authority, make_certs
+from tests.conftest import start_server
 
 # A refused handshake fails the call at once (UNAVAILABLE); this only bounds a test that would hang.
 _TIMEOUT_S = 10.0

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 
 from cosserve.server.compute import ops as _ops  # noqa: F401  (fills the registry)
-from cosserve.server.memory import FLOAT_DTYPES, dtype_name, is_out_of_memory
-from cosserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from cosserve.server.compute.registry import REGISTRY, ArgType, InputKind, Operator, lookup
 from cosserve.server.compute.workers import StopSignal
+from cosserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
+from cosserve.server.memory import FLOAT_DTYPES, dtype_name, is_out_of_memory
 from cosserve.server.state.workspace import Transaction, Workspace, check_name
 
 __all__ = [

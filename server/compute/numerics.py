@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from cosserve.server.errors import InvalidArgument
 from cosserve.server.compute.registry import ShapeCheck
+from cosserve.server.errors import InvalidArgument
 
 __all__ = [
     "NORM_FLOOR",

@@ -6,10 +6,10 @@ from collections.abc import Iterator
 
 import torch
 
-from cosserve.server.memory import FLOAT_DTYPES, dtype_name, is_out_of_memory
-from cosserve.server.errors import InvalidArgument, ResourceExhausted
-from cosserve.server.state.norm_cache import NormCache
 from cosserve.server.compute.numerics import NORM_FLOOR, check_query_corpus, compute_dtype
+from cosserve.server.errors import InvalidArgument, ResourceExhausted
+from cosserve.server.memory import FLOAT_DTYPES, dtype_name, is_out_of_memory
+from cosserve.server.state.norm_cache import NormCache
 
 __all__ = [
     "CORPUS_CHUNK_BYTES",

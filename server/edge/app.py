@@ -19,28 +19,26 @@ import warnings
 from concurrent import futures
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from cosserve import limits
-from cosserve.server.edge import listen, observability, tls
-from cosserve.server.edge import inference_servicer
-from cosserve.server.edge import cosserve_servicer
 from cosserve.server import settings as settings_mod
-from cosserve.server.memory import dtype_name
-from cosserve.server.state.corpora import Corpora
-from cosserve.server.state.durability import Durability
-from cosserve.server.errors import CosserveError
-from cosserve.server.state.identity import Identities
+from cosserve.server.compute.scorer import Scorer
+from cosserve.server.compute.workers import Workers
+from cosserve.server.edge import cosserve_servicer, inference_servicer, listen, observability, tls
+from cosserve.server.edge.cosserve_servicer import SERVICE_NAME, CosserveServicer
 from cosserve.server.edge.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor, RequestIdInterceptor
 from cosserve.server.edge.metrics import Metrics
-from cosserve.server.compute.scorer import Scorer
-from cosserve.server.edge.cosserve_servicer import SERVICE_NAME, CosserveServicer
+from cosserve.server.errors import CosserveError
+from cosserve.server.memory import dtype_name
 from cosserve.server.settings import Settings
-from cosserve.server.compute.workers import Workers
+from cosserve.server.state.corpora import Corpora
+from cosserve.server.state.durability import Durability
+from cosserve.server.state.identity import Identities
 from cosserve.server.state.sessions import SessionStore
 from cosserve.server.state.workspace import resolve_device
 

@@ -6,26 +6,23 @@ import math
 from collections.abc import AsyncIterator
 from typing import Any
 
-import torch
 import grpc
+import torch
 from grpc import aio
 
 from cosserve import limits, wire
-from cosserve.server.protocols import caffe2_format
 from cosserve.server import memory
-from cosserve.server.protocols import codec
 from cosserve.server.compute import engine
-from cosserve.server.state import identity
-from cosserve.server.protocols import shm
-from cosserve.server.state import snapshots
-from cosserve.server.state.corpora import is_corpus
-from cosserve.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, quoted
-from cosserve.server.edge.interceptors import HANDLER_KINDS, SESSION_METADATA
-from cosserve.server.edge.metrics import Metrics
 from cosserve.server.compute.registry import REGISTRY, ArgType, InputKind, OpSchema
 from cosserve.server.compute.scorer import Batch, Scorer
+from cosserve.server.compute.workers import Stopped, StopSignal, Workers
+from cosserve.server.edge.interceptors import HANDLER_KINDS, SESSION_METADATA
+from cosserve.server.edge.metrics import Metrics
+from cosserve.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, quoted
+from cosserve.server.protocols import caffe2_format, codec, shm
 from cosserve.server.settings import Settings
-from cosserve.server.compute.workers import StopSignal, Stopped, Workers
+from cosserve.server.state import identity, snapshots
+from cosserve.server.state.corpora import is_corpus
 from cosserve.server.state.sessions import SessionStore
 from cosserve.server.state.workspace import Workspace, resolve_device
 from cosserve.v1 import cosserve_pb2 as pb

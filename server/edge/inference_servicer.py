@@ -16,13 +16,13 @@ from grpc import aio
 from cosserve import __version__, limits
 from cosserve.inference import grpc_service_pb2 as pb
 from cosserve.server.compute import engine
-from cosserve.server.protocols import oip
-from cosserve.server.errors import CosserveError
+from cosserve.server.compute.workers import Workers
 from cosserve.server.edge.interceptors import HANDLER_KINDS
 from cosserve.server.edge.metrics import Metrics
-from cosserve.server.settings import Settings
 from cosserve.server.edge.status import bounded
-from cosserve.server.compute.workers import Workers
+from cosserve.server.errors import CosserveError
+from cosserve.server.protocols import oip
+from cosserve.server.settings import Settings
 from cosserve.server.state.workspace import resolve_device
 
 __all__ = ["SERVICE_NAME", "InferenceServicer", "add_to_server"]

@@ -14,15 +14,14 @@ from typing import Any
 
 import grpc
 from grpc import aio
-
 from grpc._cython import cygrpc
 
 from cosserve import limits
-from cosserve.server.state import identity
 from cosserve.server.edge import observability
-from cosserve.server.errors import InvalidArgument, Unauthenticated
-from cosserve.server.state.identity import Identities
 from cosserve.server.edge.status import MalformedRequest, bounded, status_of
+from cosserve.server.errors import InvalidArgument, Unauthenticated
+from cosserve.server.state import identity
+from cosserve.server.state.identity import Identities
 
 __all__ = [
     "HANDLER_KINDS", "AuthInterceptor", "ErrorInterceptor", "MetricsInterceptor", "Observer", "RequestIdInterceptor",

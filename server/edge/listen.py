@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import socket
 
-from cosserve.server.settings import Settings, SettingError
+from cosserve.server.settings import SettingError, Settings
 
 __all__ = ["check_listen"]
 

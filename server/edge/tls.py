@@ -8,7 +8,7 @@ import threading
 
 import grpc
 
-from cosserve.server.settings import Settings, SettingError, TlsFiles, read_tls_files
+from cosserve.server.settings import SettingError, Settings, TlsFiles, read_tls_files
 
 __all__ = ["TlsWatcher", "server_credentials"]
 

@@ -20,10 +20,10 @@ import torch
 
 from cosserve.inference import grpc_service_pb2 as pb
 from cosserve.server import memory
-from cosserve.server.protocols import codec
 from cosserve.server.compute import engine
-from cosserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from cosserve.server.compute.registry import REGISTRY, InputKind, Operator, lookup
+from cosserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
+from cosserve.server.protocols import codec
 
 __all__ = [
     "DATATYPES",

@@ -26,8 +26,8 @@ import torch
 
 from cosserve.limits import SHM_PREFIX
 from cosserve.server import memory
-from cosserve.server.protocols import codec
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from cosserve.server.protocols import codec
 from cosserve.server.state.workspace import Workspace
 
 try:  # POSIX only; without it every shared-memory call is refused.

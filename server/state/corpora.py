@@ -17,9 +17,9 @@ import threading
 import numpy as np
 import torch
 
+from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, quoted
 from cosserve.server.memory import STORED_DTYPES, dtype_name
 from cosserve.server.settings import CORPUS_NAME, CORPUS_NAME_RULE, parse_corpus_spec
-from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, quoted
 from cosserve.server.state.norm_cache import NormCache
 
 __all__ = [

@@ -34,12 +34,11 @@ from typing import Any, BinaryIO
 
 import torch
 
-
 from cosserve.server import memory
-from cosserve.server.state import journal, snapshots
 from cosserve.server.errors import CosserveError, NotFound, SnapshotError
-from cosserve.server.state.sessions import SessionStore
 from cosserve.server.settings import Settings
+from cosserve.server.state import journal, snapshots
+from cosserve.server.state.sessions import SessionStore
 from cosserve.server.state.workspace import Workspace
 
 __all__ = ["JOURNAL", "SESSION_META", "Durability", "mode_of"]

@@ -12,8 +12,8 @@ import logging
 import re
 from collections.abc import Iterable
 
-from cosserve.server.state.sessions import ANONYMOUS
 from cosserve.server.settings import Settings
+from cosserve.server.state.sessions import ANONYMOUS
 
 __all__ = [
     "ANONYMOUS",

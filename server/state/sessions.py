@@ -7,14 +7,14 @@ import re
 import secrets
 import threading
 import time
-
-import torch
 from collections.abc import Callable, Iterator
 
-from cosserve.server.state.corpora import Corpora
+import torch
+
 from cosserve.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, quoted
 from cosserve.server.settings import Settings
 from cosserve.server.state.accounts import Account
+from cosserve.server.state.corpora import Corpora
 from cosserve.server.state.workspace import Workspace, resolve_device
 
 __all__ = ["ANONYMOUS", "EXPIRED_REMEMBERED", "SESSION_ID", "SessionStore"]

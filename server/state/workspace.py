@@ -10,9 +10,9 @@ from types import TracebackType
 
 import torch
 
+from cosserve.server.errors import CosserveError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, quoted
 from cosserve.server.state.accounts import Account
 from cosserve.server.state.corpora import CORPUS_PREFIX, READ_ONLY, Corpora, is_corpus
-from cosserve.server.errors import CosserveError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, quoted
 from cosserve.server.state.norm_cache import NormCache
 
 __all__ = [

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from cosserve.server.errors import InvalidArgument
 from cosserve.server.compute.numerics import compute_dtype, shape_of
 from cosserve.server.compute.registry import ArgSpec, ArgType, InputKind, InputSpec, OpSchema, ShapeCheck, register
+from cosserve.server.errors import InvalidArgument
 
 _MARGIN = ArgSpec("margin", ArgType.FLOAT, 0.0, "similarity below which a non-matching pair costs nothing")
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from cosserve.server.errors import InvalidArgument
 from cosserve.server.compute.numerics import (
     NORM_FLOOR,
     check_gradient_input,
@@ -19,7 +18,7 @@ from cosserve.server.compute.numerics import (
     shape_of,
 )
 from cosserve.server.compute.registry import ArgSpec, ArgType, InputSpec, OpSchema, ShapeCheck, register
-
+from cosserve.server.errors import InvalidArgument
 
 # ---- CosineSimilarity --------------------------------------------------------------------
 
