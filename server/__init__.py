@@ -1,1 +1,3 @@
-"""The cosserve server: session store, operator registry and the gRPC servicer (needs torch)."""
+"""The cosserve server (needs torch), in layers that import only downward (docs/architecture.md):
+edge (grpc) > protocols (wire encodings to core calls) > compute (ops, scoring, threads) > state
+(sessions, blobs, disk) > memory and settings > errors. pyproject.toml's import contracts enforce it."""
