@@ -18,7 +18,7 @@ from bench.floor import FloorClient
 from bench.report import Row, median
 from bench.servers import MemorySampler, ServerProcess
 from cosserve import Client, limits
-from cosserve.client import operator_def
+from cosserve.calls import operator_def
 from cosserve.v1 import cosserve_pb2 as pb
 
 __all__ = ["Params", "w1_latency", "w2_throughput", "w3_transfer", "w4_scoring"]

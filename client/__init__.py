@@ -1,6 +1,7 @@
 """cosserve: Caffe2's cosine operators as a gRPC service on torch; this package is the client (no torch)."""
 
-from cosserve.client import Client, GradientCheck, Session
+from cosserve.calls import GradientCheck
+from cosserve.client import Client, Session
 from cosserve.errors import (
     CosserveError,
     CosserveRpcError,

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from cosserve import tensors
-from cosserve.client import Client, Session, _query_batches
+from cosserve.calls import query_batches
+from cosserve.client import Client, Session
 from cosserve.errors import InvalidArgumentError, ProtocolError, ShapeError
 
 __all__ = ["ShardedScorer", "merge_top_k", "shard_bounds"]
@@ -166,7 +167,7 @@ class ShardedScorer:
             raise InvalidArgumentError("ShardedScorer: feed a corpus first")
         if not 1 <= k <= self.rows:
             raise InvalidArgumentError(f"k must be between 1 and the corpus's {self.rows} rows, got {k}")
-        batches, count = _query_batches(queries, batch_size)  # checked once, read by every server
+        batches, count = query_batches(queries, batch_size)  # checked once, read by every server
         shared = _Tee(batches, len(self._shards))
         stop = threading.Event()
         answers: list[queue.Queue[Any]] = [queue.Queue(_QUEUED_ANSWERS) for _ in self._shards]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import ml_dtypes
 import numpy as np
@@ -37,7 +37,8 @@ NUMPY_DTYPES: dict[int, np.dtype] = {
     pb.FLOAT32: np.dtype("<f4"),
     pb.FLOAT64: np.dtype("<f8"),
 }
-_WIRE_DTYPES: dict[np.dtype, int] = {dt: code for code, dt in NUMPY_DTYPES.items()}
+# The enum's values as the message fields' type (the stubs type them pb.DType, a subclass of int).
+_WIRE_DTYPES: dict[np.dtype, pb.DType] = {dt: cast(pb.DType, code) for code, dt in NUMPY_DTYPES.items()}
 
 
 def as_numpy(value: Any) -> np.ndarray:
@@ -67,7 +68,7 @@ def _torch_to_numpy(tensor: Any) -> np.ndarray:
     return tensor.numpy()
 
 
-def wire_dtype(dtype: np.dtype) -> int:
+def wire_dtype(dtype: np.dtype) -> pb.DType:
     return _WIRE_DTYPES[np.dtype(dtype)]
 
 
@@ -97,7 +98,7 @@ def from_wire(message: pb.Tensor) -> np.ndarray:
     return decode(message.dtype, message.shape, message.data).copy()
 
 
-def decode(dtype_code: int, shape: Sequence[int], data: bytes | bytearray | memoryview) -> np.ndarray:
+def decode(dtype_code: int, shape: Sequence[int], data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
     expected = nbytes_of(dtype_code, shape)
     if len(data) != expected:
         raise ProtocolError(f"tensor data has {len(data)} bytes, shape {tuple(shape)} needs {expected}")

@@ -4,7 +4,9 @@ errors and session-id metadata."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 
 import cosserve
-from cosserve import CosserveRpcError, OpSpecError, ShapeError, UnsupportedDtypeError, aio, limits
+from cosserve import CosserveRpcError, OpSpecError, ShapeError, UnsupportedDtypeError, aio, limits, wire
 
 from tests.conftest import start_server
 
@@ -214,3 +216,61 @@ def test_shared_memory(tmp_path):
         run(test, running.address)
     finally:
         running.stop(0)
+
+
+def test_a_fetch_that_receives_nothing_is_cancelled_after_the_client_timeout():
+    """FetchBlobStream has no deadline: a message awaited past the client's timeout cancels the
+    call, with the sync client's DEADLINE_EXCEEDED and message."""
+
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def never(request: bytes, context: object) -> Any:
+            await release.wait()
+            yield b""
+
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            wire.SERVICE_NAME, {"FetchBlobStream": grpc.unary_stream_rpc_method_handler(never)}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with aio.Client(f"127.0.0.1:{port}", timeout=0.5) as client:
+                begin = time.monotonic()
+                with pytest.raises(CosserveRpcError) as err:
+                    await aio.Session(client, "s", "cpu").fetch_blob("x")
+                assert time.monotonic() - begin < 5
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "blob 'x'" in err.value.details() and "0.5 s" in err.value.details()
+        finally:
+            release.set()
+            with contextlib.suppress(TimeoutError):  # see test_workspace's twin: a stop may hang
+                await asyncio.wait_for(server.stop(0), 3)
+
+    asyncio.run(main())
+
+
+def test_leaving_a_cosine_top_k_iterator_early_removes_its_scratch_blobs(server):
+    """A k whose one-row reply passes a ScoreTopK message is scored by CosineTopK on scratch blobs
+    of the session; a caller who stops iterating still has them removed, in either client."""
+    rng = np.random.default_rng(4)
+    k = 200_000  # k * (4 + 8) bytes per row: past TOP_K_REPLY_BYTES
+    corpus = rng.standard_normal((k, 4)).astype(np.float32)
+    queries = rng.standard_normal((3, 4)).astype(np.float32)
+    with cosserve.Client(server.address) as client, client.session("cpu") as ws:
+        ws.feed_blob("C", corpus)
+        with contextlib.closing(ws.iter_top_k(queries, "C", k=k, batch_size=1)) as results:
+            assert next(results)[1].shape == (1, k)
+            assert len(ws.blobs()) == 4  # C, and the queries, scores and indices of CosineTopK
+        assert ws.blobs() == ["C"]
+
+    async def test(client: aio.Client) -> None:
+        async with client.session("cpu") as ws:
+            await ws.feed_blob("C", corpus)
+            async with contextlib.aclosing(ws.iter_top_k(queries, "C", k=k, batch_size=1)) as results:
+                async for _, indices in results:
+                    assert indices.shape == (1, k) and len(await ws.blobs()) == 4
+                    break
+            assert await ws.blobs() == ["C"]
+
+    run(test, server.address)

@@ -2,34 +2,26 @@
 one breaks when a violation is planted in a copy of it.
 
 import-linter builds its graph by walking the installed package's folder, and cosserve.server is
-mapped from server/, which lies beside client/, not in it. So each run lints a copy laid out as
-pip installs it: client/ as `cosserve/`, server/ as `cosserve/server/`.
+mapped from server/, which lies beside client/, not in it: each run lints a copy laid out as pip
+installs it (tests/installed_layout.py).
 """
 
 from __future__ import annotations
 
 import pathlib
-import shutil
 import subprocess
 import sys
 import tomllib
 
 import pytest
 
+from tests.installed_layout import installed_layout
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONTRACTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
 _NAMES = {c["id"]: c["name"] for c in CONTRACTS}
 
 pytest.importorskip("importlinter", reason="the layer contracts need the dev extra (import-linter)")
-
-
-def _staged(root: pathlib.Path) -> pathlib.Path:
-    """A copy of the package as installed, with pyproject.toml beside it."""
-    ignore = shutil.ignore_patterns("__pycache__")
-    shutil.copytree(ROOT / "client", root / "cosserve", ignore=ignore)
-    shutil.copytree(ROOT / "server", root / "cosserve" / "server", ignore=ignore)
-    shutil.copy(ROOT / "pyproject.toml", root)
-    return root
 
 
 def _lint(stage: pathlib.Path, *contracts: str) -> subprocess.CompletedProcess[str]:
@@ -43,7 +35,7 @@ def _lint(stage: pathlib.Path, *contracts: str) -> subprocess.CompletedProcess[s
 
 
 def test_every_contract_holds(tmp_path: pathlib.Path) -> None:
-    result = _lint(_staged(tmp_path))
+    result = _lint(installed_layout(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{len(CONTRACTS)} kept, 0 broken" in result.stdout, result.stdout
 
@@ -64,7 +56,7 @@ PLANTED = [
 
 @pytest.mark.parametrize(("contract", "path", "line"), PLANTED, ids=[f"{c}:{line}" for c, _, line in PLANTED])
 def test_a_planted_violation_breaks_its_contract(tmp_path: pathlib.Path, contract: str, path: str, line: str) -> None:
-    stage = _staged(tmp_path)
+    stage = installed_layout(tmp_path)
     with open(stage / path, "a") as source:
         source.write(f"\n{line}  # planted\n")
     result = _lint(stage, contract)

@@ -47,8 +47,8 @@ class Workers:
         self.inline_bytes = inline_bytes
         self._pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
 
-    async def run(self, cost_bytes: int, fn: Callable[..., T], *args: object, stop: StopSignal | None = None) -> T:
-        """fn(*args), inline or on a thread by its cost. A cancelled caller stops waiting at once
+    async def run(self, cost_bytes: float, fn: Callable[..., T], *args: object, stop: StopSignal | None = None) -> T:
+        """fn(*args), inline or on a thread by its cost (math.inf: always a thread). A cancelled caller stops waiting at once
         and sets `stop`; work already on a thread runs until it checks `stop` (or to its end), and
         its result is dropped."""
         if cost_bytes <= self.inline_bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import typing
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -40,7 +41,8 @@ TORCH_DTYPES: dict[int, torch.dtype] = {
     pb.FLOAT32: torch.float32,
     pb.FLOAT64: torch.float64,
 }
-WIRE_DTYPES: dict[torch.dtype, int] = {dt: code for code, dt in TORCH_DTYPES.items()}
+# The enum's values as the message fields' type (the stubs type them pb.DType, a subclass of int).
+WIRE_DTYPES: dict[torch.dtype, pb.DType] = {dt: typing.cast(pb.DType, code) for code, dt in TORCH_DTYPES.items()}
 
 
 def check_header(what: str, dtype_code: int, shape: Sequence[int], max_bytes: int | None = None) -> int:

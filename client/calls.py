@@ -1,0 +1,878 @@
+"""What the client sends and makes of the replies: every operation as a flow of calls with no I/O, performed alike by both clients."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import mmap
+import secrets
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence, Sized
+from multiprocessing import shared_memory
+from types import TracebackType
+from typing import Any, Generic, TypeAlias, TypeVar
+
+import grpc
+import numpy as np
+
+from cosserve import limits, tensors, wire
+from cosserve.errors import (
+    CosserveRpcError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    OpSpecError,
+    ProtocolError,
+    ShapeError,
+    SharedMemoryError,
+)
+from cosserve.v1 import cosserve_pb2 as pb
+
+__all__ = [
+    "COMPUTE_INPUT_BYTES",
+    "END",
+    "READ",
+    "TOP_K_REPLY_BYTES",
+    "Answer",
+    "ArgInfo",
+    "Call",
+    "CorpusInfo",
+    "Emit",
+    "FetchAssembler",
+    "Flow",
+    "GradientCheck",
+    "InputInfo",
+    "OpInfo",
+    "OpSpec",
+    "Read",
+    "Run",
+    "Step",
+    "attach",
+    "blobs",
+    "call_metadata",
+    "check_gradient",
+    "close_session",
+    "compute",
+    "corpora",
+    "create_session",
+    "feed_blob",
+    "fetch_blob",
+    "has_blob",
+    "iter_top_k",
+    "joined_top_k",
+    "load",
+    "one",
+    "op_from_spec",
+    "operator_def",
+    "operators",
+    "publish_corpus",
+    "query_batches",
+    "remove_blob",
+    "reset",
+    "rpc_error",
+    "run_caffe2_net",
+    "run_caffe2_operator",
+    "run_net",
+    "run_operator",
+    "save",
+]
+
+T = TypeVar("T")
+
+# One operator of a net: (type, inputs, outputs) or (type, inputs, outputs, {arg: value}),
+# or a mapping with keys "type", "inputs", "outputs" and optionally "args".
+OpSpec = tuple[Any, ...] | Mapping[str, Any]
+
+# Seconds of deadline added per byte streamed, on top of the call's timeout (10 MB/s floor).
+_SECONDS_PER_BYTE = 1e-7
+# The same through shared memory (100 MB/s floor).
+_SHM_SECONDS_PER_BYTE = 1e-8
+# Deadline of a ScoreTopK stream whose number of batches is unknown up front.
+_UNSIZED_STREAM_TIMEOUT = 24 * 3600.0
+
+
+# ---- what the server reports ------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ArgInfo:
+    name: str
+    type: str  # "float", "int", "bool" or "string"
+    default: Any
+    doc: str
+
+
+@dataclasses.dataclass(frozen=True)
+class InputInfo:
+    name: str
+    dtypes: tuple[str, ...]
+    doc: str
+
+
+@dataclasses.dataclass(frozen=True)
+class OpInfo:
+    """An operator's schema as the server reports it."""
+
+    name: str
+    inputs: tuple[InputInfo, ...]
+    outputs: tuple[str, ...]
+    args: tuple[ArgInfo, ...]
+    doc: str
+    gradient: str | None
+    caffe2: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusInfo:
+    """A shared corpus of the server: every session reads it as the blob `@name`, read-only."""
+
+    name: str  # without the '@'
+    dtype: str  # "float32", ...
+    shape: tuple[int, ...]
+    nbytes: int  # its data, held once by the server whatever the number of sessions
+    source: str  # the file it was mapped from, or "published by <identity>"
+
+
+class GradientCheck(dict[str, float]):
+    """`Session.check_gradient`'s result: {"max_abs_error": ..., <input>: its max abs error, ...}
+    as a dict, and the relative errors, max |analytic - numeric| / max(1, |numeric|), as
+    `.max_rel_error` and `.rel_errors` ({input: max rel error})."""
+
+    def __init__(self, abs_errors: Mapping[str, float], rel_errors: Mapping[str, float], max_abs_error: float) -> None:
+        super().__init__(abs_errors)
+        self["max_abs_error"] = max_abs_error
+        self.rel_errors = dict(rel_errors)
+        self.max_rel_error = max(rel_errors.values(), default=0.0)
+
+
+# ---- the protocol between a flow and the shell that performs it ---------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """A step asking the shell to make one RPC and send its reply back into the flow.
+
+    A `stream` call's reply is a stream of messages: the shell answers the call with None, holds
+    the stream open and answers each READ with its next message, END after the last. A flow has
+    one stream open at a time: opening another, or the flow's end, cancels it (a no-op once it
+    ended; it stops a stream the flow left early)."""
+
+    method: str  # the Cosserve RPC's name
+    request: Any  # its request message, framed bytes, or an iterator of either for a request stream
+    session: str | None = None  # the session it is for: sent as cosserve-session-id metadata too
+    timeout: float | None = None  # its deadline in seconds; None: the client's timeout
+    framed: bool = False  # the bytes variant of a wire.FRAMED_METHODS method
+    stream: bool = False
+    # A reply stream no deadline could suit (a blob of any size) has none: it is cancelled, as
+    # DEADLINE_EXCEEDED, once no message arrives for `idle` seconds.
+    idle: float | None = None
+    about: str = ""  # what the call carries, for that error's message: "blob 'X'"
+
+
+@dataclasses.dataclass(frozen=True)
+class Read:
+    """A step asking for the next message of the flow's open reply stream (END after the last)."""
+
+
+READ = Read()
+
+
+class _End:
+    def __repr__(self) -> str:
+        return "END"
+
+
+# What a READ receives once the open stream has no more messages.
+END: Any = _End()
+
+
+@dataclasses.dataclass(frozen=True)
+class Emit:
+    """A step handing `value` to the caller of an iterating method (`iter_top_k`); answered with None."""
+
+    value: Any
+
+
+Step: TypeAlias = Call | Read | Emit
+# An operation: a generator that yields the steps it needs, receives their answers through
+# send() (the shell's error through throw()) and returns the operation's result.
+Flow: TypeAlias = Generator[Step, Any, T]
+
+
+class Run(Generic[T]):
+    """A flow as a shell performs it: iterate for its steps, answer each inside `answer()`.
+
+        for step in run:
+            with run.answer() as answer:
+                answer.reply = <the reply to step>
+
+    An exception raised inside the `with` goes into the flow instead of up (grpc's error as the
+    client's, see `_seen`): the flow may catch it (a fallback) or clean up, which can take more
+    calls, and raise. The loop ends when the flow returns `result`; what it raises leaves the
+    `with`. Everything a shell's own I/O raises goes in, KeyboardInterrupt, asyncio's
+    cancellation and the caller's leaving an iterator (GeneratorExit, seen as _CallerLeft)
+    included, so that a flow's `finally` still closes what it opened on the server."""
+
+    _result: T
+
+    def __init__(self, flow: Flow[T]) -> None:
+        self._flow = flow
+        self.step: Step = READ  # replaced by the flow's first step when the iteration starts
+        self.done = False
+        self._stream: Call | None = None  # the call of the open reply stream
+        self._expired: Call | None = None  # a stream the shell cancelled after its idle time
+
+    def __iter__(self) -> Iterator[Step]:
+        self._resume(self._flow.send, None)
+        while not self.done:
+            yield self.step
+
+    def answer(self) -> Answer:
+        return Answer(self)
+
+    def expire(self, call: Call) -> None:
+        """The shell's word, from any thread, that it cancelled `call`'s stream after its idle time."""
+        self._expired = call
+
+    @property
+    def result(self) -> T:
+        assert self.done, "the flow has not returned"
+        return self._result
+
+    def _reply(self, reply: Any) -> None:
+        if isinstance(self.step, Call) and self.step.stream:
+            self._stream = self.step
+        self._resume(self._flow.send, reply)
+
+    def _fail(self, error: BaseException) -> None:
+        self._resume(self._flow.throw, self._seen(error))
+
+    def _seen(self, error: BaseException) -> BaseException:
+        """What the flow sees of what answering its step raised: grpc's error as the client's (the
+        one place that turns one into the other), and a read cut short by its stream's idle time
+        (the sync shell's watchdog, asyncio.wait_for's TimeoutError) as DEADLINE_EXCEEDED."""
+        if isinstance(error, GeneratorExit):
+            return _CallerLeft()
+        call = self._stream if isinstance(self.step, Read) else self.step
+        if not isinstance(call, Call):
+            return error
+        idle = call is self._stream and call.idle is not None
+        if idle and (self._expired is call or isinstance(error, TimeoutError)):
+            return idle_error(call, error)
+        if isinstance(error, grpc.RpcError):
+            return rpc_error(error, call.method)
+        return error
+
+    def _resume(self, resume: Callable[[Any], Step], value: Any) -> None:
+        try:
+            self.step = resume(value)
+        except StopIteration as stop:
+            self.done = True
+            self._result = stop.value
+        except _CallerLeft:  # the flow has cleaned up after its caller: the shell's iterator ends
+            raise GeneratorExit from None
+
+
+class _CallerLeft(BaseException):
+    """What a flow sees of its caller leaving an iterator early (GeneratorExit in the shell): its
+    cleanup may make calls, which GeneratorExit itself forbids once it has gone through a
+    `yield from` (that closes the subflow instead of raising in it)."""
+
+
+class Answer:
+    """A shell's answer to the current step of a Run: set `reply`, or raise (see `Run`)."""
+
+    def __init__(self, run: Run[Any]) -> None:
+        self._run = run
+        self.reply: Any = None
+
+    def __enter__(self) -> Answer:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> bool:
+        if error is None:
+            self._run._reply(self.reply)
+        else:
+            self._run._fail(error)
+        return True  # the flow took the error: it went on to a next step, or raised out of _fail
+
+
+def rpc_error(err: grpc.RpcError, method: str) -> CosserveRpcError:
+    """The client's error for grpc's, chained to it as `raise ... from err` would."""
+    error = CosserveRpcError(err.code(), err.details() or "", method)
+    error.__cause__ = err
+    return error
+
+
+def idle_error(call: Call, cause: BaseException) -> CosserveRpcError:
+    details = f"no data of {call.about} arrived for {call.idle:g} s (the client's timeout); the call was cancelled"
+    error = CosserveRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, details, call.method)
+    error.__cause__ = cause
+    return error
+
+
+def one(call: Call) -> Flow[Any]:
+    """The flow of a single call: its reply."""
+    return (yield call)
+
+
+# ---- request building ----------------------------------------------------------------------
+
+
+def build_request(message_type: Any, **fields: Any) -> Any:
+    """A request message of user-given fields; the client's errors, not protobuf's, for a value of
+    the wrong type (`InvalidTypeError`) or out of range (`InvalidArgumentError`)."""
+    try:
+        return message_type(**fields)
+    except TypeError as err:
+        raise InvalidTypeError(f"{message_type.DESCRIPTOR.name}: {err}") from None
+    except ValueError as err:
+        raise InvalidArgumentError(f"{message_type.DESCRIPTOR.name}: {err}") from None
+
+
+def call_metadata(base: tuple[tuple[str, str], ...], session: str | None) -> tuple[tuple[str, str], ...]:
+    """A call's metadata: `base` (the token), and for a session's call its id, so that a load
+    balancer hashing on `cosserve-session-id` sends every call of a session to the replica holding it."""
+    if session is None:
+        return base
+    return (*base, (limits.SESSION_ID_METADATA, session))
+
+
+def _argument(name: str, value: Any) -> pb.Argument:
+    arg = pb.Argument(name=name)
+    if isinstance(value, (bool, np.bool_)):
+        arg.b = bool(value)
+    elif isinstance(value, (int, np.integer)):
+        if not -(2**63) <= int(value) < 2**63:
+            raise InvalidArgumentError(f"argument {name}={value}: an int argument must fit in int64")
+        arg.i = int(value)
+    elif isinstance(value, (float, np.floating)):
+        arg.f = float(value)
+    elif isinstance(value, str):
+        arg.s = value
+    else:
+        raise InvalidTypeError(f"argument {name}={value!r}: expected bool, int, float or str")
+    return arg
+
+
+def _argument_value(arg: pb.Argument) -> Any:
+    kind = arg.WhichOneof("value")
+    return None if kind is None else getattr(arg, kind)
+
+
+def operator_def(op_type: str, inputs: Sequence[str], outputs: Sequence[str], args: Mapping[str, Any]) -> pb.OperatorDef:
+    """Build the wire OperatorDef of one operator (InvalidTypeError for names that are not str)."""
+    if not isinstance(op_type, str):
+        raise InvalidTypeError(f"an operator type is a str such as 'Cos', got {op_type!r}")
+    if isinstance(inputs, str) or isinstance(outputs, str):
+        raise InvalidTypeError("inputs and outputs are lists of blob names, not a single string")
+    for name in (*inputs, *outputs):
+        _check_name(name)
+    if not isinstance(args, Mapping) or not all(isinstance(k, str) for k in args):
+        raise InvalidTypeError(f"{op_type}: arguments are a mapping of str names to values, got {args!r}")
+    return pb.OperatorDef(
+        type=op_type,
+        input=list(inputs),
+        output=list(outputs),
+        arg=[_argument(k, v) for k, v in args.items()],
+    )
+
+
+def op_from_spec(spec: OpSpec) -> pb.OperatorDef:
+    """The OperatorDef of one op of a net: (type, inputs, outputs[, args]) or a mapping with keys
+    "type", "inputs", "outputs" and optionally "args"; OpSpecError for anything else."""
+    if isinstance(spec, Mapping):
+        missing = [key for key in ("type", "inputs", "outputs") if key not in spec]
+        unknown = sorted(set(spec) - {"type", "inputs", "outputs", "args"}, key=str)
+        if missing or unknown:
+            problem = f"missing {missing}" if missing else f"unknown keys {unknown}"
+            raise OpSpecError(f"an op mapping has keys type, inputs, outputs[, args]: {problem} in {spec!r}")
+        parts: Sequence[Any] = (spec["type"], spec["inputs"], spec["outputs"], spec.get("args", {}))
+    elif isinstance(spec, (tuple, list)) and len(spec) in (3, 4):
+        parts = (*spec, {}) if len(spec) == 3 else spec
+    else:
+        raise OpSpecError(f"an op is (type, inputs, outputs[, args]), got {spec!r}")
+    try:
+        return operator_def(*parts)
+    except InvalidTypeError as err:
+        raise OpSpecError(f"{err} (in the op {spec!r})") from None
+
+
+def _check_k(k: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise InvalidTypeError(f"k is an int, 1 <= k <= M, got {k!r}")
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str):
+        raise InvalidTypeError(f"a blob name is a str, got {name!r}")
+
+
+# ---- the client's own calls ----------------------------------------------------------------
+
+
+def create_session(device: str) -> Flow[tuple[str, str]]:
+    """A new session on `device`: (its id, its device). The client proposes the id (128 random
+    bits) and sends it as metadata as well, so that a balancer hashing on that header sends the
+    creation where every later call will go."""
+    request = build_request(pb.CreateSessionRequest, device=device, session_id=secrets.token_hex(16))
+    reply = yield Call("CreateSession", request, session=request.session_id)
+    return reply.session_id, reply.device
+
+
+def attach(session_id: str) -> Flow[None]:
+    """Check that this identity holds the session `session_id`."""
+    # One cheap call that names the session: the server checks it exists and is ours.
+    yield Call("ListBlobs", build_request(pb.ListBlobsRequest, session_id=session_id), session=session_id)
+
+
+def close_session(session_id: str) -> Flow[None]:
+    yield Call("CloseSession", pb.CloseSessionRequest(session_id=session_id), session=session_id)
+
+
+def operators() -> Flow[list[OpInfo]]:
+    reply = yield Call("ListOperators", pb.ListOperatorsRequest())
+    return [
+        OpInfo(
+            name=s.name,
+            inputs=tuple(
+                InputInfo(i.name, tuple(pb.DType.Name(d).lower() for d in i.dtypes), i.doc) for i in s.inputs
+            ),
+            outputs=tuple(s.outputs),
+            args=tuple(
+                ArgInfo(a.name, pb.ArgType.Name(a.type).removeprefix("ARG_").lower(), _argument_value(a.default), a.doc)
+                for a in s.args
+            ),
+            doc=s.doc,
+            gradient=s.gradient or None,
+            caffe2=s.caffe2,
+        )
+        for s in reply.operators
+    ]
+
+
+def corpora() -> Flow[list[CorpusInfo]]:
+    reply = yield Call("ListCorpora", pb.ListCorporaRequest())
+    return [CorpusInfo(c.name, pb.DType.Name(c.dtype).lower(), tuple(c.shape), int(c.bytes), c.source) for c in reply.corpora]
+
+
+# Inputs of one Compute request at most: the message limit, less room for names and headers.
+# Larger inputs go through a temporary session.
+COMPUTE_INPUT_BYTES = limits.MAX_MESSAGE_BYTES - 256 * 1024
+# The server's advice when a Compute's outputs do not fit one reply (engine.compute and
+# workspace.Transaction._settle): the client then does just that, in a temporary session.
+_REPLY_TOO_BIG_ADVICE = "run it in a session"
+
+
+def compute(
+    op_type: str, inputs: Mapping[str, Any], outputs: Sequence[str], args: Mapping[str, Any], *, device: str, client_timeout: float
+) -> Flow[dict[str, np.ndarray]]:
+    """One operator on `inputs` without a session: one Compute call when the inputs fit one message
+    and the outputs one reply, else a temporary session (fed streamed, RunOperator, fetched
+    streamed, closed)."""
+    if not isinstance(inputs, Mapping):
+        raise InvalidTypeError(f"compute inputs are a mapping {{name: array}}, got {type(inputs).__name__}")
+    op = operator_def(op_type, list(inputs), outputs, args)
+    arrays = {name: tensors.as_numpy(value) for name, value in inputs.items()}
+    if sum(a.nbytes for a in arrays.values()) <= COMPUTE_INPUT_BYTES:
+        request = build_request(pb.ComputeRequest, op=op, device=device)
+        for name, array in arrays.items():
+            tensors.to_wire(array, request.inputs.add(name=name).tensor)
+        try:
+            reply = yield Call("Compute", request)
+            return {item.name: tensors.from_wire(item.tensor) for item in reply.outputs}
+        except CosserveRpcError as err:
+            # Only outputs too large for one reply message are worth a second try.
+            if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or _REPLY_TOO_BIG_ADVICE not in err.details():
+                raise
+    session_id, _ = yield from create_session(device)
+    try:
+        for name, array in arrays.items():
+            yield from feed_blob(session_id, name, array, client_timeout=client_timeout)
+        yield Call("RunOperator", pb.RunOperatorRequest(session_id=session_id, op=op), session=session_id)
+        results = {}
+        for name in op.output:
+            results[name] = yield from fetch_blob(session_id, name, client_timeout=client_timeout)
+        return results
+    finally:
+        yield from close_session(session_id)
+
+
+# ---- blobs ---------------------------------------------------------------------------------
+
+
+def feed_blob(
+    session_id: str,
+    name: str,
+    value: Any,
+    *,
+    client_timeout: float,
+    shm: bool = False,
+    progress: Callable[[int], object] | None = None,
+) -> Flow[None]:
+    """Blob `name` of the session set to `value`: one FeedBlob message up to INLINE_BYTES, a
+    FeedBlobStream of chunks past it (a deadline that grows with the bytes), or a shared-memory
+    region. `progress` gets the bytes of each piece as it is handed to grpc."""
+    _check_name(name)
+    array = tensors.as_numpy(value)
+    if shm:
+        yield from _feed_shm(session_id, name, array, client_timeout)
+    elif array.nbytes <= limits.INLINE_BYTES:
+        pieces = wire.feed_blob_request(session_id, name, tensors.wire_dtype(array.dtype), array.shape, tensors.byte_view(array))
+        yield Call("FeedBlob", b"".join(pieces), session=session_id, framed=True)
+    else:
+        timeout = client_timeout + array.nbytes * _SECONDS_PER_BYTE
+        yield Call("FeedBlobStream", feed_chunks(session_id, name, array, progress), session=session_id, timeout=timeout, framed=True)
+        return
+    if progress is not None:
+        progress(array.nbytes)
+
+
+def feed_chunks(
+    session_id: str, name: str, array: np.ndarray, progress: Callable[[int], object] | None = None
+) -> Iterator[bytes]:
+    """FeedBlobStream's messages: the header, then messages of data alone, each copied once from
+    the array into the bytes grpc sends."""
+    yield wire.feed_blob_chunk_header(session_id, name, tensors.wire_dtype(array.dtype), array.shape)
+    for piece in tensors.chunks(array, limits.CHUNK_BYTES):
+        yield b"".join(wire.feed_blob_chunk_data(piece))
+        if progress is not None:
+            progress(len(piece))
+
+
+def _feed_shm(session_id: str, name: str, array: np.ndarray, client_timeout: float) -> Flow[None]:
+    region = create_region(array.nbytes, _region_name(session_id))
+    try:
+        assert region.buf is not None
+        region.buf[: array.nbytes] = tensors.byte_view(array)
+        request = pb.FeedBlobShmRequest(
+            session_id=session_id,
+            name=name,
+            dtype=tensors.wire_dtype(array.dtype),
+            shape=array.shape,
+            shm_name=region.name,
+            offset=0,
+        )
+        timeout = client_timeout + array.nbytes * _SHM_SECONDS_PER_BYTE
+        yield Call("FeedBlobShm", request, session=session_id, timeout=timeout)
+    finally:
+        region.close()
+        region.unlink()
+
+
+def fetch_blob(session_id: str, name: str, *, client_timeout: float, shm: bool = False) -> Flow[np.ndarray]:
+    """Blob `name` of the session: one FetchBlobStream call for a blob of any size, or a
+    shared-memory region."""
+    _check_name(name)
+    if shm:
+        return (yield from _fetch_shm(session_id, name, client_timeout))
+    # The first message has dtype, shape and the first bytes (all of them for a small blob). No
+    # deadline could suit every size: the call is cancelled when no message arrives for the
+    # client's timeout instead.
+    request = pb.FetchBlobRequest(session_id=session_id, name=name)
+    yield Call("FetchBlobStream", request, session=session_id, framed=True, stream=True, idle=client_timeout, about=f"blob {name!r}")
+    first = yield READ
+    if first is END:
+        raise ProtocolError(f"FetchBlobStream of blob {name!r}: the server sent no message")
+    blob = FetchAssembler(name, first)
+    while blob.whole is None and (message := (yield READ)) is not END:
+        blob.add(message)
+    return blob.result()
+
+
+class FetchAssembler:
+    """One streamed fetch's blob, put together from its FetchBlobChunk messages (bytes)."""
+
+    def __init__(self, name: str, first: bytes) -> None:
+        self.name = name
+        self.frame = _decoded(wire.decode_fetch_blob_chunk, first)
+        self.nbytes = tensors.nbytes_of(self.frame.dtype, self.frame.shape)
+        data = self.frame.data
+        if self.nbytes == data.end - data.start:
+            # The whole blob in one message. One copy (at most a message): a view of the received
+            # bytes would be read-only, unlike every other array the client returns.
+            self.whole: np.ndarray | None = tensors.array_at(self.frame.dtype, self.frame.shape, first, *data).copy()
+            return
+        self.whole = None
+        self.buffer = np.empty(self.nbytes, np.uint8)
+        self.filled = 0
+        self._add(first, data)
+
+    def add(self, message: bytes) -> None:
+        self._add(message, _decoded(wire.decode_fetch_blob_chunk, message).data)
+
+    def _add(self, message: bytes, data: wire.Span) -> None:
+        size = data.end - data.start
+        if self.filled + size > self.nbytes:
+            raise ProtocolError(f"server sent more than the {self.nbytes} bytes of blob {self.name!r}")
+        if size:
+            self.buffer[self.filled : self.filled + size] = np.frombuffer(message, np.uint8, size, data.start)
+        self.filled += size
+
+    def result(self) -> np.ndarray:
+        if self.whole is not None:
+            return self.whole
+        return tensors.decode(self.frame.dtype, self.frame.shape, self.buffer[: self.filled])
+
+
+def _decoded(decode: Any, message: bytes) -> Any:
+    try:
+        return decode(message)
+    except wire.WireError as err:
+        raise ProtocolError(f"the server sent a message this client cannot decode: {err}") from None
+
+
+def _fetch_shm(session_id: str, name: str, client_timeout: float) -> Flow[np.ndarray]:
+    request = pb.FetchBlobShmRequest(session_id=session_id, name=name)
+    info = yield Call("FetchBlobShm", request, session=session_id)  # no region named: dtype and shape only
+    for attempt in range(3):
+        nbytes = tensors.nbytes_of(info.dtype, info.shape)
+        region = create_region(nbytes, _region_name(session_id))
+        try:
+            into = pb.FetchBlobShmRequest(session_id=session_id, name=name, shm_name=region.name, offset=0)
+            timeout = client_timeout + nbytes * _SHM_SECONDS_PER_BYTE
+            reply = yield Call("FetchBlobShm", into, session=session_id, timeout=timeout)
+            return _array_in(region, reply.dtype, tuple(reply.shape))
+        except CosserveRpcError as err:
+            # The blob may have grown between the two calls: size the region again.
+            if err.code() != grpc.StatusCode.INVALID_ARGUMENT or attempt == 2:
+                raise
+            now = yield Call("FetchBlobShm", request, session=session_id)
+            if tensors.nbytes_of(now.dtype, now.shape) <= nbytes:
+                raise
+            info = now
+        finally:
+            region.close()
+            region.unlink()
+    raise AssertionError("unreachable")
+
+
+def create_region(nbytes: int, name: str) -> shared_memory.SharedMemory:
+    try:
+        return shared_memory.SharedMemory(create=True, size=max(nbytes, 1), name=name)
+    except OSError as err:
+        raise SharedMemoryError(
+            f"cannot create a {nbytes}-byte shared-memory region ({err.strerror or err}); pass shm=False"
+        ) from None
+
+
+def _region_name(session_id: str) -> str:
+    # The server only opens regions named for the calling session (server/protocols/shm.py).
+    return f"{limits.SHM_PREFIX}{session_id}_{secrets.token_hex(6)}"
+
+
+def _array_in(region: shared_memory.SharedMemory, dtype: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The array the server wrote at the start of `region`, valid after the region is removed."""
+    size = tensors.nbytes_of(dtype, shape)
+    fd = getattr(region, "_fd", -1)  # POSIX: a second mapping outlives the region's name and object
+    if size and fd >= 0:
+        # The server's one copy is the array's memory: no copy here, and no fresh pages to fill.
+        return tensors.decode(dtype, shape, memoryview(mmap.mmap(fd, size)))
+    buffer = np.empty(size, np.uint8)
+    assert region.buf is not None
+    buffer.data[:] = region.buf[:size]
+    return tensors.decode(dtype, shape, buffer)
+
+
+def has_blob(session_id: str, name: str) -> Flow[bool]:
+    _check_name(name)
+    reply = yield Call("HasBlob", pb.HasBlobRequest(session_id=session_id, name=name), session=session_id)
+    return bool(reply.exists)
+
+
+def blobs(session_id: str) -> Flow[list[str]]:
+    reply = yield Call("ListBlobs", pb.ListBlobsRequest(session_id=session_id), session=session_id)
+    return list(reply.names)
+
+
+def remove_blob(session_id: str, name: str) -> Flow[None]:
+    _check_name(name)
+    yield Call("RemoveBlob", pb.RemoveBlobRequest(session_id=session_id, name=name), session=session_id)
+
+
+def reset(session_id: str) -> Flow[None]:
+    yield Call("ResetWorkspace", pb.ResetWorkspaceRequest(session_id=session_id), session=session_id)
+
+
+def save(session_id: str, name: str, timeout: float | None) -> Flow[tuple[int, int]]:
+    """SaveWorkspace: (blobs, bytes) written."""
+    request = build_request(pb.SaveWorkspaceRequest, session_id=session_id, name=name)
+    reply = yield Call("SaveWorkspace", request, session=session_id, timeout=timeout)
+    return int(reply.blobs), int(reply.bytes)
+
+
+def load(session_id: str, name: str, timeout: float | None) -> Flow[tuple[int, int]]:
+    """LoadWorkspace: (blobs, bytes) loaded."""
+    request = build_request(pb.LoadWorkspaceRequest, session_id=session_id, name=name)
+    reply = yield Call("LoadWorkspace", request, session=session_id, timeout=timeout)
+    return int(reply.blobs), int(reply.bytes)
+
+
+def publish_corpus(session_id: str, blob: str, name: str) -> Flow[None]:
+    request = build_request(pb.PublishCorpusRequest, session_id=session_id, blob=blob, name=name)
+    yield Call("PublishCorpus", request, session=session_id)
+
+
+# ---- operators -----------------------------------------------------------------------------
+
+
+def run_operator(session_id: str, op_type: str, inputs: Sequence[str], outputs: Sequence[str], args: Mapping[str, Any]) -> Flow[None]:
+    request = pb.RunOperatorRequest(session_id=session_id, op=operator_def(op_type, inputs, outputs, args))
+    yield Call("RunOperator", request, session=session_id)
+
+
+def run_net(session_id: str, ops: Iterable[OpSpec]) -> Flow[None]:
+    request = pb.RunNetRequest(session_id=session_id, ops=[op_from_spec(s) for s in ops])
+    yield Call("RunNet", request, session=session_id)
+
+
+def run_caffe2_operator(session_id: str, operator: bytes) -> Flow[None]:
+    yield Call("RunOperator", pb.RunOperatorRequest(session_id=session_id, caffe2_op=bytes(operator)), session=session_id)
+
+
+def run_caffe2_net(session_id: str, net: bytes) -> Flow[None]:
+    yield Call("RunNet", pb.RunNetRequest(session_id=session_id, caffe2_net=bytes(net)), session=session_id)
+
+
+def check_gradient(
+    session_id: str,
+    op_type: str,
+    inputs: Sequence[str],
+    outputs: Sequence[str] | None,
+    args: Mapping[str, Any],
+    *,
+    step_size: float,
+    output_index: int,
+) -> Flow[GradientCheck]:
+    request = build_request(
+        pb.CheckGradientRequest,
+        session_id=session_id,
+        op=operator_def(op_type, inputs, outputs or [], args),
+        step_size=step_size,
+        output_index=output_index,
+    )
+    reply = yield Call("CheckGradient", request, session=session_id)
+    return GradientCheck(
+        {item.input: item.max_abs_error for item in reply.inputs},
+        {item.input: item.max_rel_error for item in reply.inputs},
+        reply.max_abs_error,
+    )
+
+
+# ---- top-k: one ScoreTopK stream, or CosineTopK in the session for a k too large for it ---
+
+# Bytes of one ScoreTopK reply the server sends at most (server/edge/app.py: Scorer(limits.INLINE_BYTES)).
+TOP_K_REPLY_BYTES = limits.INLINE_BYTES
+# Result bytes of one CosineTopK call when k is too large for a ScoreTopK reply of one row.
+_TOP_K_OP_RESULT_BYTES = 64 * 1024 * 1024
+
+
+def iter_top_k(
+    session_id: str,
+    queries: Any,
+    corpus: str,
+    k: int,
+    *,
+    batch_size: int,
+    timeout: float | None,
+    client_timeout: float,
+) -> Flow[None]:
+    """Emits (scores, indices) of each reply's queries as they arrive, in order: every batch over
+    one ScoreTopK stream, or CosineTopK in the session when one query's reply alone would pass a
+    ScoreTopK message. `timeout` bounds the whole call; None: the client's timeout per batch (a day
+    for an iterator of unknown length)."""
+    _check_name(corpus)
+    _check_k(k)
+    batches, count = query_batches(queries, batch_size)
+    first = next(batches, None)
+    if first is None:
+        return
+    batches = itertools.chain([first], batches)
+    if timeout is None:
+        timeout = client_timeout * (1 + count) if count is not None else _UNSIZED_STREAM_TIMEOUT
+    if _top_k_row_bytes(k, first.dtype.itemsize) > TOP_K_REPLY_BYTES:
+        yield from _top_k_by_operator(session_id, batches, corpus, k, timeout, client_timeout)
+        return
+    failure: list[BaseException] = []
+
+    def requests() -> Iterator[pb.TopKRequest]:
+        try:
+            for batch in batches:
+                yield from _top_k_requests(session_id, corpus, k, batch)
+        except Exception as err:  # grpc would only report CANCELLED; keep the real cause
+            failure.append(err)
+            raise
+
+    try:
+        yield Call("ScoreTopK", requests(), session=session_id, timeout=timeout, stream=True)
+        while (reply := (yield READ)) is not END:
+            yield Emit((tensors.from_wire(reply.scores), tensors.from_wire(reply.indices)))
+    except CosserveRpcError:
+        if failure:
+            raise failure[0] from None
+        raise
+
+
+def _top_k_by_operator(
+    session_id: str, batches: Iterator[np.ndarray], corpus: str, k: int, timeout: float, client_timeout: float
+) -> Flow[None]:
+    """CosineTopK on the session's blobs, its outputs fetched streamed: for any k <= M, with the
+    same numbers as ScoreTopK (one scoring function). The scratch blobs go at the end."""
+    tag = secrets.token_hex(6)  # names unlike any caller's
+    queries, scores, indices = (f"_cosserve_topk_{tag}_{part}" for part in ("queries", "scores", "indices"))
+    try:
+        for batch in batches:
+            # Row slices scored by one call each, at most _TOP_K_OP_RESULT_BYTES of results.
+            rows = max(1, _TOP_K_OP_RESULT_BYTES // _top_k_row_bytes(k, batch.dtype.itemsize))
+            for start in range(0, max(1, batch.shape[0]), rows):
+                yield from feed_blob(session_id, queries, batch[start : start + rows], client_timeout=client_timeout)
+                op = operator_def("CosineTopK", [queries, corpus], [scores, indices], {"k": k})
+                yield Call("RunOperator", pb.RunOperatorRequest(session_id=session_id, op=op), session=session_id, timeout=timeout)
+                found_scores = yield from fetch_blob(session_id, scores, client_timeout=client_timeout)
+                found_indices = yield from fetch_blob(session_id, indices, client_timeout=client_timeout)
+                yield Emit((found_scores, found_indices))
+    finally:
+        for name in (queries, scores, indices):
+            with contextlib.suppress(CosserveRpcError):
+                yield from remove_blob(session_id, name)
+
+
+def _top_k_row_bytes(k: int, itemsize: int) -> int:
+    """Reply bytes per query: k scores of the corpus dtype and k int64 indices."""
+    return max(1, k) * (itemsize + 8)
+
+
+def _top_k_requests(session_id: str, corpus: str, k: int, batch: np.ndarray) -> Iterator[pb.TopKRequest]:
+    """ScoreTopK requests of one batch, each small enough, and its reply within TOP_K_REPLY_BYTES."""
+    reply_rows = max(1, TOP_K_REPLY_BYTES // _top_k_row_bytes(k, batch.dtype.itemsize))
+    rows = max(1, min(reply_rows, limits.INLINE_BYTES // max(1, batch[:1].nbytes)))
+    for start in range(0, max(1, batch.shape[0]), rows):
+        request = build_request(pb.TopKRequest, session_id=session_id, corpus=corpus, k=k)
+        tensors.to_wire(batch[start : start + rows], request.queries)
+        yield request
+
+
+def query_batches(queries: Any, batch_size: int) -> tuple[Iterator[np.ndarray], int | None]:
+    """Query batches as 2-D arrays, and how many there are (None when unknown)."""
+    if batch_size < 1:
+        raise InvalidArgumentError(f"batch_size must be at least 1, got {batch_size}")
+    if isinstance(queries, np.ndarray) or hasattr(queries, "__array__") or type(queries).__module__.startswith("torch"):
+        array = _two_d(tensors.as_numpy(queries))
+        starts = range(0, max(1, array.shape[0]), batch_size)  # an empty array still goes once, to be checked
+        return (array[s : s + batch_size] for s in starts), len(starts)
+    count = len(queries) if isinstance(queries, Sized) else None
+    return (_two_d(tensors.as_numpy(batch)) for batch in queries), count
+
+
+def _two_d(array: np.ndarray) -> np.ndarray:
+    if array.ndim != 2:
+        raise ShapeError(f"queries must be 2-D (N, D), got shape {array.shape}")
+    return array
+
+
+def joined_top_k(results: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`top_k`'s answer from `iter_top_k`'s pieces; (0, k) float32 scores when there are none."""
+    if not results:
+        return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
+    return np.concatenate([s for s, _ in results]), np.concatenate([i for _, i in results])
