@@ -9,7 +9,7 @@
 # HEALTHCHECK: build with `--format docker` to keep it (docs/deploy.md). Kubernetes ignores it and
 # uses its own gRPC probes (deploy/k8s/).
 #
-# tests/test_dockerfile.py runs this file's install steps in a fresh virtual environment and
+# tests/deploy/test_dockerfile.py runs this file's install steps in a fresh virtual environment and
 # starts the ENTRYPOINT, since no container engine runs where the tests do: keep each step a
 # plain shell command.
 

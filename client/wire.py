@@ -7,7 +7,7 @@ without copying their tensor data."""
 # copies once into the buffer grpc sends, and decoders return spans of the buffer grpc hands over.
 # Compute stays plain protobuf: its messages are small, and protobuf's own parser reads them far
 # faster than Python could. Every decoder must accept exactly what `pb.X.FromString` accepts and
-# read it the same way; the tests hold it to that with protobuf itself (tests/test_wire.py).
+# read it the same way; the tests hold it to that with protobuf itself (tests/protocols/test_wire.py).
 
 from __future__ import annotations
 

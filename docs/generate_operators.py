@@ -1,6 +1,6 @@
 """Write docs/operators.md from the operator registry: `python docs/generate_operators.py`.
 
-`--check` exits 1 (writing nothing) when the file is stale; tests/test_docs.py does the same.
+`--check` exits 1 (writing nothing) when the file is stale; tests/project/test_docs.py does the same.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ as cosserve.<dir>.x_pb2 (client/ is the `cosserve` package).
 
 Usage: python3 protos/generate.py [--out DIR]
 
-The stubs are the output of one pinned generator, GENERATOR_REQUIREMENTS (tests/test_stubs.py
+The stubs are the output of one pinned generator, GENERATOR_REQUIREMENTS (tests/project/test_stubs.py
 checks them byte for byte). That grpcio-tools needs protobuf 5, while the project runs on protobuf 7,
 so no extra installs it: run with any other interpreter, this script makes (once, under
 .cache/toolenvs/, with tests/toolenv.py) a venv of its own with the pin and reruns itself there.

@@ -1,6 +1,6 @@
 """A Caffe2 script of the cosine family, written against Caffe2's own Python API.
 
-It runs as it is where Caffe2 is installed. tests/test_caffe2.py runs it against a cosserve
+It runs as it is where Caffe2 is installed. tests/protocols/test_caffe2.py runs it against a cosserve
 server with only its import lines changed (`caffe2.python` and `caffe2.proto` become
 `cosserve.caffe2`), and checks every value it fetched against numpy and torch autograd.
 """

@@ -18,7 +18,7 @@ import pytest
 
 from cosserve import Client, CosserveRpcError
 from tests.conftest import DEVICES, start_server
-from tests.test_security import KEYS, keys_file
+from tests.edge.test_security import KEYS, keys_file
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")

@@ -16,7 +16,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 # What pip prints when it cannot reach an index: only then is the answer unknown and the test skips.
 _OFFLINE = re.compile(
     r"NewConnectionError|Max retries exceeded|Network is unreachable|Temporary failure in name resolution"

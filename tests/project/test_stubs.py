@@ -9,7 +9,7 @@ import subprocess
 
 from tests import toolenv
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 GENERATE = ROOT / "protos" / "generate.py"
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from cosserve import limits
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 DOCUMENTS = [ROOT / "protos" / "cosserve" / "v1" / "cosserve.proto", ROOT / "README.md"]
 STATED = ("MAX_MESSAGE_BYTES", "INLINE_BYTES", "CHUNK_BYTES")
 MiB = 1024 * 1024

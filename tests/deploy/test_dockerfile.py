@@ -34,7 +34,7 @@ import pytest
 
 from cosserve.server.settings import Settings
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 FIELDS = {f.name for f in dataclasses.fields(Settings)}
 # The image's own directories; the steps' paths under them are moved under the test's directory.

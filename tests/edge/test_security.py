@@ -242,7 +242,7 @@ def _rpc(channel: grpc.Channel, method: str, request: Any, metadata: tuple[tuple
 def test_every_rpc_with_a_session_id_is_covered():
     takes_session = {m.name for m in SERVICE.methods if "session_id" in m.input_type.fields_by_name}
     # CreateSession's session_id is the id proposed for a new session, not one to act on: the
-    # proposal of an id in use has its own tests (tests/test_affinity.py).
+    # proposal of an id in use has its own tests (tests/state/test_affinity.py).
     assert takes_session - {"CreateSession"} == set(SESSION_CALLS)
 
 

@@ -69,16 +69,18 @@ def test_stalled_streams_and_health_watches_do_not_starve_other_clients():
 
 
 def test_sigterm_exits_within_grace_even_with_a_cpu_bound_call_in_flight():
-    grace = 1.0
+    grace = 0.5
     proc, address = start_process("--grace-s", str(grace))
     failure: list[BaseException] = []
     try:
         with Client(address, timeout=120) as c:
             s = c.session("cpu")
             rng = np.random.default_rng(0)
-            # A finite-difference check of 2 x 6,000 elements, within the cost bound: seconds of CPU.
-            s.feed_blob("X", rng.standard_normal((60, 100)))
-            s.feed_blob("Y", rng.standard_normal((60, 100)))
+            # A finite-difference check of 2 x 8,000 elements, within the cost bound (8.3e8 of
+            # engine.MAX_GRADIENT_CHECK_COST's 1e9): 1.6 s of CPU on a fast core, so it outlasts
+            # the wait below and the grace (2 x 6,000 took 1.05 s: done before SIGTERM came).
+            s.feed_blob("X", rng.standard_normal((80, 100)))
+            s.feed_blob("Y", rng.standard_normal((80, 100)))
 
             def busy() -> None:
                 try:
@@ -88,7 +90,7 @@ def test_sigterm_exits_within_grace_even_with_a_cpu_bound_call_in_flight():
 
             worker = threading.Thread(target=busy, daemon=True)
             worker.start()
-            time.sleep(1.0)  # the check is running
+            time.sleep(0.3)  # the check is running
             assert worker.is_alive()
             start = time.monotonic()
             proc.send_signal(signal.SIGTERM)

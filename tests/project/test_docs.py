@@ -12,7 +12,7 @@ pytest.importorskip("torch")
 
 from cosserve.server.compute.registry import REGISTRY  # noqa: E402
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def generator() -> ModuleType:

@@ -592,7 +592,7 @@ def test_readme_example_runs_with_tritonclient(triton_python: str, server: Runni
     import pathlib
     import re
 
-    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme[readme.index("## Open Inference Protocol (KServe v2 / Triton)") :]
     (example,) = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], flags=re.S)
     code = example.replace('"127.0.0.1:50051"', repr(server.address))

@@ -66,7 +66,7 @@ def test_dot_product_with_padding_of_an_x_with_no_elements_is_shape_0(client, de
 
 # ---- a Caffe2 script, run remotely by changing its imports (scope 2) -----------------------
 
-SCRIPT = pathlib.Path(__file__).with_name("caffe2_script.py")
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "caffe2_script.py"
 CAFFE2_IMPORTS = {
     "from caffe2.python import core, workspace": "from cosserve.caffe2 import core, workspace",
     "from caffe2.proto import caffe2_pb2": "from cosserve.caffe2 import caffe2_pb2",
@@ -382,7 +382,7 @@ def test_hostile_sizes_are_bounded(stub, pair):
 
 
 def test_readme_caffe2_example_runs_against_a_server(server):
-    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     (example,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "cosserve.caffe2" in b]
     from cosserve.caffe2 import workspace
 

@@ -26,7 +26,7 @@ from cosserve import (
 from cosserve.calls import FetchAssembler
 from cosserve.v1 import cosserve_pb2 as pb
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_every_raise_in_the_client_is_of_the_family():

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cosserve import Client
 from tests.conftest import start_process, stop_process
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "cosserve.json"
 # Labels Prometheus adds to every series of a scrape target; the server does not export them.
 TARGET_LABELS = {"job", "instance"}

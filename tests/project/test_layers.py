@@ -17,7 +17,7 @@ import pytest
 
 from tests.installed_layout import installed_layout
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONTRACTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
 _NAMES = {c["id"]: c["name"] for c in CONTRACTS}
 

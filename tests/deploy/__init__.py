@@ -1,0 +1,1 @@
+"""Deployment: Kubernetes and compose files, the Dockerfile, the install, replicas behind a real nginx."""

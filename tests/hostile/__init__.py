@@ -1,0 +1,1 @@
+"""Hostile clients: fuzzing every RPC, concurrency, and memory over many cycles."""

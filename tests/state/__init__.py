@@ -1,0 +1,1 @@
+"""State: workspaces, sessions, accounts and limits, snapshots, durability, shared corpora, affinity."""
