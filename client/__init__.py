@@ -1,4 +1,5 @@
-"""cosserve: Caffe2's cosine operators as a gRPC service on torch; this package is the client (no torch)."""
+"""cosserve: Caffe2's cosine operators as a gRPC service on torch; this package is the client (no
+torch; only the `cosserve` command, cosserve.cli, reaches into cosserve.server)."""
 
 from cosserve.calls import GradientCheck
 from cosserve.client import Client, Session

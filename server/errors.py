@@ -1,4 +1,4 @@
-"""Domain errors of the cosserve core; the servicer maps each to one gRPC status code."""
+"""Domain errors of the cosserve core; the edge's one table (edge/status.py) maps each to a gRPC status code."""
 
 from __future__ import annotations
 

@@ -161,7 +161,7 @@ def test_errors_are_the_same_family(server):
 
 
 def test_session_ids_are_proposed_and_sent_as_metadata():
-    """A server that checks `cosserve-session-id` on every call of a session (servicer._check_routed)
+    """A server that checks `cosserve-session-id` on every call of a session (cosserve_servicer._check_routed)
     answers every method; a session made by the sync client is attached by the async one."""
     seen: list[tuple[str, str]] = []
     running = start_server()

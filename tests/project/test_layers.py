@@ -49,6 +49,10 @@ PLANTED = [
     ("core-without-grpc", "cosserve/server/state/sessions.py", "from grpc import aio"),
     ("client-without-torch-or-server", "cosserve/sharded.py", "import torch"),
     ("client-without-torch-or-server", "cosserve/client.py", "from cosserve.server import settings"),
+    ("client-package-without-torch-or-server", "cosserve/__init__.py", "import torch"),
+    ("client-layers", "cosserve/calls.py", "from cosserve import client"),
+    ("client-layers", "cosserve/client.py", "from cosserve import aio"),
+    ("client-layers", "cosserve/tensors.py", "from cosserve import calls"),
     ("wire-without-arrays-or-grpc", "cosserve/wire.py", "import numpy"),
     ("wire-without-arrays-or-grpc", "cosserve/wire.py", "import grpc"),
 ]
