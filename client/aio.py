@@ -22,7 +22,7 @@ import grpc
 import grpc.aio
 import numpy as np
 
-from cosserve import calls
+from cosserve import calls, flows
 from cosserve.calls import CorpusInfo, GradientCheck, OpInfo, OpSpec
 from cosserve.client import BaseClient, BaseSession
 
@@ -51,26 +51,25 @@ class Client(BaseClient):
     async def close(self) -> None:
         await self._channel.close()
 
-    # `flow` is a calls.Flow[T], spelled out: mypy reads cosserve.* as Any here, which would hide T.
-    async def _perform(self, flow: Generator[calls.Step, Any, T]) -> T:
+    async def _perform(self, flow: flows.Flow[T]) -> T:
         """Await the calls of `flow` (one that hands nothing out on the way); its result."""
-        run = calls.Run(flow)
+        run = flows.Run(flow)
         async for _ in self._drive(run):
             pass
         return run.result
 
-    async def _drive(self, run: calls.Run[Any]) -> AsyncGenerator[Any, None]:
+    async def _drive(self, run: flows.Run[Any]) -> AsyncGenerator[Any, None]:
         """Answer the steps of `run` until its flow returns, yielding what it Emits to our caller."""
         async with _OpenStream() as stream:
             for step in run:
                 with run.answer() as answer:
-                    if isinstance(step, calls.Emit):
+                    if isinstance(step, flows.Emit):
                         yield step.value
                     else:
                         answer.reply = await self._answer(step, stream)
 
-    async def _answer(self, step: calls.Call | calls.Read, stream: _OpenStream) -> Any:
-        if isinstance(step, calls.Read):
+    async def _answer(self, step: flows.Call | flows.Read, stream: _OpenStream) -> Any:
+        if isinstance(step, flows.Read):
             return await stream.read()
         if step.stream:
             stream.open(self._start(step), step.idle)
@@ -125,10 +124,10 @@ class _OpenStream:
         self._call, self._idle = call, idle
 
     async def read(self) -> Any:
-        # A TimeoutError here becomes the flow's DEADLINE_EXCEEDED (calls.Run); wait_for has
+        # A TimeoutError here becomes the flow's DEADLINE_EXCEEDED (flows.Run); wait_for has
         # cancelled the read, and with it the call.
         message = await asyncio.wait_for(self._call.read(), self._idle)
-        return calls.END if message is grpc.aio.EOF else message
+        return flows.END if message is grpc.aio.EOF else message
 
     def close(self) -> None:
         if self._call is not None:
@@ -258,6 +257,6 @@ class Session(BaseSession[Client]):
             self.id, queries, corpus, k, batch_size=batch_size, timeout=timeout, client_timeout=self.client.timeout
         )
         # Closed with this iterator, so that a caller who breaks off stops the stream at once.
-        async with contextlib.aclosing(self.client._drive(calls.Run(flow))) as results:
+        async with contextlib.aclosing(self.client._drive(flows.Run(flow))) as results:
             async for result in results:
                 yield result

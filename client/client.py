@@ -6,13 +6,13 @@ import abc
 import os
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 import grpc
 import numpy as np
 
-from cosserve import calls, limits, wire
+from cosserve import calls, flows, limits, wire
 from cosserve.calls import CorpusInfo, GradientCheck, OpInfo, OpSpec
 from cosserve.errors import InvalidArgumentError
 from cosserve.v1 import cosserve_pb2 as pb
@@ -108,7 +108,7 @@ class BaseClient(abc.ABC):
         """The call's metadata: the token, and for a session's call its id (see calls.call_metadata)."""
         return calls.call_metadata(self._metadata, session)
 
-    def _start(self, call: calls.Call) -> Any:
+    def _start(self, call: flows.Call) -> Any:
         """Start `call`: its reply (sync), an awaitable of it (asyncio), or its reply stream."""
         rpc = self._framed[call.method] if call.framed else getattr(self.stub, call.method)
         metadata = self._metadata_for(call.session)
@@ -148,26 +148,25 @@ class Client(BaseClient):
         self._watchdog.close()
         self._channel.close()
 
-    # `flow` is a calls.Flow[T], spelled out: mypy reads cosserve.* as Any here, which would hide T.
-    def _perform(self, flow: Generator[calls.Step, Any, T]) -> T:
+    def _perform(self, flow: flows.Flow[T]) -> T:
         """Perform the calls of `flow` (one that hands nothing out on the way); its result."""
-        run = calls.Run(flow)
+        run = flows.Run(flow)
         for _ in self._drive(run):
             pass
         return run.result
 
-    def _drive(self, run: calls.Run[Any]) -> Iterator[Any]:
+    def _drive(self, run: flows.Run[Any]) -> Iterator[Any]:
         """Answer the steps of `run` until its flow returns, yielding what it Emits to our caller."""
         with _OpenStream(self._watchdog, run) as stream:
             for step in run:
                 with run.answer() as answer:
-                    if isinstance(step, calls.Emit):
+                    if isinstance(step, flows.Emit):
                         yield step.value
                     else:
                         answer.reply = self._answer(step, stream)
 
-    def _answer(self, step: calls.Call | calls.Read, stream: _OpenStream) -> Any:
-        if isinstance(step, calls.Read):
+    def _answer(self, step: flows.Call | flows.Read, stream: _OpenStream) -> Any:
+        if isinstance(step, flows.Read):
             return stream.read()
         if step.stream:
             stream.open(self._start(step), step)
@@ -186,7 +185,7 @@ class Client(BaseClient):
         """Call one unary or request-streaming RPC with a request of one's own; raise
         CosserveRpcError on failure. `framed`: the bytes variant of `wire.FRAMED_METHODS`;
         `session`: the id of the session the call is for, sent as metadata too."""
-        return self._perform(calls.one(calls.Call(method, request, session=session, timeout=timeout, framed=framed)))
+        return self._perform(flows.one(flows.Call(method, request, session=session, timeout=timeout, framed=framed)))
 
     def session(self, device: str = "auto") -> Session:
         """Open a server-side workspace on `device` ("auto", "cpu", "cuda", "cuda:N")."""
@@ -405,7 +404,7 @@ class Session(BaseSession[Client]):
         flow = calls.iter_top_k(
             self.id, queries, corpus, k, batch_size=batch_size, timeout=timeout, client_timeout=self.client.timeout
         )
-        return self.client._drive(calls.Run(flow))
+        return self.client._drive(flows.Run(flow))
 
 
 def _framed_callable(channel: Any, method: wire.FramedMethod) -> Any:
@@ -431,7 +430,7 @@ class _OpenStream:
     """The reply stream a flow has open, one at a time: watched for idleness when it has no
     deadline, cancelled when another opens or the flow ends (a no-op once it ended)."""
 
-    def __init__(self, watchdog: _Watchdog, run: calls.Run[Any]) -> None:
+    def __init__(self, watchdog: _Watchdog, run: flows.Run[Any]) -> None:
         self._watchdog = watchdog
         self._run = run
         self._call: Any = None
@@ -443,14 +442,14 @@ class _OpenStream:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def open(self, call: Any, step: calls.Call) -> None:
+    def open(self, call: Any, step: flows.Call) -> None:
         self.close()
         self._call = call
         if step.idle is not None:
             self._progress = self._watchdog.watch(call, step.idle, lambda: self._run.expire(step))
 
     def read(self) -> Any:
-        message = next(self._call, calls.END)
+        message = next(self._call, flows.END)
         if self._progress is not None:
             self._progress()
         return message
