@@ -1,24 +1,16 @@
-"""The core without a server: workspace transactions, idle expiry, workers, the scoring pipeline,
-and the error table."""
+"""Workspaces without a server: transactions and their charges, claims, identity accounts,
+closing, idle expiry and the records a commit journals."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import threading
 import time
 
-import grpc
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from cosserve.server import errors
-from cosserve.server.compute import engine  # noqa: E402
-from cosserve.server.compute.scorer import Batch, Scorer  # noqa: E402
-from cosserve.server.compute.workers import Workers  # noqa: E402
-from cosserve.server.edge.status import STATUS_CODES, status_of  # noqa: E402
 from cosserve.server.settings import Settings  # noqa: E402
 from cosserve.server.state.accounts import Account  # noqa: E402
 from cosserve.server.state.sessions import SessionStore  # noqa: E402
@@ -135,19 +127,6 @@ def test_an_account_is_charged_by_every_workspace_of_its_identity():
     assert account.held == 0
 
 
-def test_run_net_is_all_or_nothing_and_refuses_outputs_before_computing_them():
-    ws = _workspace(max_bytes=_charge("q", 128) + _charge("c", 1600) + 10_000)
-    ws.put("q", torch.ones(4, 8))
-    ws.put("c", torch.ones(50, 8))
-    calls = [
-        engine.OpCall("CosineSimilarity", ("q", "q"), ("s",)),
-        engine.OpCall("CosineSimilarityMatrix", ("c", "c"), ("big",)),  # 50 x 50 x 4 = 10,000 bytes
-    ]
-    with pytest.raises(errors.ResourceExhausted, match=r"op #1 .*nothing was changed"):
-        engine.run_net(ws, calls)
-    assert ws.names() == ["c", "q"]
-    engine.run_net(ws, calls[:1])
-    np.testing.assert_allclose(ws.get("s").numpy(), np.ones(4), rtol=1e-6)
 
 
 def test_a_closed_workspace_refuses_every_change():
@@ -172,97 +151,6 @@ def test_idle_sessions_expire_and_used_ones_stay():
     assert idle.closed and store.get(used.id) is used
 
 
-def test_workers_run_small_work_inline_and_large_work_on_a_thread():
-    workers = Workers(threads=2, inline_bytes=100)
-    loop_thread: list[threading.Thread] = []
-
-    async def main() -> tuple[str, str]:
-        loop_thread.append(threading.current_thread())
-        small = await workers.run(100, lambda: threading.current_thread().name)
-        large = await workers.run(101, lambda: threading.current_thread().name)
-        return small, large
-
-    try:
-        small, large = asyncio.run(main())
-    finally:
-        workers.shutdown()
-    assert small == loop_thread[0].name
-    assert large.startswith("cosserve-work")
-
-
-def test_the_scorer_gives_results_in_order_then_the_error_of_a_bad_batch():
-    ws = _workspace(max_bytes=1 << 20)
-    corpus = torch.eye(4, dtype=torch.float32)
-    ws.put("C", corpus)
-    scorer = Scorer(max_result_bytes=1 << 20)
-
-    async def batches():
-        for row in (2, 0):
-            yield Batch(ws, "C", corpus, corpus[row : row + 1].clone(), 1)
-        raise errors.NotFound("blob 'gone' is not in session s")
-
-    async def main() -> tuple[list[int], BaseException | None]:
-        got: list[int] = []
-        try:
-            async for _scores, indices in scorer.score(batches()):
-                got.append(int(indices[0, 0]))
-        except errors.NotFound as err:
-            return got, err
-        return got, None
-
-    try:
-        got, failure = asyncio.run(main())
-    finally:
-        scorer.shutdown()
-    assert got == [2, 0]
-    assert isinstance(failure, errors.NotFound)
-
-
-def _domain_errors() -> list[type[errors.CosserveError]]:
-    found, todo = [], [errors.CosserveError]
-    while todo:
-        cls = todo.pop()
-        found.append(cls)
-        todo.extend(cls.__subclasses__())
-    return found
-
-
-def test_every_domain_error_class_has_a_status_code():
-    missing = [cls.__name__ for cls in _domain_errors() if cls is not errors.CosserveError and status_of(cls("x")) is None]
-    assert not missing, f"domain errors without a status code in status.STATUS_CODES: {missing}"
-    assert status_of(errors.CosserveError("x")) is None  # the base alone is no code: INTERNAL
-    assert status_of(ValueError("x")) is None
-
-
-def test_a_subclass_of_a_domain_error_takes_its_parents_code():
-    class BlobNameTooLong(errors.InvalidArgument):
-        pass
-
-    class Deeper(BlobNameTooLong):
-        pass
-
-    assert status_of(Deeper("x")) is grpc.StatusCode.INVALID_ARGUMENT
-    assert set(STATUS_CODES) <= set(_domain_errors())
-
-
-def test_work_on_a_thread_sees_its_calls_request_id():
-    from cosserve.server.edge.observability import REQUEST_ID
-
-    workers = Workers(threads=1, inline_bytes=0)
-
-    async def call(request_id: str) -> tuple[str, str]:
-        REQUEST_ID.set(request_id)
-        return await workers.run(1, lambda: (threading.current_thread().name, REQUEST_ID.get()))
-
-    async def both() -> list[tuple[str, str]]:
-        return list(await asyncio.gather(call("first"), call("second")))
-
-    try:
-        results = asyncio.run(both())
-    finally:
-        workers.shutdown()
-    assert [r[1] for r in results] == ["first", "second"]
-    assert all(r[0].startswith("cosserve-work") for r in results)
 
 
 def test_a_replacing_commit_is_one_step_and_one_journal_record():
