@@ -127,6 +127,12 @@ def test_sigterm_snapshot_then_restart_restores_every_session_bit_exact(state: P
         stop(proc, signal.SIGTERM)
 
 
+def _stamp(path: Path) -> tuple[int, int]:
+    """Which file `path` names now: its inode and its change time."""
+    st = path.stat()
+    return st.st_ino, st.st_ctime_ns
+
+
 def test_periodic_snapshots_write_changed_sessions_only(state: Path) -> None:
     proc, address = serve(state, "snapshot", "--snapshot-interval-s", "0.2")
     try:
@@ -141,13 +147,15 @@ def test_periodic_snapshots_write_changed_sessions_only(state: Path) -> None:
                 time.sleep(0.05)
             assert written.exists() and busy_file.exists(), "no periodic snapshot within 10 s"
             time.sleep(0.1)  # the pass that wrote them is over
-            first = written.stat().st_ino
-            busy_first = busy_file.stat().st_ino
+            # A rewrite is a new file renamed over the old one. Its inode number alone can repeat
+            # (the filesystem reuses the one freed by the rewrite before), so the change time too.
+            first = _stamp(written)
+            busy_first = _stamp(busy_file)
             for i in range(15):  # several periods, busy changing all the time
                 busy.feed_blob("x", np.full(5, i, np.float32))
                 time.sleep(0.1)
-            assert written.stat().st_ino == first, "an unchanged session was written again"
-            assert busy_file.stat().st_ino != busy_first, "a changed session was not written again"
+            assert _stamp(written) == first, "an unchanged session was written again"
+            assert _stamp(busy_file) != busy_first, "a changed session was not written again"
     finally:
         proc.kill()
         proc.wait(10)
