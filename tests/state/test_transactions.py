@@ -1,16 +1,18 @@
-"""Workspaces without a server: transactions and their charges, claims, identity accounts,
-closing, idle expiry and the records a commit journals."""
+"""Workspaces without a server: transactions and their charges, claims, identity accounts, a
+net all or nothing, closing, idle expiry and the records a commit journals."""
 
 from __future__ import annotations
 
 import dataclasses
 import time
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from cosserve.server import errors
+from cosserve.server.compute import engine  # noqa: E402
 from cosserve.server.settings import Settings  # noqa: E402
 from cosserve.server.state.accounts import Account  # noqa: E402
 from cosserve.server.state.sessions import SessionStore  # noqa: E402
@@ -127,6 +129,21 @@ def test_an_account_is_charged_by_every_workspace_of_its_identity():
     assert account.held == 0
 
 
+
+
+def test_run_net_is_all_or_nothing_and_refuses_outputs_before_computing_them():
+    ws = _workspace(max_bytes=_charge("q", 128) + _charge("c", 1600) + 10_000)
+    ws.put("q", torch.ones(4, 8))
+    ws.put("c", torch.ones(50, 8))
+    calls = [
+        engine.OpCall("CosineSimilarity", ("q", "q"), ("s",)),
+        engine.OpCall("CosineSimilarityMatrix", ("c", "c"), ("big",)),  # 50 x 50 x 4 = 10,000 bytes
+    ]
+    with pytest.raises(errors.ResourceExhausted, match=r"op #1 .*nothing was changed"):
+        engine.run_net(ws, calls)
+    assert ws.names() == ["c", "q"]
+    engine.run_net(ws, calls[:1])
+    np.testing.assert_allclose(ws.get("s").numpy(), np.ones(4), rtol=1e-6)
 
 
 def test_a_closed_workspace_refuses_every_change():

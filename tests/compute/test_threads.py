@@ -1,50 +1,19 @@
-"""The compute layer without a server: run_net all or nothing, Workers, the Scorer, and request
-ids on the work threads."""
+"""The compute layer's threads without a server: Workers inline or on a thread, the Scorer's
+order and errors, and request ids on the work threads."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from cosserve.server import errors
-from cosserve.server.compute import engine  # noqa: E402
 from cosserve.server.compute.scorer import Batch, Scorer  # noqa: E402
 from cosserve.server.compute.workers import Workers  # noqa: E402
-from cosserve.server.state.accounts import Account  # noqa: E402
-from cosserve.server.state.workspace import BLOB_OVERHEAD_BYTES, Workspace  # noqa: E402
-
-CPU = torch.device("cpu")
-
-
-def _workspace(max_bytes: int = 1 << 20, account: Account | None = None) -> Workspace:
-    return Workspace("s", CPU, max_bytes, account)
-
-
-def _charge(name: str, nbytes: int) -> int:
-    """An independent statement of what a blob costs: its data, its name and a fixed overhead."""
-    return nbytes + len(name.encode()) + BLOB_OVERHEAD_BYTES
-
-
-def test_run_net_is_all_or_nothing_and_refuses_outputs_before_computing_them():
-    ws = _workspace(max_bytes=_charge("q", 128) + _charge("c", 1600) + 10_000)
-    ws.put("q", torch.ones(4, 8))
-    ws.put("c", torch.ones(50, 8))
-    calls = [
-        engine.OpCall("CosineSimilarity", ("q", "q"), ("s",)),
-        engine.OpCall("CosineSimilarityMatrix", ("c", "c"), ("big",)),  # 50 x 50 x 4 = 10,000 bytes
-    ]
-    with pytest.raises(errors.ResourceExhausted, match=r"op #1 .*nothing was changed"):
-        engine.run_net(ws, calls)
-    assert ws.names() == ["c", "q"]
-    engine.run_net(ws, calls[:1])
-    np.testing.assert_allclose(ws.get("s").numpy(), np.ones(4), rtol=1e-6)
-
-
+from cosserve.server.state.workspace import Workspace  # noqa: E402
 
 
 def test_workers_run_small_work_inline_and_large_work_on_a_thread():
@@ -66,7 +35,7 @@ def test_workers_run_small_work_inline_and_large_work_on_a_thread():
 
 
 def test_the_scorer_gives_results_in_order_then_the_error_of_a_bad_batch():
-    ws = _workspace(max_bytes=1 << 20)
+    ws = Workspace("s", torch.device("cpu"), 1 << 20)
     corpus = torch.eye(4, dtype=torch.float32)
     ws.put("C", corpus)
     scorer = Scorer(max_result_bytes=1 << 20)
