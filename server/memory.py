@@ -22,7 +22,7 @@ __all__ = [
     "tensor_bytes",
 ]
 
-# Every dtype a blob may have (the wire's DType enum names the same ten).
+# Every dtype a blob may have (protocols/codec.py maps each to the wire's DType of its name).
 STORED_DTYPES = (
     torch.bool,
     torch.uint8,

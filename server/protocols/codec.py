@@ -29,20 +29,14 @@ __all__ = [
 if sys.byteorder != "little":  # the wire is little-endian and we reinterpret bytes in place
     raise ImportError("cosserve's server needs a little-endian host")
 
-TORCH_DTYPES: dict[int, torch.dtype] = {
-    pb.BOOL: torch.bool,
-    pb.UINT8: torch.uint8,
-    pb.INT8: torch.int8,
-    pb.INT16: torch.int16,
-    pb.INT32: torch.int32,
-    pb.INT64: torch.int64,
-    pb.FLOAT16: torch.float16,
-    pb.BFLOAT16: torch.bfloat16,
-    pb.FLOAT32: torch.float32,
-    pb.FLOAT64: torch.float64,
+# The wire's DType of each dtype a blob may have, by name (FLOAT16 is torch.float16, ...). The
+# values are typed pb.DType, the message fields' type (a subclass of int).
+WIRE_DTYPES: dict[torch.dtype, pb.DType] = {
+    dtype: typing.cast(pb.DType, pb.DType.Value(memory.dtype_name(dtype).upper())) for dtype in memory.STORED_DTYPES
 }
-# The enum's values as the message fields' type (the stubs type them pb.DType, a subclass of int).
-WIRE_DTYPES: dict[torch.dtype, pb.DType] = {dt: typing.cast(pb.DType, code) for code, dt in TORCH_DTYPES.items()}
+TORCH_DTYPES: dict[int, torch.dtype] = {code: dtype for dtype, code in WIRE_DTYPES.items()}
+if len(TORCH_DTYPES) != len(pb.DType.keys()) - 1:  # every DType but DTYPE_UNSPECIFIED
+    raise ImportError("the .proto's DType and memory.STORED_DTYPES must name the same dtypes")
 
 
 def check_header(what: str, dtype_code: int, shape: Sequence[int], max_bytes: int | None = None) -> int:
