@@ -26,10 +26,11 @@ __all__ = [
     "Settings",
     "TlsFiles",
     "add_arguments",
+    "check_corpus_name",
     "check_files",
-    "parse_corpus_spec",
     "format_size",
     "from_args",
+    "parse_corpus_spec",
     "parse_size",
     "read_tls_files",
     "with_source",
@@ -150,8 +151,16 @@ def _path(value: str) -> None:
 
 
 # Corpus names: they follow '@' in blob names and precede '=' in --corpus, so they are plain.
-CORPUS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-CORPUS_NAME_RULE = "1-128 letters, digits, '_', '.' or '-', starting with a letter or digit"
+_CORPUS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def check_corpus_name(name: str) -> str:
+    """`name` (without '@') if a corpus may have it; ValueError with the rule otherwise."""
+    if not _CORPUS_NAME.fullmatch(name):
+        raise ValueError(
+            f"corpus name {quoted(name)} must be 1-128 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
+    return name
 
 
 def parse_corpus_spec(spec: str) -> tuple[str, str, str]:
@@ -159,8 +168,7 @@ def parse_corpus_spec(spec: str) -> tuple[str, str, str]:
     name, sep, rest = spec.partition("=")
     if not sep or not rest:
         raise ValueError(f"{spec[:80]!r} must be NAME=FILE (a .npy or .safetensors file)")
-    if not CORPUS_NAME.fullmatch(name):
-        raise ValueError(f"corpus name {quoted(name)} must be {CORPUS_NAME_RULE}")
+    check_corpus_name(name)
     path, key = rest, ""
     if not rest.endswith((".npy", ".safetensors")):
         head, colon, tail = rest.rpartition(":")

@@ -17,9 +17,10 @@ import threading
 import numpy as np
 import torch
 
+from cosserve.server import settings
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, quoted
 from cosserve.server.memory import STORED_DTYPES, dtype_name
-from cosserve.server.settings import CORPUS_NAME, CORPUS_NAME_RULE, parse_corpus_spec
+from cosserve.server.settings import parse_corpus_spec
 from cosserve.server.state.norm_cache import NormCache
 
 __all__ = [
@@ -58,9 +59,10 @@ def is_corpus(name: str) -> bool:
 
 def check_corpus_name(name: str) -> str:
     """`name` (without '@') if a corpus may have it: a letter or digit, then letters, digits, _ . -; at most 128."""
-    if not CORPUS_NAME.fullmatch(name):
-        raise InvalidArgument(f"corpus name {quoted(name)} must be {CORPUS_NAME_RULE}")
-    return name
+    try:
+        return settings.check_corpus_name(name)
+    except ValueError as err:
+        raise InvalidArgument(str(err)) from None
 
 
 @dataclasses.dataclass(frozen=True)
