@@ -27,7 +27,6 @@ import os
 import re
 import threading
 import time
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -335,19 +334,7 @@ class Durability:
 
     def _apply_record(self, source: BinaryIO, start: int, size: int) -> int:
         """Read the record at `start`, apply it if it is whole; return where the next begins."""
-        source.seek(start)
-        prefix = source.read(journal.RECORD_PREFIX.size)
-        if len(prefix) < journal.RECORD_PREFIX.size:
-            raise journal.TornRecord("it ends inside its prefix")
-        magic, header_bytes, data_bytes = journal.RECORD_PREFIX.unpack(prefix)
-        if magic != journal.MAGIC or header_bytes > journal.MAX_HEADER_BYTES:
-            raise journal.TornRecord("it does not start like a record")
-        end = start + journal.RECORD_PREFIX.size + header_bytes + data_bytes + journal.RECORD_CRC.size
-        if end > size:
-            raise journal.TornRecord(f"it needs {end - start} bytes, the log has {size - start} left")
-        text = source.read(header_bytes)
-        crc = zlib.crc32(prefix[len(journal.MAGIC) :])
-        crc = zlib.crc32(text, crc)
+        text, data_bytes, end, crc = journal.read_head(source, start, size)
         try:
             header = json.loads(text)
             session_id = header["session"]
@@ -394,8 +381,7 @@ class Durability:
                     host = memory.empty(dtype, shape, torch.device("cpu"), f"blob {name!r}")
                     crc = journal.read_into(source, memory.tensor_bytes(host), crc)
                     blobs[name] = host if workspace.device.type == "cpu" else host.to(workspace.device)
-                if journal.RECORD_CRC.unpack(source.read(journal.RECORD_CRC.size))[0] != crc:
-                    raise journal.TornRecord("its crc32 does not match")
+                journal.check_crc(source, crc)
                 staged.stage_outputs(blobs, f"replaying session {workspace.id}")
                 staged.commit(replace=header["op"] == "replace")
         except CosserveError as err:

@@ -18,17 +18,7 @@ from typing import Any, BinaryIO
 from cosserve.server.errors import CosserveError, FailedPrecondition, ResourceExhausted
 from cosserve.server.state import snapshots
 
-__all__ = [
-    "MAGIC",
-    "MAX_HEADER_BYTES",
-    "RECORD_CRC",
-    "RECORD_PREFIX",
-    "Journal",
-    "TornRecord",
-    "read_into",
-    "refusal",
-    "skip_data",
-]
+__all__ = ["Journal", "TornRecord", "check_crc", "read_head", "read_into", "refusal", "skip_data"]
 
 log = logging.getLogger("cosserve.server")
 
@@ -131,6 +121,30 @@ def read_into(source: BinaryIO, target: memoryview, crc: int) -> int:
     return crc
 
 
+def read_head(source: BinaryIO, start: int, size: int) -> tuple[bytes, int, int, int]:
+    """The record at `start` of a log of `size` bytes, up to its data: (its JSON header, its data
+    bytes, where the next record begins, the crc32 so far). TornRecord if it cannot be whole."""
+    source.seek(start)
+    prefix = source.read(RECORD_PREFIX.size)
+    if len(prefix) < RECORD_PREFIX.size:
+        raise TornRecord("it ends inside its prefix")
+    magic, header_bytes, data_bytes = RECORD_PREFIX.unpack(prefix)
+    if magic != MAGIC or header_bytes > MAX_HEADER_BYTES:
+        raise TornRecord("it does not start like a record")
+    end = start + RECORD_PREFIX.size + header_bytes + data_bytes + RECORD_CRC.size
+    if end > size:
+        raise TornRecord(f"it needs {end - start} bytes, the log has {size - start} left")
+    text = source.read(header_bytes)
+    return text, data_bytes, end, zlib.crc32(text, zlib.crc32(prefix[len(MAGIC) :]))
+
+
+def check_crc(source: BinaryIO, crc: int) -> None:
+    """TornRecord unless the record's stored crc32, next in `source`, is `crc`."""
+    tail = source.read(RECORD_CRC.size)
+    if len(tail) < RECORD_CRC.size or RECORD_CRC.unpack(tail)[0] != crc:
+        raise TornRecord("its crc32 does not match")
+
+
 def skip_data(source: BinaryIO, data_bytes: int, crc: int) -> None:
     """Read past a record's data, checking its crc32 (nothing kept beyond one scratch buffer)."""
     scratch = memoryview(bytearray(min(data_bytes, SCRATCH_BYTES)))
@@ -138,6 +152,4 @@ def skip_data(source: BinaryIO, data_bytes: int, crc: int) -> None:
     while left:
         crc = read_into(source, scratch[: min(left, len(scratch))], crc)
         left -= min(left, len(scratch))
-    tail = source.read(RECORD_CRC.size)
-    if len(tail) < RECORD_CRC.size or RECORD_CRC.unpack(tail)[0] != crc:
-        raise TornRecord("its crc32 does not match")
+    check_crc(source, crc)
