@@ -10,7 +10,7 @@ import mmap
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from multiprocessing import shared_memory
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import numpy as np
@@ -65,8 +65,6 @@ __all__ = [
     "run_operator",
     "save",
 ]
-
-T = TypeVar("T")
 
 # One operator of a net: (type, inputs, outputs) or (type, inputs, outputs, {arg: value}),
 # or a mapping with keys "type", "inputs", "outputs" and optionally "args".

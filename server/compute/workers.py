@@ -48,9 +48,9 @@ class Workers:
         self._pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
 
     async def run(self, cost_bytes: float, fn: Callable[..., T], *args: object, stop: StopSignal | None = None) -> T:
-        """fn(*args), inline or on a thread by its cost (math.inf: always a thread). A cancelled caller stops waiting at once
-        and sets `stop`; work already on a thread runs until it checks `stop` (or to its end), and
-        its result is dropped."""
+        """fn(*args), inline or on a thread by its cost (math.inf: always a thread). A cancelled
+        caller stops waiting at once and sets `stop`; work already on a thread runs until it checks
+        `stop` (or to its end), and its result is dropped."""
         if cost_bytes <= self.inline_bytes:
             return fn(*args)
         # The call's context goes with its work: log lines on the thread carry its request id.
