@@ -23,14 +23,13 @@ import grpc
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-trace_service_pb2 = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2")
-trace_service_pb2_grpc = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc")
-sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
+# Imported, not skipped when missing: the dev extra installs them, so CI always runs these tests.
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk import trace as sdk_trace
 
-from cosserve import Client, CosserveRpcError, aio  # noqa: E402
-from cosserve.v1 import cosserve_pb2 as pb  # noqa: E402
-from tests.conftest import start_process, stop_process  # noqa: E402
+from cosserve import Client, CosserveRpcError, aio
+from cosserve.v1 import cosserve_pb2 as pb
+from tests.conftest import start_process, stop_process
 
 API_KEY = "s3cret-key-of-alice-0123456789"
 # A float32 value whose bytes appear in no span: a tensor's data must never be exported.
