@@ -81,10 +81,13 @@ def text(value: str) -> str:
 
 def span(name: str, attributes: Mapping[str, AttributeValue] | None = None) -> contextlib.AbstractContextManager[Span]:
     """A child of the current span (or a root) around work that takes time; while traces are
-    off, one shared no-op. An exception leaving it marks the span as an error, by its type's
-    name only (a message may quote a request)."""
+    off, or inside a span that is not sampled, one shared no-op. An exception leaving it marks
+    the span as an error, by its type's name only (a message may quote a request)."""
     if _tracer is None:
         return NO_SPAN
+    parent = _otel.get_current_span()
+    if not parent.is_recording() and parent.get_span_context().is_valid:
+        return NO_SPAN  # inside a call its sampler dropped: the child would be dropped too
     return _span(name, attributes, None, None, mark_errors=True)
 
 
@@ -149,9 +152,10 @@ class _Otel:
 
     def __init__(self) -> None:
         from opentelemetry import propagate
-        from opentelemetry.trace import SpanKind, Status, StatusCode
+        from opentelemetry.trace import SpanKind, Status, StatusCode, get_current_span
 
         self.propagate = propagate
+        self.get_current_span = get_current_span
         self.fields = frozenset(propagate.get_global_textmap().fields)
         self.SpanKind = SpanKind
         self.Status = Status

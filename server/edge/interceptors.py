@@ -410,7 +410,8 @@ class TracingInterceptor(aio.ServerInterceptor):
         service, _, method = details.method.lstrip("/").rpartition("/")
 
         def wrap(behavior: Behavior, generator: bool) -> Behavior:
-            inner = _around(None, _reraise)(behavior, generator)  # a stream's replies written by it
+            # A stream's replies are written by _around's wrapper, which is a plain coroutine.
+            inner = _around(None, _reraise)(behavior, generator) if generator else behavior
 
             async def traced(request: Any, context: aio.ServicerContext) -> Any:
                 with observability.call_span("grpc", service, method, context.invocation_metadata() or ()) as span:

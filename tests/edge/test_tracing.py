@@ -352,3 +352,18 @@ def test_off_by_default_nothing_of_opentelemetry_is_loaded(server: Any) -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_the_tracing_bench_runs_and_counts_every_span_at_100_percent(capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m bench.tracing` at minimal sizes (the numbers mean nothing here): its three servers
+    start, take turns, and the 100 % one sends a server span and an op span for every call."""
+    from bench.tracing import main
+
+    assert main(["--calls", "20", "--warmup", "5", "--repeats", "1"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("off", "on, 100 % sampled", "on, 1 % sampled"):
+        assert f"| {name} |" in printed, printed
+    spans = re.search(r"spans received: ([\d,]+) for (\d+) calls", printed)
+    assert spans, printed
+    received, calls = int(spans.group(1).replace(",", "")), int(spans.group(2))
+    assert calls == 25 and 2 * calls <= received <= 4 * calls, printed
