@@ -106,7 +106,12 @@ def server_span(
         key = key.lower()
         if key in wanted and isinstance(value, str):
             headers[key] = value
-    parent = _otel.propagate.extract(headers) if headers else None
+    parent = None
+    if headers:
+        try:
+            parent = _otel.propagate.extract(headers)
+        except Exception:  # noqa: BLE001  (a caller's header must never fail its call: it starts a new trace)
+            log.debug("traces: a call's trace context could not be read", exc_info=True)
     return _span(name, attributes, parent, _otel.SpanKind.SERVER, mark_errors=False)
 
 

@@ -16,7 +16,7 @@ import torch
 from cosserve.server import tracing
 from cosserve.server.compute import ops as _ops  # noqa: F401  (fills the registry)
 from cosserve.server.compute.registry import REGISTRY, ArgType, InputKind, Operator, lookup
-from cosserve.server.compute.workers import StopSignal
+from cosserve.server.compute.workers import ON_THREAD, StopSignal
 from cosserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from cosserve.server.memory import FLOAT_DTYPES, dtype_name, is_out_of_memory
 from cosserve.server.state.workspace import Transaction, Workspace, check_name
@@ -213,9 +213,9 @@ _SPAN_OP_TYPES = 16
 
 
 def _op_span(name: str, calls: Sequence[OpCall]) -> contextlib.AbstractContextManager[tracing.Span]:
-    """The span of an op or a net, on a Workers thread or inline on the loop (thread.name says
-    which): its op types and count, never its tensors."""
-    if not tracing.enabled():
+    """The span of an op or a net on a Workers thread (thread.name): its op types and count, never
+    its tensors. None for one run inline on the loop, which is small: its call's span covers it."""
+    if not tracing.enabled() or not ON_THREAD.get():
         return tracing.NO_SPAN
     types = sorted({tracing.text(call.type) for call in calls[:_SPAN_OP_TYPES]})
     return tracing.span(

@@ -175,6 +175,9 @@ def test_a_callers_request_id_and_status_codes_are_on_the_span(receiver: Receive
     with Client(traced, token=API_KEY) as client, client.session("cpu") as ws:
         bearer = (("authorization", f"Bearer {API_KEY}"),)
         client.stub.ListOperators(pb.ListOperatorsRequest(), metadata=(*bearer, ("x-request-id", "trace-test-42")), timeout=10)
+        hostile = (("traceparent", "00-" + "z" * 32 + "-" + "0" * 16 + "-01"), ("tracestate", "k=" + "v" * 6000),
+                   ("baggage", "=;=," * 1000), ("traceparent-bin", b"\x00\xff"), ("x-request-id", "trace-test-44"))  # fmt: skip
+        client.stub.ListOperators(pb.ListOperatorsRequest(), metadata=(*bearer, *hostile), timeout=10)
         with pytest.raises(grpc.RpcError):  # no credentials
             client.stub.ListOperators(pb.ListOperatorsRequest(), metadata=(("x-request-id", "trace-test-43"),), timeout=10)
         with pytest.raises(CosserveRpcError):
@@ -182,6 +185,8 @@ def test_a_callers_request_id_and_status_codes_are_on_the_span(receiver: Receive
         session_id = ws.id
     ok = _server_span(receiver, "ListOperators", **{"cosserve.request_id": "trace-test-42"})
     assert ok["attributes"]["rpc.grpc.status_code"] == 0 and ok["attributes"]["cosserve.identity"] == "alice"
+    garbled = _server_span(receiver, "ListOperators", **{"cosserve.request_id": "trace-test-44"})
+    assert garbled["parent"] == "" and garbled["attributes"]["rpc.grpc.status_code"] == 0  # a new trace, and OK
     refused = _server_span(receiver, "ListOperators", **{"cosserve.request_id": "trace-test-43"})
     assert refused["attributes"]["rpc.grpc.status_code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
     missing = _server_span(receiver, "FetchBlobStream", **{"cosserve.session_id": session_id})
@@ -356,7 +361,8 @@ def test_off_by_default_nothing_of_opentelemetry_is_loaded(server: Any) -> None:
 
 def test_the_tracing_bench_runs_and_counts_every_span_at_100_percent(capsys: pytest.CaptureFixture[str]) -> None:
     """`python -m bench.tracing` at minimal sizes (the numbers mean nothing here): its three servers
-    start, take turns, and the 100 % one sends a server span and an op span for every call."""
+    start, take turns, and the 100 % one sends a server span for every call (W1's op is small enough
+    to run on the loop, so it has no span of its own), the 1 % one a few at most."""
     from bench.tracing import main
 
     assert main(["--calls", "20", "--warmup", "5", "--repeats", "1"]) == 0
@@ -366,4 +372,4 @@ def test_the_tracing_bench_runs_and_counts_every_span_at_100_percent(capsys: pyt
     spans = re.search(r"spans received: ([\d,]+) for (\d+) calls", printed)
     assert spans, printed
     received, calls = int(spans.group(1).replace(",", "")), int(spans.group(2))
-    assert calls == 25 and 2 * calls <= received <= 4 * calls, printed
+    assert calls == 25 and calls <= received <= calls + 10, printed
