@@ -63,7 +63,8 @@ class _NoSpan:
 # What `span` and `server_span` return while traces are off (reusable: it holds no state).
 NO_SPAN: contextlib.AbstractContextManager[Span] = contextlib.nullcontext(_NoSpan())
 
-# Set by configure when traces are on: the SDK's tracer and provider, and the names used per span.
+# Set by configure when traces are on: the SDK's tracer and provider, and the pieces of
+# opentelemetry the spans use (_Otel).
 _tracer: Any = None
 _provider: Any = None
 _otel: Any = None
