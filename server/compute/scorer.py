@@ -45,6 +45,7 @@ def _score_attributes(batch: Batch) -> dict[str, tracing.AttributeValue] | None:
         "cosserve.corpus": tracing.text(batch.corpus_name),
         "cosserve.corpus.rows": int(batch.corpus.shape[0]) if batch.corpus.dim() else 1,
         "cosserve.session_id": batch.workspace.id,
+        "cosserve.callers": 1,  # each ScoreTopK stream scores its own batches
     }
 
 

@@ -27,7 +27,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk import trace as sdk_trace
 
-from cosserve import Client, CosserveRpcError, aio
+from cosserve import Client, CosserveRpcError, ShardedScorer, aio
 from cosserve.v1 import cosserve_pb2 as pb
 from tests.conftest import start_process, stop_process
 
@@ -249,6 +249,22 @@ def test_a_trace_begun_in_the_client_continues_into_the_server(receiver: Receive
         assert span["parent"] == format(parent.span_id, "016x")
         assert span["kind"] == 2
         _children(receiver, span, "cosserve.op")  # the op's span is in the caller's trace too
+
+
+def test_a_sharded_scorers_streams_continue_the_callers_trace(receiver: Receiver, traced: str) -> None:
+    """ShardedScorer runs each server's stream on a thread of its own, in the caller's context."""
+    tracer = sdk_trace.TracerProvider().get_tracer("the-caller")
+    corpus = np.random.default_rng(1).standard_normal((40, 8)).astype(np.float32)
+    with ShardedScorer([traced, traced], device="cpu", token=API_KEY) as scorer:
+        scorer.feed(corpus, progress=False)
+        with tracer.start_as_current_span("caller's search") as caller:
+            scorer.top_k(corpus[:3], k=2)
+    parent = caller.get_span_context()
+    trace_id = format(parent.trace_id, "032x")
+    streams = receiver.wait_for(lambda s: s["trace_id"] == trace_id and s["name"] == f"{GRPC_SERVICE}/ScoreTopK", count=2)
+    assert len(streams) == 2 and {s["parent"] for s in streams} == {format(parent.span_id, "016x")}
+    for stream in streams:
+        _children(receiver, stream, "cosserve.score")
 
 
 def test_spans_carry_no_tensor_data_and_no_secret(receiver: Receiver, traced: str) -> None:
