@@ -1,8 +1,10 @@
 """Shared corpora: read-only tensors every session names as `@NAME`, held once by the server.
 
 A corpus comes from a file given at start (`--corpus NAME=FILE`: `.npy`, or `.safetensors` with
-one tensor or `NAME=FILE:KEY`), memory-mapped so that start-up reads only its header, or from a
-session's blob (`PublishCorpus`), moved out of the session without a copy. No gRPC here.
+one tensor or `NAME=FILE:KEY`), memory-mapped so that start-up reads only its header; from a
+`.parquet` file or a folder of them or of `.npy` shards, read into memory by `cosserve.datasets`,
+with the rows' ids (int64 or strings) when an id column holds them; or from a session's blob
+(`PublishCorpus`), moved out of the session without a copy. No gRPC here.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import threading
 import numpy as np
 import torch
 
+from cosserve import datasets
 from cosserve.server import settings
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, quoted
 from cosserve.server.memory import STORED_DTYPES, dtype_name
@@ -31,6 +34,7 @@ __all__ = [
     "Corpus",
     "check_corpus_name",
     "is_corpus",
+    "load_dataset",
     "load_file",
 ]
 
@@ -147,8 +151,34 @@ def _load_safetensors(path: str, key: str) -> tuple[torch.Tensor, str]:
     return torch.from_numpy(raw).view(dtype).view(shape), key
 
 
+def load_dataset(name: str, path: str) -> Corpus:
+    """The corpus `name` from a .parquet file or a folder (of .parquet files or .npy shards), read
+    into memory with cosserve.datasets in bounded pieces, with the rows' ids when a Parquet id
+    column holds them; ValueError with the reason."""
+    try:
+        source = datasets.open_source(path, what="corpus")
+        try:
+            tensor = torch.empty((source.rows, source.dim), dtype=getattr(torch, source.dtype.name))
+        except RuntimeError as err:  # torch's out of memory
+            raise ValueError(f"{path[:200]!r} ({source.rows} x {source.dim} {source.dtype}) does not fit in memory: {err}"[:400]) from None
+        rows = tensor.numpy()  # the tensor's memory: each batch is copied in once
+        for batch in source.batches():
+            rows[batch.start : batch.start + len(batch.vectors)] = batch.vectors
+        ids = None if source.id_kind == "row" else RowIds.of(source.ids(), source.rows)
+    except datasets.DatasetError as err:
+        raise ValueError(str(err)[:400]) from None
+    except OSError as err:
+        raise ValueError(f"cannot read {path[:200]!r}: {err.strerror or err}") from None
+    except ValueError as err:
+        raise ValueError(f"{path[:200]!r} {err}"[:400]) from None
+    return Corpus(name, tensor, path, ids)
+
+
 def load_file(name: str, path: str, key: str = "") -> Corpus:
-    """The corpus `name` from a .npy or .safetensors file, memory-mapped; ValueError with the reason."""
+    """The corpus `name` from a .npy or .safetensors file, memory-mapped, or through `load_dataset`
+    from a .parquet file or a folder; ValueError with the reason."""
+    if path.endswith(".parquet") or os.path.isdir(path):
+        return load_dataset(name, path)
     try:
         if path.endswith(".npy"):
             tensor, source = _load_npy(path), path
