@@ -15,11 +15,12 @@ import math
 import os
 import struct
 import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from cosserve import datasets
 from cosserve.server import settings
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, quoted
 from cosserve.server.memory import STORED_DTYPES, dtype_name
@@ -32,6 +33,7 @@ __all__ = [
     "READ_ONLY",
     "Corpora",
     "Corpus",
+    "RowSource",
     "check_corpus_name",
     "is_corpus",
     "load_dataset",
@@ -151,34 +153,56 @@ def _load_safetensors(path: str, key: str) -> tuple[torch.Tensor, str]:
     return torch.from_numpy(raw).view(dtype).view(shape), key
 
 
-def load_dataset(name: str, path: str) -> Corpus:
+class RowSource(Protocol):
+    """What `load_dataset` reads: cosserve.datasets.Source, opened by the edge (the client's
+    modules raise the client's errors, which import grpc, so state never imports them)."""
+
+    @property
+    def rows(self) -> int: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+    @property
+    def id_kind(self) -> str: ...  # "row": no ids (the row number); "int64" or "string"
+
+    def batches(self) -> Iterator[Any]: ...  # .start, .vectors (n, dim) in order
+
+    def ids(self) -> np.ndarray: ...
+
+
+def load_dataset(name: str, path: str, open_source: Callable[[str], RowSource]) -> Corpus:
     """The corpus `name` from a .parquet file or a folder (of .parquet files or .npy shards), read
-    into memory with cosserve.datasets in bounded pieces, with the rows' ids when a Parquet id
+    into memory in bounded pieces from `open_source(path)`, with the rows' ids when a Parquet id
     column holds them; ValueError with the reason."""
     try:
-        source = datasets.open_source(path, what="corpus")
+        source = open_source(path)
         try:
             tensor = torch.empty((source.rows, source.dim), dtype=getattr(torch, source.dtype.name))
         except RuntimeError as err:  # torch's out of memory
-            raise ValueError(f"{path[:200]!r} ({source.rows} x {source.dim} {source.dtype}) does not fit in memory: {err}"[:400]) from None
+            raise ValueError(f"({source.rows} x {source.dim} {source.dtype}) does not fit in memory: {err}") from None
         rows = tensor.numpy()  # the tensor's memory: each batch is copied in once
         for batch in source.batches():
             rows[batch.start : batch.start + len(batch.vectors)] = batch.vectors
         ids = None if source.id_kind == "row" else RowIds.of(source.ids(), source.rows)
-    except datasets.DatasetError as err:
-        raise ValueError(str(err)[:400]) from None
     except OSError as err:
         raise ValueError(f"cannot read {path[:200]!r}: {err.strerror or err}") from None
-    except ValueError as err:
-        raise ValueError(f"{path[:200]!r} {err}"[:400]) from None
+    except ValueError as err:  # cosserve.datasets.DatasetError included: its message names the file
+        message = str(err) if path[:200] in str(err) else f"{path[:200]!r} {err}"
+        raise ValueError(message[:400]) from None
     return Corpus(name, tensor, path, ids)
 
 
-def load_file(name: str, path: str, key: str = "") -> Corpus:
+def load_file(name: str, path: str, key: str = "", open_source: Callable[[str], RowSource] | None = None) -> Corpus:
     """The corpus `name` from a .npy or .safetensors file, memory-mapped, or through `load_dataset`
     from a .parquet file or a folder; ValueError with the reason."""
     if path.endswith(".parquet") or os.path.isdir(path):
-        return load_dataset(name, path)
+        if open_source is None:
+            raise ValueError(f"{path[:200]!r}: this server reads no Parquet files or folders")
+        return load_dataset(name, path, open_source)
     try:
         if path.endswith(".npy"):
             tensor, source = _load_npy(path), path
@@ -213,10 +237,11 @@ class Corpora:
         self._copies: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._published = 0  # data bytes of the published corpora
 
-    def add_file(self, spec: str) -> Corpus:
-        """Add the corpus of one `--corpus NAME=FILE` entry, mapped (not read); ValueError with the reason."""
+    def add_file(self, spec: str, open_source: Callable[[str], RowSource] | None = None) -> Corpus:
+        """Add the corpus of one `--corpus NAME=FILE` entry, mapped (not read; Parquet and folders
+        are read through `open_source`); ValueError with the reason."""
         name, path, key = parse_corpus_spec(spec)
-        corpus = load_file(name, path, key)
+        corpus = load_file(name, path, key, open_source)
         with self._lock:
             if name in self._corpora:
                 raise ValueError(f"corpus name {name!r} is given twice")
