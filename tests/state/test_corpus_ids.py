@@ -163,3 +163,19 @@ def test_a_bad_parquet_corpus_is_one_start_up_line(tmp_path, write, reason):
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("cosserve serve: --corpus ") and reason in lines[0], done.stderr
+
+
+def test_the_asyncio_client_gets_the_same_ids(server, corpora):
+    import asyncio
+
+    from cosserve import aio
+
+    q = np.random.default_rng(23).standard_normal((5, D)).astype(np.float32)
+
+    async def ask() -> tuple:
+        async with aio.Client(server.address) as client, client.session("cpu") as ws:
+            return await ws.top_k(q, "@strs", k=3, ids=True), await ws.range_search(q, "@ints", 0.4)
+
+    (scores, indices, found), result = asyncio.run(ask())
+    np.testing.assert_array_equal(found, corpora["str_ids"][indices])
+    np.testing.assert_array_equal(result.ids, corpora["int_ids"][result.indices])
