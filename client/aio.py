@@ -49,6 +49,7 @@ class Client(BaseClient):
         await self.close()
 
     async def close(self) -> None:
+        self._closed = True
         await self._channel.close()
 
     async def _perform(self, flow: flows.Flow[T]) -> T:

@@ -14,11 +14,20 @@ import numpy as np
 
 from cosserve import calls, flows, limits, wire
 from cosserve.calls import CorpusInfo, GradientCheck, OpInfo, OpSpec
-from cosserve.errors import InvalidArgumentError
+from cosserve.errors import ClientClosedError, InvalidArgumentError, InvalidTypeError
 from cosserve.v1 import cosserve_pb2 as pb
 from cosserve.v1 import cosserve_pb2_grpc as pb_grpc
 
-__all__ = ["BaseClient", "BaseSession", "Client", "PemSource", "Session", "channel_credentials", "connection_options"]
+__all__ = [
+    "BaseClient",
+    "BaseSession",
+    "Client",
+    "PemSource",
+    "Session",
+    "channel_credentials",
+    "check_target",
+    "connection_options",
+]
 
 T = TypeVar("T")
 ClientT = TypeVar("ClientT", bound="BaseClient")
@@ -73,6 +82,20 @@ def connection_options(
     return credentials, ((("authorization", f"Bearer {token}"),) if token else ())
 
 
+def check_target(target: str) -> str:
+    """`target` if it is a server address grpc can dial (host:port, or a gRPC target such as
+    dns:///host:port or unix:PATH); InvalidArgumentError for a URL, which grpc would only fail to
+    resolve ("Misformatted domain name") at the first call."""
+    if not isinstance(target, str):
+        raise InvalidTypeError(f"the server address is a str, host:port, got {target!r}")
+    scheme = target.partition("://")[0].lower() if "://" in target else ""
+    if scheme in ("http", "https", "grpc", "grpcs"):
+        bare = target.partition("://")[2].rstrip("/")
+        tls = " with TLS (tls=True; --tls on the command line)" if scheme in ("https", "grpcs") else ""
+        raise InvalidArgumentError(f"{target!r} is a URL; the server address is host:port, here {bare!r}{tls}")
+    return target
+
+
 class BaseClient(abc.ABC):
     """What `Client` and `cosserve.aio.Client` share: the connection their arguments describe (see
     `Client`), and how one call of a flow is started on it."""
@@ -89,8 +112,9 @@ class BaseClient(abc.ABC):
         client_cert: PemSource | None = None,
         client_key: PemSource | None = None,
     ) -> None:
-        self.target = target
+        self.target = check_target(target)
         self.timeout = timeout
+        self._closed = False
         credentials, self._metadata = connection_options(
             credentials, token, tls=tls, root_certificates=root_certificates, client_cert=client_cert, client_key=client_key
         )
@@ -110,6 +134,9 @@ class BaseClient(abc.ABC):
 
     def _start(self, call: flows.Call) -> Any:
         """Start `call`: its reply (sync), an awaitable of it (asyncio), or its reply stream."""
+        if self._closed:
+            what = f"the session {call.session}'s call {call.method}" if call.session else call.method
+            raise ClientClosedError(f"{what}: the client is closed; open a new Client (and session) to call the server")
         rpc = self._framed[call.method] if call.framed else getattr(self.stub, call.method)
         metadata = self._metadata_for(call.session)
         if call.idle is not None:  # no deadline: the shell cancels it when it idles
@@ -145,6 +172,7 @@ class Client(BaseClient):
         self.close()
 
     def close(self) -> None:
+        self._closed = True
         self._watchdog.close()
         self._channel.close()
 

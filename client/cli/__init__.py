@@ -30,7 +30,12 @@ security model:
                --session-idle-timeout-s.
 """
 
-_NEEDS_SERVER = "this command needs the server extra (torch): pip install 'cosserve[server]'"
+# The install of the README's Quickstart: from a clone, and torch's CPU build first on a machine
+# without a GPU (a plain `pip install 'cosserve[server]'` would fetch CUDA torch from PyPI).
+INSTALL_SERVER = 'in a clone of cosserve: python3 -m pip install -e ".[server]" (README, Quickstart: torch\'s CPU build first on a machine without a GPU)'
+_NEEDS_SERVER = f"this command needs the server extra (torch); {INSTALL_SERVER}"
+# The exit status of a command stopped by Ctrl-C (SIGINT), as a shell reports it: 128 + 2.
+INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,13 +84,17 @@ def _health(ns: argparse.Namespace) -> int:
 
     from cosserve.client import channel_credentials
 
+    from cosserve.client import check_target
+    from cosserve.errors import CosserveError
+
     server, timeout = ns.server, ns.timeout
     tls = ns.tls or any((ns.root_certificates, ns.client_cert, ns.client_key))
     try:
+        check_target(server)
         credentials = channel_credentials(
             root_certificates=ns.root_certificates, client_cert=ns.client_cert, client_key=ns.client_key
         ) if tls else None
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, CosserveError) as err:
         print(f"cosserve health: {err}", file=sys.stderr)
         return 2
     # grpc.health.v1.Health/Check with an empty HealthCheckRequest; the reply SERVING encodes
@@ -105,6 +114,16 @@ def _health(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
+    try:
+        return _run(ns)
+    except KeyboardInterrupt:
+        # Ctrl-C: what the command opened was closed on the way here (a score's sessions and its
+        # embedded server); one line and the shell's status for SIGINT, not a traceback.
+        print(f"cosserve {ns.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _run(ns: argparse.Namespace) -> int:
     if ns.command == "serve":
         try:
             from cosserve.server.edge import app

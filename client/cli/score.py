@@ -33,8 +33,8 @@ __all__ = [
 
 CORPUS_BLOB = "corpus"
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-_NEEDS_SERVER = "an embedded server needs the server extra (torch): pip install 'cosserve[server]', or pass --server"
-_NEEDS_SAFETENSORS = "reading it needs the safetensors package: pip install safetensors (it comes with 'cosserve[server]')"
+_NEEDS_SERVER = 'an embedded server needs the server extra (torch): pass --server, or install it in a clone of cosserve: python3 -m pip install -e ".[server]" (README, Quickstart)'
+_NEEDS_SAFETENSORS = "reading it needs the safetensors package: pip install safetensors (the server extra has it)"
 # Queries handed to the scorer at a time: the scoring bar moves once per slice.
 _SLICE_BATCHES = 8
 _NPY_MAGIC = b"\x93NUMPY"
