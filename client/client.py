@@ -115,6 +115,7 @@ class BaseClient(abc.ABC):
         self.target = check_target(target)
         self.timeout = timeout
         self._closed = False
+        self._schemas: dict[str, tuple[str, ...]] = {}  # each op's input names, for compute (calls.schema_inputs)
         credentials, self._metadata = connection_options(
             credentials, token, tls=tls, root_certificates=root_certificates, client_cert=client_cert, client_key=client_key
         )
@@ -251,11 +252,16 @@ class Client(BaseClient):
     ) -> dict[str, np.ndarray]:
         """Run one operator on `inputs` ({name: array}) without a session; return {output: array}.
 
+        Inputs bind by name: each key is one of the op's input names (`operators()`; {"Q": q,
+        "C": c} and {"C": c, "Q": q} are the same call). A name the op does not have, or one of its
+        inputs left out, is an InvalidArgumentError listing its names. The first call asks the
+        server for its operators once (ListOperators).
+
         Tensors of any size: inputs that fit one message travel in one `Compute` request and the
         outputs in its reply; larger inputs, or outputs too large for one reply, go through a
         temporary session (fed streamed, `RunOperator`, fetched streamed, closed).
         """
-        return self._perform(calls.compute(op_type, inputs, outputs, args, device=device, client_timeout=self.timeout))
+        return self._perform(calls.compute(op_type, inputs, outputs, args, device=device, client_timeout=self.timeout, schemas=self._schemas))
 
 
 class BaseSession(Generic[ClientT]):
@@ -415,8 +421,10 @@ class Session(BaseSession[Client]):
         """Exact cosine top-k of each query row among the rows of blob `corpus` (or of the
         server's shared corpus `"@NAME"`, see `Client.corpora`).
 
-        `queries` is an (N, D) array (numpy, torch or memory-mapped), sent in batches of
-        `batch_size` rows, or an iterable of (n, D) batches whose results are concatenated. All
+        `queries` is one (N, D) array (numpy, torch, memory-mapped, or a nested list or tuple of
+        rows, as `feed_blob` takes it), sent in batches of `batch_size` rows, or an iterable of
+        (n, D) batches whose results are concatenated: an iterator or generator, or a list or tuple
+        whose first item is 2-D. All
         batches go over one ScoreTopK stream, several in flight. Queries must have the corpus
         dtype. Returns (scores (N, k) in the corpus dtype, int64 indices (N, k)), best first,
         ties broken by the lower index; an iterable with no batches asks nothing of the server

@@ -48,9 +48,9 @@ def test_compute_through_a_session_leaves_no_session(client, server):
 def test_a_large_compute_still_fails_precisely(client):
     x = np.ones((1_000_000, 2), np.float32)
     with pytest.raises(CosserveRpcError) as err:
-        client.compute("Cos", {"X": x, "Z": x}, ["Y"])  # a wrong input count, found in the session
+        client.compute("CosineSimilarity", {"X": x, "Y": x[:, :1]}, ["S"])  # widths differ, found in the session
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "Cos takes 1 input" in err.value.details()
+    assert "CosineSimilarity" in err.value.details() and "(1000000, 1)" in err.value.details()
 
 
 # ---- top-k for any k <= M -------------------------------------------------------------------
