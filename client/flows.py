@@ -175,7 +175,7 @@ class Answer:
 
 # What UNAVAILABLE (nothing answered at the address, or it is stopping) asks of the caller.
 UNAVAILABLE_ADVICE = (
-    "is a cosserve server (`cosserve serve`) running at that address? The address is host:port, such as 127.0.0.1:50051"
+    "Is a cosserve server (`cosserve serve`) running at that address? The address is host:port, such as 127.0.0.1:50051"
 )
 
 

@@ -362,21 +362,28 @@ def _flag(name: str) -> str:
 
 # ---- text <-> values ----
 
+# The units a size may have, in any case, as people write them: K, M, G, T (and KB, MB, GB, TB)
+# are powers of 1000, Ki, Mi, Gi, Ti (Kubernetes' spelling) and KiB, MiB, GiB, TiB powers of 1024.
+# README.md, "Running the server", says the same: the one place sizes are documented.
 _SIZE_UNITS = {
     "": 1,
     "b": 1,
-    **{f"{p}b": 1000 ** (i + 1) for i, p in enumerate("kmgt")},
-    **{f"{p}ib": 1024 ** (i + 1) for i, p in enumerate("kmgt")},
+    **{unit: 1000 ** (i + 1) for i, p in enumerate("kmgt") for unit in (p, f"{p}b")},
+    **{unit: 1024 ** (i + 1) for i, p in enumerate("kmgt") for unit in (f"{p}i", f"{p}ib")},
 }
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
-    """Bytes from "1048576", "16GiB" (1024-based: KiB, MiB, GiB, TiB) or "16GB" (1000-based)."""
+    """Bytes from "1048576", "16Gi" or "16GiB" (1024-based), "16G" or "16GB" (1000-based), any case
+    (see _SIZE_UNITS)."""
     match = _SIZE.fullmatch(text)
     unit = match and _SIZE_UNITS.get(match.group(2).lower())
     if match is None or unit is None:
-        raise ValueError("must be a number of bytes, e.g. 1048576, 512MiB, 16GiB or 16GB")
+        raise ValueError(
+            "must be a number of bytes with an optional unit, any case: 16Gi or 16GiB (1024-based: Ki, Mi, Gi, Ti), "
+            "16G or 16GB (1000-based: K, M, G, T)"
+        )
     whole, _, fraction = match.group(1).partition(".")
     scaled = int(whole) * unit + int(fraction or "0") * unit // 10 ** len(fraction)
     if fraction and int(fraction or "0") * unit % 10 ** len(fraction):
@@ -497,7 +504,7 @@ def _metavar(name: str, kind: type, meta: Mapping[str, Any]) -> str:
     if meta["size"]:
         return "BYTES"
     if meta["check"] is _path:
-        return "FILE"
+        return "DIR" if name.endswith("_dir") else "FILE"
     if kind is float:
         return "SECONDS"
     return "N" if kind is int else name.rsplit("_", 1)[-1].upper()

@@ -274,7 +274,7 @@ def test_no_server_at_the_address_says_what_to_do():
             client.session("cpu")
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "Connection refused" in err.value.details()
-    assert "is a cosserve server (`cosserve serve`) running at that address? The address is host:port" in str(err.value)
+    assert "Is a cosserve server (`cosserve serve`) running at that address? The address is host:port" in str(err.value)
 
 
 @pytest.mark.parametrize("url, bare", [("http://127.0.0.1:50051", "'127.0.0.1:50051'"), ("https://example.org:443/", "'example.org:443' with TLS")])

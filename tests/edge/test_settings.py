@@ -313,3 +313,33 @@ def test_help_hides_the_auth_token():
     shown = " ".join(_parser({"COSSERVE_AUTH_TOKEN": "s3cret"}).format_help().split())
     assert "s3cret" not in shown
     assert "[env COSSERVE_AUTH_TOKEN; default (set)]" in shown
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("16G", 16 * 10**9), ("16g", 16 * 10**9), ("16Gi", 16 * 2**30), ("16gi", 16 * 2**30), ("16GI", 16 * 2**30),
+     ("16gb", 16 * 10**9), ("16 GiB", 16 * 2**30), ("16 gib", 16 * 2**30), ("512Mi", 512 * 2**20), ("512M", 512 * 10**6),
+     ("2k", 2000), ("2Ki", 2048), ("1T", 10**12), ("1Ti", 2**40), ("1.5Gi", 3 * 2**29)],
+)
+def test_sizes_take_the_units_people_write_in_any_case(text, expected):
+    """`16G` and Kubernetes' `16Gi` were refused while `16gb` and `16 GiB` were taken (issue 21, item 8)."""
+    assert settings.parse_size(text) == expected
+    assert _parse(["--max-session-bytes", text]).max_session_bytes == expected
+
+
+def test_the_size_units_are_documented_in_the_readme_and_the_refusal():
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    assert "`Ki`, `Mi`, `Gi`, `Ti` or `KiB`, `MiB`, `GiB`, `TiB` are powers of 1024" in readme
+    assert "`K`, `M`, `G`, `T` or `KB`, `MB`, `GB`, `TB` powers of 1000" in readme
+    with pytest.raises(SettingError, match=r"16Gi or 16GiB \(1024-based: Ki, Mi, Gi, Ti\), 16G or 16GB \(1000-based: K, M, G, T\)"):
+        _parse(["--max-session-bytes", "16 gigs"])
+
+
+def test_help_metavars_say_what_a_value_is():
+    """--state-dir's metavar said FILE (issue 21, item 13)."""
+    shown = " ".join(_parser().format_help().split())
+    assert "--state-dir DIR" in shown
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "api_keys_file"):
+        assert f"{_flag(name)} FILE" in shown
+    for name in SIZES:
+        assert f"{_flag(name)} BYTES" in shown
