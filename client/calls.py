@@ -505,7 +505,7 @@ def create_region(nbytes: int, name: str) -> shared_memory.SharedMemory:
         return shared_memory.SharedMemory(create=True, size=max(nbytes, 1), name=name)
     except OSError as err:
         raise SharedMemoryError(
-            f"cannot create a {nbytes}-byte shared-memory region ({err.strerror or err}); pass shm=False"
+            f"cannot create a shared-memory region of {limits.readable_bytes(nbytes)} ({err.strerror or err}); pass shm=False"
         ) from None
 
 

@@ -97,7 +97,7 @@ def test_scoretopk_reply_too_big_advice_can_be_followed(cpu_ws, server):
     details = err.value.details()
     assert "fewer queries" not in details  # it already sends one
     assert "CosineTopK" in details and "FetchBlobStream" in details
-    assert f"above the {limits.INLINE_BYTES} bytes a ScoreTopK reply may carry" in details
+    assert f"above the {limits.readable_bytes(limits.INLINE_BYTES)} a ScoreTopK reply may carry" in details
 
 
 def test_compute_reply_too_big_names_the_message_limit(server):

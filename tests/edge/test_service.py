@@ -173,7 +173,7 @@ def test_serve_without_torch_says_which_extra_to_install():
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
-    assert "cosserve[server]" in out.stderr and "Traceback" not in out.stderr
+    assert 'python3 -m pip install -e ".[server]"' in out.stderr and "Traceback" not in out.stderr
 
 
 def test_operator_list_is_sorted_and_has_cos(client):

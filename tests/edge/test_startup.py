@@ -248,12 +248,12 @@ def test_ping_flood_without_calls_is_told_to_calm_down():
 def test_stopping_a_server_whose_work_is_done_abandons_nothing():
     """An idle server logged "abandoning work still running on cosserve-score_0, cosserve-work_0"
     at SIGTERM: its pools' idle threads read as lost work (issue 21, item 11)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
 
     from cosserve import Client
     from tests.conftest import start_process, stop_process
-
-    from concurrent.futures import ThreadPoolExecutor
 
     log: list[str] = []
     proc, address = start_process("--inline-op-bytes", "0", "--max-workers", "16", log=log)  # every op on a worker thread
