@@ -25,7 +25,7 @@ from cosserve.inference import grpc_service_pb2 as pb
 from cosserve.server.compute.registry import REGISTRY
 from cosserve.server.edge.app import RunningServer
 from tests import toolenv
-from tests.conftest import start_server
+from tests.conftest import start_server, start_server_with_metrics
 from tests.op_db import OP_DB
 
 TRITONCLIENT = ["tritonclient[grpc]==2.73.0"]
@@ -440,7 +440,7 @@ def test_metrics_request_ids_and_message_limits_cover_inference_calls() -> None:
     from cosserve import limits
     from cosserve.server.edge.observability import REQUEST_ID_KEY
 
-    running = start_server(metrics_port=_free_port())
+    running = start_server_with_metrics()
     try:
         with grpc.insecure_channel(running.address, options=[("grpc.max_send_message_length", -1)]) as channel:
             live = channel.unary_unary(SERVICE + "ServerLive", pb.ServerLiveRequest.SerializeToString, pb.ServerLiveResponse.FromString)
@@ -460,14 +460,6 @@ def test_metrics_request_ids_and_message_limits_cover_inference_calls() -> None:
     assert 'cosserve_rpcs_total{code="OK",method="ModelInfer"} 1.0' in text
     assert 'cosserve_op_seconds_count{device="cpu",op="Cos"} 1.0' in text
     assert f'cosserve_tensor_bytes_total{{direction="in",method="ModelInfer"}} {float(X.nbytes)}' in text
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---- hostile bytes ----------------------------------------------------------------------------
