@@ -27,6 +27,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from cosserve import limits
+from cosserve.limits import readable_bytes
 from cosserve.server import settings as settings_mod
 from cosserve.server.compute.scorer import Scorer
 from cosserve.server.compute.workers import Workers
@@ -271,6 +272,12 @@ def serve(settings: Settings) -> int:
     (Ctrl-C), as the `cosserve` command exits after it."""
     running = build_server(settings)
     log.info("cosserve listening on %s (default device %s)", running.address, settings.device)
+    memory, source = settings_mod.memory_limit()
+    total = readable_bytes(settings.max_total_bytes) if settings.max_total_bytes else "no limit"
+    log.info(
+        "sessions may hold %s in all (--max-total-bytes), %s each (--max-session-bytes); this process may use %s (%s)",
+        total, readable_bytes(settings.max_session_bytes), readable_bytes(memory), source,
+    )  # fmt: skip
     if running.metrics_port:
         log.info("metrics at http://%s:%d/metrics", settings.host, running.metrics_port)
     stop = threading.Event()
