@@ -10,6 +10,8 @@ The hostile bytes are sent from this process, through grpc with cosserve's own s
 from __future__ import annotations
 
 import json
+import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -677,3 +679,21 @@ def test_fuzzed_infer_requests_get_precise_codes(server: RunningServer) -> None:
         one()
         reply = _infer_raw(channel, _cos_request(X))
     np.testing.assert_allclose(np.frombuffer(reply.raw_output_contents[0], np.float32), np.cos(X).reshape(-1), rtol=1e-6)
+
+
+README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_the_readme_says_perf_analyzer_works_only_once_model_config_is_served(server):
+    """perf_analyzer asks for ModelConfig first; the README said it worked while ModelConfig was
+    UNIMPLEMENTED (issue 21, item 9)."""
+    with grpc.insecure_channel(server.address) as channel:
+        try:
+            channel.unary_unary(SERVICE + "ModelConfig")(b"", timeout=10)  # an empty ModelConfigRequest
+            served = True
+        except grpc.RpcError as err:
+            served = err.code() != grpc.StatusCode.UNIMPLEMENTED  # NOT_FOUND for model '' is served
+    sentences = [s for s in re.split(r"(?<=\.)\s+", " ".join(README.read_text().split())) if "perf_analyzer" in s]
+    assert sentences, "the README no longer names perf_analyzer"
+    if not served:
+        assert all("does not work yet" in s and "UNIMPLEMENTED" in s for s in sentences), sentences
