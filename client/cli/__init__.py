@@ -34,6 +34,11 @@ security model:
 # without a GPU (a plain `pip install 'cosserve[server]'` would fetch CUDA torch from PyPI).
 INSTALL_SERVER = 'in a clone of cosserve: python3 -m pip install -e ".[server]" (README, Quickstart: torch\'s CPU build first on a machine without a GPU)'
 _NEEDS_SERVER = f"this command needs the server extra (torch); {INSTALL_SERVER}"
+# The server and tritonclient in one environment, resolved together (README, "Open Inference
+# Protocol"): tritonclient[grpc] needs protobuf < 7, and grpcio-health-checking and
+# grpcio-reflection past 1.81 are generated for protobuf 7, so pip must choose both at once.
+INSTALL_WITH_TRITONCLIENT = 'python3 -m pip install -e ".[server]" "tritonclient[grpc]"'
+
 # The exit status of a command stopped by Ctrl-C (SIGINT), as a shell reports it: 128 + 2.
 INTERRUPTED = 130
 
@@ -112,6 +117,19 @@ def _health(ns: argparse.Namespace) -> int:
     return 0 if serving else 1
 
 
+def _older_protobuf(err: Exception) -> str:
+    """What to do when a package's generated code needs a newer protobuf than the one installed:
+    what installing tritonclient[grpc] after the server does to grpcio-health-checking."""
+    import re
+
+    found = re.search(r"loading (\S+): gencode (\S+) runtime (\S+?)\.? ", str(err))
+    what = f"{found[1]} was generated for protobuf {found[2]}, but protobuf {found[3]} is installed" if found else str(err)
+    return (
+        f"{what} (installing tritonclient[grpc] after the server downgrades protobuf); install the server and "
+        f"tritonclient together, in a clone of cosserve: {INSTALL_WITH_TRITONCLIENT}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     try:
@@ -129,6 +147,11 @@ def _run(ns: argparse.Namespace) -> int:
             from cosserve.server.edge import app
         except ImportError as err:
             print(f"cosserve: {_NEEDS_SERVER} ({err})", file=sys.stderr)
+            return 2
+        except Exception as err:  # noqa: BLE001  (protobuf's VersionError, by name: its module may be absent)
+            if type(err).__name__ != "VersionError":
+                raise
+            print(f"cosserve: {_older_protobuf(err)}", file=sys.stderr)
             return 2
         return app.run(ns)
     if ns.command == "health":
