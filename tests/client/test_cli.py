@@ -253,14 +253,17 @@ def test_ctrl_c_stops_serve_with_130():
     assert "received SIGINT" in stderr and "cosserve stopped" in stderr and "Traceback" not in stderr
 
 
-def test_out_must_end_in_npz(files):
+def test_out_must_end_in_npz(files, capsys):
     """--out r.txt silently wrote an npz named r.txt."""
+    from cosserve import cli
+
     tmp_path, _, _ = files
     for out in ("r.txt", "r", "r.npy"):
-        done = score("--corpus", str(tmp_path / "corpus.npy"), "--queries", str(tmp_path / "queries.npy"),
-                     "--server", "127.0.0.1:1", "--out", str(tmp_path / out))
-        assert done.returncode == 2, done.stderr
-        assert done.stderr.strip() == f"cosserve score: --out {str(tmp_path / out)!r} must end in .npz, the format written"
+        argv = ["score", "--corpus", str(tmp_path / "corpus.npy"), "--queries", str(tmp_path / "queries.npy"),
+                "--server", "127.0.0.1:1", "--out", str(tmp_path / out)]
+        assert cli.main(argv) == 2
+        stderr = capsys.readouterr().err
+        assert stderr.strip() == f"cosserve score: --out {str(tmp_path / out)!r} must end in .npz, the format written"
         assert not (tmp_path / out).exists()
 
 
@@ -297,3 +300,11 @@ def test_install_hints_are_the_readmes_command(files):
         done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2, (command, done.stderr)
         assert readme_install.group(1) in done.stderr and "'cosserve[server]'" not in done.stderr, (command, done.stderr)
+
+
+def test_health_refuses_a_url_naming_host_port():
+    """grpc's "Misformatted domain name" was all `--server http://...` got (issue 21, item 4)."""
+    done = subprocess.run([sys.executable, "-m", "cosserve.cli", "health", "--server", "http://127.0.0.1:50051"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "cosserve health: 'http://127.0.0.1:50051' is a URL; the server address is host:port, here '127.0.0.1:50051'"
