@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cosserve",
         description="Caffe2's cosine operators as a gRPC service on torch.",
+        epilog="Every command exits 130 after Ctrl-C (SIGINT), with one line: what it opened is closed first.",
     )
     parser.add_argument("--version", action="version", version=f"cosserve {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
