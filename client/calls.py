@@ -344,10 +344,10 @@ def bound_inputs(op_type: str, given: Sequence[str], names: Sequence[str] | None
         return list(given)
     unknown = [n for n in given if n not in names]
     missing = [n for n in names if n not in given]
-    if unknown or missing:
-        problem = f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not one of them" if unknown else ""
-        problem += ("; " if unknown and missing else "") + (f"missing {', '.join(map(repr, missing))}" if missing else "")
-        raise InvalidArgumentError(f"{op_type} takes the inputs {', '.join(names)}, given by these names: {problem}")
+    problems = [f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not one of them"] if unknown else []
+    problems += [f"missing {', '.join(map(repr, missing))}"] if missing else []
+    if problems:
+        raise InvalidArgumentError(f"{op_type} takes the inputs {', '.join(names)}, given by these names: {'; '.join(problems)}")
     return sorted(given, key=list(names).index)
 
 

@@ -149,7 +149,8 @@ class Client(BaseClient):
     """A connection to a cosserve server.
 
     Args:
-        target: "host:port" of the server.
+        target: "host:port" of the server (or a gRPC target such as "dns:///host:port"; a URL
+            such as "http://host:port" is refused with InvalidArgumentError).
         timeout: default deadline in seconds of every call (streams get more per byte).
         credentials: channel credentials made by hand; None for the TLS options below, or plaintext.
         token: bearer token sent with every call, for servers started with an auth token.
@@ -261,7 +262,8 @@ class Client(BaseClient):
         outputs in its reply; larger inputs, or outputs too large for one reply, go through a
         temporary session (fed streamed, `RunOperator`, fetched streamed, closed).
         """
-        return self._perform(calls.compute(op_type, inputs, outputs, args, device=device, client_timeout=self.timeout, schemas=self._schemas))
+        flow = calls.compute(op_type, inputs, outputs, args, device=device, client_timeout=self.timeout, schemas=self._schemas)
+        return self._perform(flow)
 
 
 class BaseSession(Generic[ClientT]):
@@ -424,9 +426,8 @@ class Session(BaseSession[Client]):
         `queries` is one (N, D) array (numpy, torch, memory-mapped, or a nested list or tuple of
         rows, as `feed_blob` takes it), sent in batches of `batch_size` rows, or an iterable of
         (n, D) batches whose results are concatenated: an iterator or generator, or a list or tuple
-        whose first item is 2-D. All
-        batches go over one ScoreTopK stream, several in flight. Queries must have the corpus
-        dtype. Returns (scores (N, k) in the corpus dtype, int64 indices (N, k)), best first,
+        whose first item is 2-D. All batches go over one ScoreTopK stream, several in flight.
+        Queries must have the corpus dtype. Returns (scores (N, k) in the corpus dtype, int64 indices (N, k)), best first,
         ties broken by the lower index; an iterable with no batches asks nothing of the server
         and gives (0, k) float32 scores. `timeout` bounds the whole call; by default it is the
         client's timeout per batch (a day for an iterator of unknown length).
