@@ -113,6 +113,10 @@ class BaseClient(abc.ABC):
         client_key: PemSource | None = None,
     ) -> None:
         self.target = check_target(target)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise InvalidTypeError(f"timeout is a number of seconds, got {timeout!r}")
+        if not 0 < timeout < float("inf"):
+            raise InvalidArgumentError(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
         self.timeout = timeout
         self._closed = False
         self._schemas: dict[str, tuple[str, ...]] = {}  # each op's input names, for compute (calls.schema_inputs)
@@ -136,7 +140,7 @@ class BaseClient(abc.ABC):
     def _start(self, call: flows.Call) -> Any:
         """Start `call`: its reply (sync), an awaitable of it (asyncio), or its reply stream."""
         if self._closed:
-            what = f"the session {call.session}'s call {call.method}" if call.session else call.method
+            what = f"{call.method} (session {call.session})" if call.session else call.method
             raise ClientClosedError(f"{what}: the client is closed; open a new Client (and session) to call the server")
         rpc = self._framed[call.method] if call.framed else getattr(self.stub, call.method)
         metadata = self._metadata_for(call.session)

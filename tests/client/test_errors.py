@@ -253,19 +253,25 @@ def test_a_closed_session_is_refused_within_the_family(client):
 
 
 def test_what_grpc_raises_itself_is_of_the_family(server):
-    """A timeout grpc cannot add to its clock: grpc raised TypeError("unsupported operand type(s)
-    for +: 'float' and 'str'"), sync and asyncio."""
-    with Client(server.address, timeout="5") as client:  # type: ignore[arg-type]
-        with pytest.raises(InvalidTypeError, match="CreateSession: grpc refused the call before sending it") as err:
-            client.session("cpu")
+    """A call's timeout grpc cannot add to its clock: grpc raised TypeError("unsupported operand
+    type(s) for +: 'float' and 'str'"), sync and asyncio."""
+    with Client(server.address) as client, client.session("cpu") as ws:
+        with pytest.raises(InvalidTypeError, match="SaveWorkspace: grpc refused the call before sending it") as err:
+            ws.save("snap", timeout="5")  # type: ignore[arg-type]
         assert isinstance(err.value.__cause__, TypeError)
 
     async def main() -> None:
-        async with aio.Client(server.address, timeout="5") as client:  # type: ignore[arg-type]
-            with pytest.raises(InvalidTypeError, match="CreateSession: grpc refused the call before sending it"):
-                await client.session("cpu")
+        async with aio.Client(server.address) as client, client.session("cpu") as ws:
+            with pytest.raises(InvalidTypeError, match="SaveWorkspace: grpc refused the call before sending it"):
+                await ws.save("snap", timeout="5")  # type: ignore[arg-type]
 
     asyncio.run(main())
+    # The client's own timeout is checked when the client is made.
+    for make in (Client, aio.Client):
+        with pytest.raises(InvalidTypeError, match="timeout is a number of seconds, got '5'"):
+            make(server.address, timeout="5")  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError, match="timeout must be a positive, finite number of seconds, got 0"):
+            make(server.address, timeout=0)
 
 
 def test_no_server_at_the_address_says_what_to_do():
