@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -27,6 +28,7 @@ __all__ = [
     "channel_credentials",
     "check_target",
     "connection_options",
+    "trace_metadata",
 ]
 
 T = TypeVar("T")
@@ -96,6 +98,19 @@ def check_target(target: str) -> str:
     return target
 
 
+def trace_metadata() -> tuple[tuple[str, str], ...]:
+    """The current OpenTelemetry context as W3C `traceparent` (and `tracestate`, `baggage`)
+    metadata, so that the caller's trace continues into the server; nothing when the program has
+    not loaded opentelemetry (it is optional: a program that traces has loaded it already)."""
+    if "opentelemetry.context" not in sys.modules:
+        return ()
+    from opentelemetry import propagate
+
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)  # the propagators of OTEL_PROPAGATORS; nothing outside a span
+    return tuple(carrier.items())
+
+
 class BaseClient(abc.ABC):
     """What `Client` and `cosserve.aio.Client` share: the connection their arguments describe (see
     `Client`), and how one call of a flow is started on it."""
@@ -134,8 +149,11 @@ class BaseClient(abc.ABC):
         """The shell's channel to `target`: plaintext without credentials."""
 
     def _metadata_for(self, session: str | None) -> tuple[tuple[str, str], ...]:
-        """The call's metadata: the token, and for a session's call its id (see calls.call_metadata)."""
-        return calls.call_metadata(self._metadata, session)
+        """The call's metadata: the token, and for a session's call its id (see calls.call_metadata),
+        and the caller's trace context when it traces (trace_metadata)."""
+        metadata = calls.call_metadata(self._metadata, session)
+        trace = trace_metadata()
+        return (*metadata, *trace) if trace else metadata
 
     def _start(self, call: flows.Call) -> Any:
         """Start `call`: its reply (sync), an awaitable of it (asyncio), or its reply stream."""

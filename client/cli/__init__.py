@@ -30,6 +30,14 @@ security model:
                --session-idle-timeout-s.
 """
 
+# After the security model in `cosserve serve --help`; README.md's "Tracing" says the rest.
+_TRACING = """
+traces:
+  OTEL_EXPORTER_OTLP_ENDPOINT (an OTLP/gRPC collector, e.g. http://collector:4317) turns on
+  OpenTelemetry traces, with OpenTelemetry's other OTEL_* variables (OTEL_TRACES_SAMPLER,
+  OTEL_TRACES_SAMPLER_ARG, OTEL_SERVICE_NAME, ...); they need pip install 'cosserve[otel]'.
+"""
+
 # The install of the README's Quickstart: from a clone, and torch's CPU build first on a machine
 # without a GPU (a plain `pip install 'cosserve[server]'` would fetch CUDA torch from PyPI).
 INSTALL_SERVER = 'in a clone of cosserve: python3 -m pip install -e ".[server]" (README, Quickstart: torch\'s CPU build first on a machine without a GPU)'
@@ -55,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
         "serve",
         help="run the gRPC server",
         description="Run the cosserve gRPC server.",
-        epilog=_SECURITY_MODEL,
+        epilog=_SECURITY_MODEL + _TRACING,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from cosserve.server import settings  # pure Python: no torch needed to show the flags

@@ -9,6 +9,7 @@ from concurrent import futures
 
 import torch
 
+from cosserve.server import tracing
 from cosserve.server.compute import similarity
 from cosserve.server.state.norm_cache import NormCache
 from cosserve.server.state.workspace import Workspace
@@ -32,6 +33,20 @@ class Batch:
     queries: torch.Tensor
     k: int
     norms: NormCache | None = None  # None: the workspace's own cache
+
+
+def _score_attributes(batch: Batch) -> dict[str, tracing.AttributeValue] | None:
+    """A scoring pass's span: its queries, k and corpus (by name and rows), never their values."""
+    if not tracing.enabled():
+        return None
+    return {
+        "cosserve.queries": int(batch.queries.shape[0]) if batch.queries.dim() else 1,
+        "cosserve.k": batch.k,
+        "cosserve.corpus": tracing.text(batch.corpus_name),
+        "cosserve.corpus.rows": int(batch.corpus.shape[0]) if batch.corpus.dim() else 1,
+        "cosserve.session_id": batch.workspace.id,
+        "cosserve.callers": 1,  # each ScoreTopK stream scores its own batches
+    }
 
 
 class Scorer:
@@ -69,17 +84,20 @@ class Scorer:
                         raise failure
                     finally:
                         failure = None  # no cycle through this frame
-                yield await loop.run_in_executor(
-                    self._thread,
-                    similarity.score_blob,
-                    batch.corpus_name,
-                    batch.corpus,
-                    batch.queries,
-                    batch.k,
-                    batch.norms if batch.norms is not None else batch.workspace.norms,
-                    self.max_result_bytes,
-                )
+                with tracing.span("cosserve.score", _score_attributes(batch)):  # one scoring pass
+                    result = await loop.run_in_executor(
+                        self._thread,
+                        similarity.score_blob,
+                        batch.corpus_name,
+                        batch.corpus,
+                        batch.queries,
+                        batch.k,
+                        batch.norms if batch.norms is not None else batch.workspace.norms,
+                        self.max_result_bytes,
+                    )
                 batch = None
+                yield result  # outside the span: its context is this call's until the next batch
+                del result
         finally:
             reader.cancel()
 

@@ -29,11 +29,18 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from cosserve import limits
 from cosserve.limits import readable_bytes
 from cosserve.server import settings as settings_mod
+from cosserve.server import tracing
 from cosserve.server.compute.scorer import Scorer
 from cosserve.server.compute.workers import Workers
 from cosserve.server.edge import cosserve_servicer, inference_servicer, listen, observability, tls
 from cosserve.server.edge.cosserve_servicer import SERVICE_NAME, CosserveServicer
-from cosserve.server.edge.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor, RequestIdInterceptor
+from cosserve.server.edge.interceptors import (
+    AuthInterceptor,
+    ErrorInterceptor,
+    MetricsInterceptor,
+    RequestIdInterceptor,
+    TracingInterceptor,
+)
 from cosserve.server.edge.metrics import Metrics
 from cosserve.server.errors import CosserveError
 from cosserve.server.memory import dtype_name
@@ -200,6 +207,8 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
     metrics = Metrics(store) if settings.metrics_port else None
     identities = Identities.from_settings(settings)
     interceptors: list[aio.ServerInterceptor] = [RequestIdInterceptor()]
+    if tracing.enabled():  # first: the call's span holds every other interceptor's work
+        interceptors.insert(0, TracingInterceptor())
     if metrics is not None:
         interceptors.append(MetricsInterceptor(metrics.observe))
     if identities is not None:
@@ -303,6 +312,7 @@ def serve(settings: Settings) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     running.stop(settings.grace_s)
+    tracing.shutdown()  # the last spans (the drain, the final snapshots) before any os._exit
     log.info("cosserve stopped")
     status = 128 + signal.SIGINT if received[:1] == [signal.SIGINT] else 0
     running_threads = _threads_still_working()
@@ -343,6 +353,8 @@ def run(ns: argparse.Namespace) -> int:
         print(f"cosserve serve: {settings_mod.with_source(err, ns)}", file=sys.stderr)
         return 2
     _configure_logging(settings)
+    # OTEL_* variables: traces stay off without an endpoint, and a missing SDK is one log line.
+    tracing.configure()
     try:
         return serve(settings)
     except settings_mod.SettingError as err:
