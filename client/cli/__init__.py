@@ -35,7 +35,8 @@ _TRACING = """
 traces:
   OTEL_EXPORTER_OTLP_ENDPOINT (an OTLP/gRPC collector, e.g. http://collector:4317) turns on
   OpenTelemetry traces, with OpenTelemetry's other OTEL_* variables (OTEL_TRACES_SAMPLER,
-  OTEL_TRACES_SAMPLER_ARG, OTEL_SERVICE_NAME, ...); they need pip install 'cosserve[otel]'.
+  OTEL_TRACES_SAMPLER_ARG, OTEL_SERVICE_NAME, ...); they need the otel extra, in a clone of
+  cosserve: python3 -m pip install -e ".[server,otel]".
 """
 
 # The install of the README's Quickstart: from a clone, and torch's CPU build first on a machine
