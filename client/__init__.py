@@ -4,6 +4,7 @@ torch; only the `cosserve` command, cosserve.cli, reaches into cosserve.server).
 from cosserve.calls import GradientCheck, RangeResult
 from cosserve.client import Client, Session
 from cosserve.errors import (
+    ClientClosedError,
     CosserveError,
     CosserveRpcError,
     InvalidArgumentError,
@@ -18,6 +19,7 @@ from cosserve.sharded import ShardedScorer
 
 __all__ = [
     "Client",
+    "ClientClosedError",
     "CosserveError",
     "CosserveRpcError",
     "GradientCheck",

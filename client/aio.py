@@ -49,6 +49,7 @@ class Client(BaseClient):
         await self.close()
 
     async def close(self) -> None:
+        self._closed = True
         await self._channel.close()
 
     async def _perform(self, flow: flows.Flow[T]) -> T:
@@ -101,7 +102,8 @@ class Client(BaseClient):
         self, op_type: str, inputs: Mapping[str, Any], outputs: Sequence[str], *, device: str = "auto", **args: Any
     ) -> dict[str, np.ndarray]:
         """One operator on `inputs` without a session, any size (see `cosserve.Client.compute`)."""
-        return await self._perform(calls.compute(op_type, inputs, outputs, args, device=device, client_timeout=self.timeout))
+        flow = calls.compute(op_type, inputs, outputs, args, device=device, client_timeout=self.timeout, schemas=self._schemas)
+        return await self._perform(flow)
 
 
 class _OpenStream:

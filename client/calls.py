@@ -41,6 +41,7 @@ __all__ = [
     "RangeResult",
     "attach",
     "blobs",
+    "bound_inputs",
     "call_metadata",
     "check_gradient",
     "close_session",
@@ -69,6 +70,7 @@ __all__ = [
     "run_net",
     "run_operator",
     "save",
+    "schema_inputs",
 ]
 
 # One operator of a net: (type, inputs, outputs) or (type, inputs, outputs, {arg: value}),
@@ -289,14 +291,25 @@ _REPLY_TOO_BIG_ADVICE = "run it in a session"
 
 
 def compute(
-    op_type: str, inputs: Mapping[str, Any], outputs: Sequence[str], args: Mapping[str, Any], *, device: str, client_timeout: float
+    op_type: str,
+    inputs: Mapping[str, Any],
+    outputs: Sequence[str],
+    args: Mapping[str, Any],
+    *,
+    device: str,
+    client_timeout: float,
+    schemas: dict[str, tuple[str, ...]] | None = None,
 ) -> Flow[dict[str, np.ndarray]]:
-    """One operator on `inputs` without a session: one Compute call when the inputs fit one message
-    and the outputs one reply, else a temporary session (fed streamed, RunOperator, fetched
-    streamed, closed)."""
+    """One operator on `inputs` ({input name: array}, bound by the schema's input names, whatever
+    the mapping's order) without a session: one Compute call when the inputs fit one message and the
+    outputs one reply, else a temporary session (fed streamed, RunOperator, fetched streamed,
+    closed). `schemas`: the client's cache of each op's input names (see `schema_inputs`)."""
     if not isinstance(inputs, Mapping):
         raise InvalidTypeError(f"compute inputs are a mapping {{name: array}}, got {type(inputs).__name__}")
-    op = operator_def(op_type, list(inputs), outputs, args)
+    for name in inputs:
+        _check_name(name)
+    names = yield from schema_inputs(op_type, {} if schemas is None else schemas)
+    op = operator_def(op_type, bound_inputs(op_type, list(inputs), names), outputs, args)
     arrays = {name: tensors.as_numpy(value) for name, value in inputs.items()}
     if sum(a.nbytes for a in arrays.values()) <= COMPUTE_INPUT_BYTES:
         request = build_request(pb.ComputeRequest, op=op, device=device)
@@ -320,6 +333,30 @@ def compute(
         return results
     finally:
         yield from close_session(session_id)
+
+
+def schema_inputs(op_type: str, schemas: dict[str, tuple[str, ...]]) -> Flow[tuple[str, ...] | None]:
+    """The input names of `op_type`'s schema, in order; None for an op the server does not have
+    (its refusal names the closest ones). `schemas` is the client's cache: filled by one
+    ListOperators on first use, since a server's operators do not change while it runs."""
+    if not schemas:
+        for info in (yield from operators()):
+            schemas[info.name] = tuple(i.name for i in info.inputs)
+    return schemas.get(op_type)
+
+
+def bound_inputs(op_type: str, given: Sequence[str], names: Sequence[str] | None) -> list[str]:
+    """The names of inputs given by name, in the order of the schema's `names` (None: as given);
+    InvalidArgumentError, listing the schema's names, for a name it does not have or one missing."""
+    if names is None:
+        return list(given)
+    unknown = [n for n in given if n not in names]
+    missing = [n for n in names if n not in given]
+    problems = [f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not one of them"] if unknown else []
+    problems += [f"missing {', '.join(map(repr, missing))}"] if missing else []
+    if problems:
+        raise InvalidArgumentError(f"{op_type} takes the inputs {', '.join(names)}, given by these names: {'; '.join(problems)}")
+    return sorted(given, key=list(names).index)
 
 
 # ---- blobs ---------------------------------------------------------------------------------
@@ -476,7 +513,7 @@ def create_region(nbytes: int, name: str) -> shared_memory.SharedMemory:
         return shared_memory.SharedMemory(create=True, size=max(nbytes, 1), name=name)
     except OSError as err:
         raise SharedMemoryError(
-            f"cannot create a {nbytes}-byte shared-memory region ({err.strerror or err}); pass shm=False"
+            f"cannot create a shared-memory region of {limits.readable_bytes(nbytes)} ({err.strerror or err}); pass shm=False"
         ) from None
 
 
@@ -692,12 +729,29 @@ def query_batches(queries: Any, batch_size: int) -> tuple[Iterator[np.ndarray], 
     """Query batches as 2-D arrays, and how many there are (None when unknown)."""
     if batch_size < 1:
         raise InvalidArgumentError(f"batch_size must be at least 1, got {batch_size}")
-    if isinstance(queries, np.ndarray) or hasattr(queries, "__array__") or type(queries).__module__.startswith("torch"):
+    if _one_array(queries):
         array = _two_d(tensors.as_numpy(queries))
         starts = range(0, max(1, array.shape[0]), batch_size)  # an empty array still goes once, to be checked
         return (array[s : s + batch_size] for s in starts), len(starts)
     count = len(queries) if isinstance(queries, Sized) else None
     return (_two_d(tensors.as_numpy(batch)) for batch in queries), count
+
+
+def _one_array(queries: Any) -> bool:
+    """Whether `queries` is one array of queries rather than an iterable of batches: an array, a
+    tensor, anything with `__array__`, or a (nested) list or tuple of numbers, as `feed_blob` takes
+    it. A list or tuple whose first item is itself 2-D (an array, a list of rows) is a list of
+    batches; so is any other iterable (a generator, an iterator)."""
+    if isinstance(queries, np.ndarray) or hasattr(queries, "__array__") or type(queries).__module__.startswith("torch"):
+        return True
+    if isinstance(queries, (list, tuple)):
+        if not queries:
+            return False  # no batches
+        try:
+            return bool(np.ndim(queries[0]) < 2)  # a row (or a number): the list is the rows
+        except ValueError:  # a ragged first item: as_numpy says what is wrong with it
+            return True
+    return False
 
 
 def _two_d(array: np.ndarray) -> np.ndarray:

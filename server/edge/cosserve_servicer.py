@@ -174,7 +174,7 @@ class CosserveServicer:
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes > limits.INLINE_BYTES:
             raise ResourceExhausted(
-                f"blob {request.name!r} is {nbytes} bytes, above the {limits.INLINE_BYTES} of one message; "
+                f"blob {request.name!r} is {limits.readable_bytes(nbytes)}, above the {limits.readable_bytes(limits.INLINE_BYTES)} of one message; "
                 "use FetchBlobStream"
             )
         self._count("out", "FetchBlob", nbytes)

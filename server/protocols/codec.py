@@ -12,6 +12,7 @@ import pyarrow as pa
 import torch
 
 from cosserve import wire
+from cosserve.limits import readable_bytes
 from cosserve.server import memory
 from cosserve.server.errors import InvalidArgument, ResourceExhausted
 from cosserve.v1 import cosserve_pb2 as pb
@@ -53,7 +54,7 @@ def check_header(what: str, dtype_code: int, shape: Sequence[int], max_bytes: in
     nbytes = math.prod(shape) * TORCH_DTYPES[dtype_code].itemsize
     if max_bytes is not None and nbytes > max_bytes:
         raise ResourceExhausted(
-            f"{what}: {nbytes} bytes is more than the {max_bytes} a session may hold (--max-session-bytes)"
+            f"{what}: {readable_bytes(nbytes)} is more than the {readable_bytes(max_bytes)} a session may hold (--max-session-bytes)"
         )
     return nbytes
 

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from cosserve.limits import readable_bytes
 from cosserve.server import settings
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, quoted
 from cosserve.server.memory import STORED_DTYPES, dtype_name
@@ -300,8 +301,8 @@ class Corpora:
             after = self._published + nbytes
             if after > self.max_published_bytes:
                 raise ResourceExhausted(
-                    f"publishing {quoted(CORPUS_PREFIX + name)} ({nbytes} bytes) would take the published corpora to "
-                    f"{after} bytes, above the server's {self.max_published_bytes} (--max-published-bytes)"
+                    f"publishing {quoted(CORPUS_PREFIX + name)} of {readable_bytes(nbytes)} would take the published corpora to "
+                    f"{readable_bytes(after)}, above the server's {readable_bytes(self.max_published_bytes)} (--max-published-bytes)"
                 )
             corpus = self._corpora[name] = Corpus(name, tensor, source)
             self._published = after

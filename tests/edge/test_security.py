@@ -26,7 +26,7 @@ from cosserve import Client, CosserveRpcError, wire
 from cosserve.server.edge.status import MAX_DETAILS, bounded, wire_bytes
 from cosserve.server.state import identity
 from cosserve.v1 import cosserve_pb2 as pb
-from tests.conftest import start_process, start_server
+from tests.conftest import start_process, start_server, start_server_with_metrics
 
 pytest.importorskip("torch")
 
@@ -378,10 +378,7 @@ def _metrics(port: int) -> dict[str, float]:
 
 
 def test_a_client_cancel_is_cancelled_in_metrics_and_not_logged(caplog):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        free = probe.getsockname()[1]
-    running = start_server(metrics_port=free, max_workers=2)
+    running = start_server_with_metrics(max_workers=2)
     caplog.set_level(logging.INFO)
     try:
         with Client(running.address) as c, c.session("cpu") as s, grpc.insecure_channel(running.address) as channel:
