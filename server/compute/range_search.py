@@ -207,8 +207,8 @@ def score_range(
     nbytes = reply_bytes(n, hits.count, corpus.element_size()) + ids.bytes_of(rows)
     if nbytes > max_reply_bytes:
         raise ResourceExhausted(
-            f"ScoreRange: the {hits.count} rows found and their ids take {nbytes} bytes, above the {max_reply_bytes} "
-            "of one reply; send fewer queries per message, raise min_score or set max_per_query"
+            f"ScoreRange: the {hits.count} rows found and their ids take {limits.readable_bytes(nbytes)}, above the "
+            f"{limits.readable_bytes(max_reply_bytes)} of one reply; send fewer queries per message, raise min_score or set max_per_query"
         )
     charge(charged + ids.bytes_of(rows))
     return hits, ids.take(rows)

@@ -80,7 +80,8 @@ class RowIds:
         nbytes = self.bytes_of(rows)
         if nbytes > max_bytes:
             raise ResourceExhausted(
-                f"{what}: the ids of {len(rows)} rows take {nbytes} bytes, above the {max_bytes} left in one reply; "
+                f"{what}: the ids of {len(rows)} rows take {limits.readable_bytes(nbytes)}, above the "
+                f"{limits.readable_bytes(max_bytes)} left in one reply; "
                 "send fewer queries per message"
             )
         return self.take(rows)
