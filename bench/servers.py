@@ -87,7 +87,7 @@ def start_cosserve(
     """`cosserve serve` on a free loopback port, sessions on `device` by default, shared memory allowed."""
     argv = [
         sys.executable, "-m", "cosserve.cli", "serve",
-        "--host", "127.0.0.1", "--port", "0", "--device", device,
+        "--host", "127.0.0.1", "--port", "0", "--http-port", "off", "--device", device,
         "--max-workers", str(max_workers), "--grace-s", "1", "--log-level", "INFO",
         "--allow-shm" if allow_shm else "--no-allow-shm",
     ]  # fmt: skip

@@ -19,7 +19,7 @@ from tests.conftest import start_server
 
 from cosserve.server.settings import SettingError
 
-SERVE = [sys.executable, "-m", "cosserve.cli", "serve", "--device", "cpu"]
+SERVE = [sys.executable, "-m", "cosserve.cli", "serve", "--device", "cpu", "--http-port", "0"]
 # A `cosserve serve` that would start anyway is stopped after this long. The ones refused here
 # exit once their flags are read, in the time an import of torch takes (seconds; more on a busy
 # machine, where six of them share the cores).
