@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 from cosserve import __version__, limits
 from cosserve.inference import grpc_service_pb2 as pb
@@ -61,6 +61,18 @@ _SHORT_NAMES = {
     "localityName": "L", "stateOrProvinceName": "ST", "streetAddress": "STREET", "domainComponent": "DC",
     "userId": "UID",
 }
+
+
+class _MalformedHttpNoise(logging.Filter):
+    """Drops aiohttp's log line, with traceback, for bytes that are not HTTP: it writes one for
+    each (answering 400 and closing the connection), so anyone could fill the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, http_exceptions.HttpProcessingError)
+
+
+_MALFORMED_HTTP_NOISE = _MalformedHttpNoise()
 
 
 def error_response(status: int, message: str, request_id: str) -> web.Response:
@@ -125,6 +137,9 @@ class _Edge:
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
+        except _ClientGone:  # nobody to answer: the connection is lost, the answer goes nowhere
+            code = grpc.StatusCode.CANCELLED
+            response = error_response(HTTP_STATUS[code], "the client closed the connection", request_id)
         except Exception as err:  # noqa: BLE001  (a domain error's status, else our bug: 500)
             found = status_of(err)
             if found is not None:
@@ -179,6 +194,10 @@ async def _read_body(request: web.Request, idle_s: float) -> bytes:
                 chunk = await request.content.readany()
         except TimeoutError:
             raise _Stalled(idle_s) from None
+        except ConnectionError:  # the sender closed before its body's end
+            raise _ClientGone() from None
+        except http_exceptions.HttpProcessingError as err:  # a chunked body that is not well-formed
+            raise InvalidArgument(f"the body is not well-formed HTTP: {err.message}") from None
         if not chunk:
             return bytes(body)
         if len(body) + len(chunk) > MAX_BODY_BYTES:
@@ -196,6 +215,10 @@ class _Stalled(Exception):
     pass
 
 
+class _ClientGone(Exception):
+    pass
+
+
 def _too_large(declared: int | None, request_id: str) -> web.Response:
     what = f"a body of {declared} bytes" if declared is not None else "a body"
     response = error_response(413, f"{what} is more than the {MAX_BODY_BYTES} bytes a request may have", request_id)
@@ -210,6 +233,7 @@ class RestServer:
         self.settings = settings
         self.servicer = servicer
         self.edge = _Edge(settings, identities, metrics)
+        logging.getLogger("aiohttp.server").addFilter(_MALFORMED_HTTP_NOISE)  # added once
         self.body_idle_s = min(BODY_IDLE_S, settings.max_connection_idle_s or BODY_IDLE_S)
         self.app = web.Application(middlewares=[self.edge.middleware], client_max_size=MAX_BODY_BYTES, handler_args={
             "auto_decompress": False,  # a compressed body is refused, never inflated
