@@ -445,12 +445,12 @@ def _parse(name: str, kind: type, text: str) -> Any:
         if _METADATA[name]["size"]:
             return parse_size(text)
         try:
-            value = int(text)
+            number = int(text)
         except ValueError:
             raise ValueError("must be a whole number" + (", or off" if _METADATA[name]["off"] else "")) from None
-        if _METADATA[name]["off"] and value == OFF:  # OFF is spelled "off"; -1 is no port
+        if _METADATA[name]["off"] and number == OFF:  # OFF is spelled "off"; -1 is no port
             raise ValueError("must be at least 0, or off")
-        return value
+        return number
     if kind is float:
         try:
             value = float(text)

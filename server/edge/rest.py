@@ -290,7 +290,9 @@ class RestServer:
         if declared is not None and declared > MAX_BODY_BYTES:
             return _too_large(declared, observability.request_id_of((k.lower(), v) for k, v in request.headers.items()))
         if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
-            request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            # As aiohttp's own handler does: the interim answer is not the response's bytes.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
         return None
 
     async def live(self, request: web.Request) -> web.Response:

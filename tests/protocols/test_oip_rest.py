@@ -194,7 +194,7 @@ def test_infer_json_and_binary_match_numpy_and_grpc(triton_http: str, rest_serve
             action = infer(op, outputs=[out], **ins)
             action.update(binary_in=binary, binary_out=binary, id=f"{op}-{binary}")
             actions.append(action)
-    actions.append(infer("CosineSimilarity", **{"X": X, "Y": Y}))  # no outputs named: every output, binary
+    actions.append(infer("CosineSimilarity", X=X, Y=Y))  # no outputs named: every output, binary
     results = tritonclient(triton_http, url(rest_server), actions)
     with grpc.insecure_channel(rest_server.address) as channel:
         grpc_infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", pb.ModelInferRequest.SerializeToString,
@@ -440,6 +440,17 @@ def test_a_declared_length_that_lies_or_is_huge_is_refused_without_reading(
     answer = raw_exchange(rest_server, b"POST /v2/models/Cos/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n"
                                        b"Expect: 100-continue\r\n\r\n", shut=False)
     assert status_of(answer) == 413 and b"100 Continue" not in answer
+    # A body within the limit is asked for with 100 Continue, and answered.
+    body = json.dumps({"inputs": [{"name": "X", "shape": [1], "datatype": "FP32", "data": [0]}]}).encode()
+    with socket.create_connection(("127.0.0.1", rest_server.http_port), timeout=10) as sock:
+        sock.sendall(b"POST /v2/models/Cos/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert status_of(answer) == 200 and answer.endswith(b'"data":[1.0]}]}')
     # Chunked, with no declared length: cut off at the limit.
     chunk = b"%x\r\n%s\r\n" % (1 << 20, b"[" * (1 << 20))
     answer = raw_exchange(rest_server, b"POST /v2/models/Cos/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
