@@ -137,9 +137,10 @@ class _Edge:
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
-        except _ClientGone:  # nobody to answer: the connection is lost, the answer goes nowhere
-            code = grpc.StatusCode.CANCELLED
-            response = error_response(HTTP_STATUS[code], "the client closed the connection", request_id)
+        except _BodyRefused as err:  # answered, then the connection closed: its body was not read to its end
+            code = err.code
+            response = error_response(err.http_status, str(err), request_id)
+            response.force_close()
         except Exception as err:  # noqa: BLE001  (a domain error's status, else our bug: 500)
             found = status_of(err)
             if found is not None:
@@ -205,25 +206,35 @@ async def _read_body(request: web.Request, idle_s: float) -> bytes:
         body += chunk
 
 
-class _TooLarge(Exception):
+class _BodyRefused(Exception):
+    """A body not read to its end: answered with `http_status`, counted as `code`."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 413
+
+
+class _TooLarge(_BodyRefused):
     def __init__(self, declared: int | None) -> None:
-        super().__init__(declared)
-        self.declared = declared
+        what = f"a body of {declared} bytes" if declared is not None else "a body"
+        super().__init__(f"{what} is more than the {MAX_BODY_BYTES} bytes a request may have")
 
 
-class _Stalled(Exception):
-    pass
+class _Stalled(_BodyRefused):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 408
+
+    def __init__(self, idle_s: float) -> None:
+        super().__init__(f"the body stalled: no byte for {idle_s:g} s")
 
 
-class _ClientGone(Exception):
-    pass
+class _ClientGone(_BodyRefused):
+    """The sender closed before its body's end: the answer goes nowhere."""
 
+    code = grpc.StatusCode.CANCELLED
+    http_status = HTTP_STATUS[grpc.StatusCode.CANCELLED]
 
-def _too_large(declared: int | None, request_id: str) -> web.Response:
-    what = f"a body of {declared} bytes" if declared is not None else "a body"
-    response = error_response(413, f"{what} is more than the {MAX_BODY_BYTES} bytes a request may have", request_id)
-    response.force_close()
-    return response
+    def __init__(self) -> None:
+        super().__init__("the client closed the connection")
 
 
 class RestServer:
@@ -288,7 +299,12 @@ class RestServer:
         """`Expect: 100-continue`: a body over the limit is refused before the client sends it."""
         declared = request.content_length
         if declared is not None and declared > MAX_BODY_BYTES:
-            return _too_large(declared, observability.request_id_of((k.lower(), v) for k, v in request.headers.items()))
+            # Answered here, before the middleware (aiohttp asks this first): no metrics for it.
+            refused = _TooLarge(declared)
+            request_id = observability.request_id_of((k.lower(), v) for k, v in request.headers.items())
+            response = error_response(refused.http_status, str(refused), request_id)
+            response.force_close()
+            return response
         if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
             # As aiohttp's own handler does: the interim answer is not the response's bytes.
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -324,15 +340,7 @@ class RestServer:
 
     async def infer(self, request: web.Request) -> web.StreamResponse:
         name, version = _model(request)
-        request_id = observability.REQUEST_ID.get()
-        try:
-            body = await _read_body(request, self.body_idle_s)
-        except _TooLarge as err:
-            return _too_large(err.declared, request_id)
-        except _Stalled:
-            response = error_response(408, f"the body stalled: no byte for {self.body_idle_s:g} s", request_id)
-            response.force_close()
-            return response
+        body = await _read_body(request, self.body_idle_s)
         header_length = oip_rest.parse_header_length(request.headers.get(oip_rest.HEADER_LENGTH), len(body))
         message, reply = oip_rest.infer_request(name, version, body, header_length)
         del body  # the inputs are views of their own bytes in `message` from here on

@@ -532,6 +532,8 @@ def test_rest_calls_show_in_the_metrics() -> None:
         body = json.dumps({"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}]}).encode()
         assert http(running, "POST", "/v2/models/Cos/infer", body)[0] == 200
         assert http(running, "POST", "/v2/models/Cos/infer", b"{")[0] == 400
+        huge = b"POST /v2/models/Cos/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n\r\n{"
+        assert status_of(raw_exchange(running, huge, shut=False)) == 413
         with urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10) as answer:
             text = answer.read().decode()
     finally:
@@ -539,6 +541,7 @@ def test_rest_calls_show_in_the_metrics() -> None:
     assert 'cosserve_rpcs_total{code="OK",method="REST ModelInfer"} 1.0' in text
     assert 'cosserve_rpcs_total{code="INVALID_ARGUMENT",method="REST ModelInfer"} 1.0' in text
     assert 'cosserve_tensor_bytes_total{direction="in",method="REST ModelInfer"} 4.0' in text
+    assert 'cosserve_rpcs_total{code="RESOURCE_EXHAUSTED",method="REST ModelInfer"} 1.0' in text
 
 
 def test_a_malformed_chunked_body_is_400(rest_server: RunningServer) -> None:
