@@ -10,12 +10,14 @@ process: no client library would send them.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,7 +30,7 @@ from cosserve.server.edge.app import RunningServer
 from cosserve.server.edge.rest import MAX_BODY_BYTES
 from cosserve.server.edge.status import HTTP_STATUS
 from tests import toolenv
-from tests.certs import CertSet, make_certs
+from tests.certs import CertSet, issue, make_authority, make_certs
 from tests.conftest import start_server
 
 TRITONCLIENT_HTTP = ["tritonclient[http]==2.73.0"]
@@ -479,6 +481,15 @@ def test_a_slow_sender_is_cut_off_and_blocks_nobody(rest_server: RunningServer) 
             reply += chunk
     waited = time.monotonic() - started
     assert status_of(reply) == 408 and 0.5 < waited < 8, (reply, waited)
+    # Headers that never end: the connection is closed after --max-connection-idle-s (1 s here).
+    with socket.create_connection(("127.0.0.1", rest_server.http_port), timeout=10) as slow:
+        slow.sendall(b"GET /v2/health/live HTTP/1.1\r\nHo")
+        started = time.monotonic()
+        with pytest.raises(OSError):
+            for _ in range(40):
+                slow.sendall(b"x")
+                time.sleep(0.25)
+    assert time.monotonic() - started < 8
 
 
 def test_codes_match_grpc_through_the_one_table(rest_server: RunningServer) -> None:
@@ -568,3 +579,46 @@ def test_mutual_tls_over_rest(certs: CertSet) -> None:
     assert status == 200
     np.testing.assert_allclose(json.loads(body)["outputs"][0]["data"], np.cos([0.0, 1.0]), rtol=1e-6)
     assert refused.returncode != 0 and foreign.returncode != 0  # no certificate, or one another CA signed: no handshake
+
+
+@needs_curl
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])  # with SNI, and without (an IP address sends none)
+def test_rotated_certificate_is_used_by_new_rest_connections(tmp_path: Path, host: str) -> None:
+    first = make_certs(tmp_path / "first")
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    cert.write_bytes(first.server.cert_pem)
+    key.write_bytes(first.server.key_pem)
+    running = start_server(tls_cert=str(cert), tls_key=str(key))
+
+    def live(ca: Path) -> int:
+        done = subprocess.run([CURL or "curl", "-sS", "--max-time", "10", "--cacert", str(ca), "-o", "/dev/null", "-w", "%{http_code}",
+                               f"https://{host}:{running.http_port}/v2/health/live"], capture_output=True, text=True, timeout=30)
+        return int(done.stdout or 0) if done.returncode == 0 else -done.returncode
+
+    try:
+        assert live(first.ca.pem) == 200
+        new_ca = make_authority(tmp_path, "new-ca")
+        new_server = issue(new_ca, tmp_path, "new-server", server=True)
+        for path, data in ((cert, new_server.cert_pem), (key, new_server.key_pem)):
+            path.with_suffix(".new").write_bytes(data)
+            os.replace(path.with_suffix(".new"), path)
+        assert live(new_ca.pem) == 200
+        assert live(first.ca.pem) < 0  # the old CA no longer verifies the server
+    finally:
+        running.stop(0)
+
+
+def test_requests_past_the_concurrency_limit_are_429() -> None:
+    running = start_server(max_concurrent_rpcs=1, max_connection_idle_s=3.0)
+    body = json.dumps({"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}]}).encode()
+    try:
+        with socket.create_connection(("127.0.0.1", running.http_port), timeout=10) as slow:
+            slow.sendall(_post("/v2/models/Cos/infer", body)[:-5])  # in flight, its body unfinished
+            time.sleep(0.3)
+            status, headers, answer = http(running, "GET", "/v2/models/Cos")
+            assert status == 429 and "--max-concurrent-rpcs" in json.loads(answer)["error"]
+            slow.sendall(body[-5:])  # the body ends, the request is answered, the slot is free
+            assert status_of(slow.recv(65536)) == 200
+        assert http(running, "GET", "/v2/models/Cos")[0] == 200
+    finally:
+        running.stop(0)
