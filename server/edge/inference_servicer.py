@@ -1,7 +1,8 @@
 """The Open Inference Protocol servicer (inference.GRPCInferenceService): messages to core calls and back.
 
 Registered beside cosserve's own service on the same port, behind the same interceptors (auth,
-limits, metrics, request ids, the error table). The model view, the decoding of requests and the
+limits, metrics, request ids, the error table). The REST binding (rest.py) serves the same
+instance: its `infer`, `statistics` and `server_metadata`. The model view, the decoding of requests and the
 statistics are in server/protocols/oip.py; the op runs as Compute runs it (engine.compute on the
 Workers pool).
 """
@@ -55,6 +56,10 @@ class InferenceServicer:
         return pb.ModelReadyResponse(ready=oip.is_ready(request.name, request.version))
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: aio.ServicerContext) -> pb.ServerMetadataResponse:
+        return self.server_metadata()
+
+    def server_metadata(self) -> pb.ServerMetadataResponse:
+        """The server's name, version and protocol extensions, for either binding."""
         return pb.ServerMetadataResponse(name="cosserve", version=__version__, extensions=oip.EXTENSIONS)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: aio.ServicerContext) -> pb.ModelMetadataResponse:

@@ -26,8 +26,7 @@ from typing import Any
 import grpc
 from aiohttp import http_exceptions, web
 
-from cosserve import __version__, limits
-from cosserve.inference import grpc_service_pb2 as pb
+from cosserve import limits
 from cosserve.server.edge import observability
 from cosserve.server.edge.inference_servicer import InferenceServicer
 from cosserve.server.edge.metrics import Metrics
@@ -319,8 +318,7 @@ class RestServer:
         return web.json_response({"ready": True})
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        reply = pb.ServerMetadataResponse(name="cosserve", version=__version__, extensions=oip.EXTENSIONS)
-        return web.json_response(oip_rest.as_json(reply))
+        return web.json_response(oip_rest.as_json(self.servicer.server_metadata()))
 
     async def model_ready(self, request: web.Request) -> web.Response:
         name, version = _model(request)
