@@ -23,6 +23,8 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cosserve.inference import grpc_service_pb2 as pb
 from cosserve.server.compute.registry import REGISTRY
@@ -622,3 +624,45 @@ def test_requests_past_the_concurrency_limit_are_429() -> None:
         assert http(running, "GET", "/v2/models/Cos")[0] == 200
     finally:
         running.stop(0)
+
+
+# ---- the translation alone, fuzzed --------------------------------------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+_DATATYPES = st.sampled_from(["FP32", "FP16", "BF16", "FP64", "INT8", "INT32", "INT64", "UINT8", "BOOL", "STRING", ""])
+_INPUT = st.fixed_dictionaries(
+    {"name": st.sampled_from(["X", "Y", "Z"]) | _JSON, "datatype": _DATATYPES | _JSON,
+     "shape": st.lists(st.integers(-2, 5), max_size=3) | _JSON},
+    optional={"data": st.lists(st.integers(-300, 300) | st.floats() | st.booleans(), max_size=12) | _JSON,
+              "parameters": st.dictionaries(st.sampled_from(["binary_data_size", "p"]), st.integers(-1, 16) | _JSON, max_size=2)},
+)
+_DOCUMENT = st.fixed_dictionaries(
+    {"inputs": st.lists(_INPUT, max_size=3) | _JSON},
+    optional={"id": _JSON, "parameters": st.dictionaries(st.text(max_size=8), _JSON, max_size=3),
+              "outputs": st.lists(st.fixed_dictionaries({"name": st.sampled_from(["Y", "S"]) | _JSON},
+                                                        optional={"parameters": _JSON}), max_size=2)},
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(document=_DOCUMENT | _JSON, tail=st.binary(max_size=16), header_length=st.none() | st.integers(-1, 400))
+def test_any_json_is_a_request_or_invalid_argument(document: Any, tail: bytes, header_length: int | None) -> None:
+    """Whatever the JSON and the bytes after it, the translation and the decoding after it raise
+    only domain errors (a status code), never anything that would be a 500."""
+    import torch
+
+    from cosserve.server.errors import CosserveError
+    from cosserve.server.protocols import oip, oip_rest
+
+    body = json.dumps(document).encode() + tail
+    try:
+        length = oip_rest.parse_header_length(None if header_length is None else str(header_length), len(body))
+        request, reply = oip_rest.infer_request("Cos", "", body, length)
+        decoded = oip.decode_request(oip.model("Cos"), request, torch.device("cpu"))
+    except CosserveError:
+        return
+    assert list(decoded.inputs) == ["X"] and decoded.inputs["X"].dtype in oip.DATATYPES.values()
