@@ -247,6 +247,7 @@ class RestServer:
         self.body_idle_s = min(BODY_IDLE_S, settings.max_connection_idle_s or BODY_IDLE_S)
         self.app = web.Application(middlewares=[self.edge.middleware], client_max_size=MAX_BODY_BYTES, handler_args={
             "auto_decompress": False,  # a compressed body is refused, never inflated
+            # Also closes a connection whose headers never end (0, "never" for gRPC, is an hour here).
             "keepalive_timeout": settings.max_connection_idle_s or 3630.0,
             "lingering_time": _LINGER_S,
         })

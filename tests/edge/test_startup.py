@@ -56,6 +56,11 @@ def _cases(listener_port: int, grpc_port: int, certs_dir: Path) -> dict[str, tup
             {},
             f"--metrics-port {listener_port}: 127.0.0.1:{listener_port} is in use",
         ),
+        "http-port-in-use": (
+            ["--port", "0", "--http-port", str(listener_port)],
+            {},
+            f"--http-port {listener_port}: 127.0.0.1:{listener_port} is in use",
+        ),
         "tls-key-of-another-cert": (
             ["--port", "0", "--tls-cert", str(certs.server.cert), "--tls-key", str(certs.client.key)],
             {},
@@ -98,6 +103,7 @@ def refused(listener, grpc_server, tmp_path_factory) -> dict[str, tuple[str, sub
         "host-unresolvable",
         "port-in-use-by-cosserve",
         "metrics-port-in-use",
+        "http-port-in-use",
         "tls-key-of-another-cert",
     ],
 )
