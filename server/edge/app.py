@@ -165,7 +165,7 @@ class RunningServer:
         if self._rest is None:
             await self._server.stop(grace)
         else:  # both doors stop listening at once; their requests in flight get the same grace
-            await asyncio.gather(self._server.stop(grace), self._rest.stop())
+            await asyncio.gather(self._server.stop(grace), self._rest.stop(grace))
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:

@@ -111,6 +111,7 @@ class _Edge:
         self.metrics = metrics
         self.max_in_flight = settings.max_concurrent_rpcs
         self.in_flight = 0
+        self.draining = False  # set by RestServer.stop: new requests are refused, those in flight finish
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -120,11 +121,16 @@ class _Edge:
         rpc = _rpc_name(request)
         started = time.perf_counter()
         code = grpc.StatusCode.OK
+        response: web.StreamResponse
         self.in_flight += 1
         try:
-            if self.in_flight > self.max_in_flight:
+            if self.draining:
+                code = grpc.StatusCode.UNAVAILABLE
+                response = error_response(HTTP_STATUS[code], "the server is shutting down; retry on another", request_id)
+                response.force_close()
+            elif self.in_flight > self.max_in_flight:
                 code = grpc.StatusCode.RESOURCE_EXHAUSTED
-                response: web.StreamResponse = error_response(
+                response = error_response(
                     HTTP_STATUS[code], f"more than {self.max_in_flight} requests at once (--max-concurrent-rpcs); retry later", request_id
                 )
             else:
@@ -273,7 +279,9 @@ class RestServer:
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:
         """Listen on host:port (0: a free one); return the bound port."""
-        runner = web.AppRunner(self.app, handle_signals=False, access_log=None, shutdown_timeout=self.settings.grace_s)
+        # What is still in flight after stop's grace is cancelled at once (aiohttp reads 0 as "wait
+        # for ever", hence a hundredth of a second).
+        runner = web.AppRunner(self.app, handle_signals=False, access_log=None, shutdown_timeout=0.01)
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=tls, reuse_port=False)
         try:
@@ -287,11 +295,20 @@ class RestServer:
         self.port = int(sockets[0].getsockname()[1]) if sockets else port
         return self.port
 
-    async def stop(self) -> None:
-        """Stop listening; requests in flight get --grace-s (shutdown_timeout), then are cancelled."""
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+    async def stop(self, grace: float | None) -> None:
+        """As grpc.aio's stop(grace): stop listening and refuse new requests at once (503), give
+        those in flight `grace` seconds (their bodies still arriving), then close every connection.
+        aiohttp's own shutdown would stop reading bodies at once, so the wait is here."""
+        if self._runner is None:
+            return
+        runner, self._runner = self._runner, None
+        for site in list(runner.sites):
+            await site.stop()
+        self.edge.draining = True
+        deadline = time.monotonic() + (grace or 0)
+        while self.edge.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await runner.cleanup()
 
     # ---- the endpoints (Triton's paths) ----
 

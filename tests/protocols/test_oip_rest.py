@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -33,7 +35,7 @@ from cosserve.server.edge.rest import MAX_BODY_BYTES
 from cosserve.server.edge.status import HTTP_STATUS
 from tests import toolenv
 from tests.certs import CertSet, issue, make_authority, make_certs
-from tests.conftest import start_server
+from tests.conftest import start_process, start_server
 
 TRITONCLIENT_HTTP = ["tritonclient[http]==2.73.0"]
 TOKEN = "rest-test-token"
@@ -666,3 +668,34 @@ def test_any_json_is_a_request_or_invalid_argument(document: Any, tail: bytes, h
     except CosserveError:
         return
     assert list(decoded.inputs) == ["X"] and decoded.inputs["X"].dtype in oip.DATATYPES.values()
+
+
+def test_sigterm_lets_a_rest_request_in_flight_finish() -> None:
+    """`cosserve serve` in its own process: on SIGTERM the REST port stops listening at once, and a
+    request already in flight gets --grace-s to finish, as a gRPC call does; then exit 0."""
+    log: list[str] = []
+    proc, _ = start_process("--grace-s", "5", log=log)
+    try:
+        deadline = time.monotonic() + 10
+        while not (found := [m for line in log if (m := re.search(r"HTTP/REST at http://127\.0\.0\.1:(\d+)/", line))]):
+            assert time.monotonic() < deadline, log
+            time.sleep(0.05)
+        port = int(found[0].group(1))
+        body = json.dumps({"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [0]}]}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            slow.sendall(_post("/v2/models/Cos/infer", body)[:-3])
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            with pytest.raises(OSError):  # no new connection is taken
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            slow.sendall(body[-3:])
+            answer = b""
+            while chunk := slow.recv(65536):
+                answer += chunk
+        assert status_of(answer) == 200 and answer.endswith(b'"data":[1.0]}]}')
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
