@@ -38,7 +38,7 @@ from cosserve.server.settings import Settings, TlsFiles
 from cosserve.server.state import identity
 from cosserve.server.state.identity import Identities
 
-__all__ = ["BODY_IDLE_S", "MAX_BODY_BYTES", "RestServer"]
+__all__ = ["BODY_IDLE_S", "MAX_BODY_BYTES", "RestServer", "error_response", "tls_context"]
 
 log = logging.getLogger("cosserve.server")
 
