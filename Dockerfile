@@ -45,9 +45,10 @@ RUN python -m pip install "$(echo /opt/cosserve-wheels/cosserve-*.whl)[server,ot
 RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin cosserve && install -d -o 10001 -g 10001 -m 0750 /var/lib/cosserve
 USER 10001:10001
 # Listen on all interfaces inside the container; every flag also reads COSSERVE_<FLAG>.
-ENV COSSERVE_HOST=0.0.0.0 COSSERVE_PORT=50051 COSSERVE_METRICS_PORT=9464
-# gRPC (grpc.health.v1 included, open without a token), and Prometheus metrics at /metrics.
-EXPOSE 50051 9464
+ENV COSSERVE_HOST=0.0.0.0 COSSERVE_PORT=50051 COSSERVE_HTTP_PORT=8000 COSSERVE_METRICS_PORT=9464
+# gRPC (grpc.health.v1 included, open without a token), the Open Inference Protocol over
+# HTTP/REST (/v2/health/* open without a token), and Prometheus metrics at /metrics.
+EXPOSE 50051 8000 9464
 # Follows COSSERVE_PORT. With OCI images (podman, buildah) pass the same command as --health-cmd,
 # or build with --format docker. A server with --tls-cert needs `--tls` here too.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 CMD cosserve health --server "127.0.0.1:${COSSERVE_PORT}"

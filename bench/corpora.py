@@ -55,7 +55,7 @@ def _serving(address: str, deadline: float) -> None:
 
 def start_to_serving(corpus: Path | None) -> tuple[float, int, int]:
     """(seconds from spawning `cosserve serve` to health SERVING, RSS then, resident bytes of the corpus file)."""
-    argv = [sys.executable, "-m", "cosserve.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--device", "cpu"]
+    argv = [sys.executable, "-m", "cosserve.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--http-port", "off", "--device", "cpu"]
     if corpus is not None:
         argv += ["--corpus", f"bench={corpus}"]
     started = time.monotonic()

@@ -68,9 +68,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve(conn: Connection, device: str, max_session_bytes: int) -> None:
     from cosserve.server.edge.app import build_server
-    from cosserve.server.settings import Settings
+    from cosserve.server.settings import OFF, Settings
 
-    running = build_server(Settings(host="127.0.0.1", port=0, device=device, max_session_bytes=max_session_bytes))
+    running = build_server(Settings(host="127.0.0.1", port=0, http_port=OFF, device=device, max_session_bytes=max_session_bytes))
     conn.send(running.address)
     conn.recv()  # until the bench says stop
     running.stop(0)

@@ -55,6 +55,7 @@ class ServerProcess:
             self.stop()
             raise RuntimeError(f"{name} exited (code {self.proc.returncode}) before serving: {self.lines[-20:]}")
         self.address = f"127.0.0.1:{port}"
+        self.rest_address = ""  # cosserve's REST binding, when start_cosserve(rest=True) asked for it
         self.process = psutil.Process(self.proc.pid)
 
     def __enter__(self) -> ServerProcess:
@@ -82,16 +83,27 @@ class ServerProcess:
 
 
 def start_cosserve(
-    allow_shm: bool = True, max_workers: int = 16, env: Mapping[str, str] | None = None, device: str = "cpu"
+    allow_shm: bool = True, max_workers: int = 16, env: Mapping[str, str] | None = None, device: str = "cpu",
+    rest: bool = False,
 ) -> ServerProcess:
-    """`cosserve serve` on a free loopback port, sessions on `device` by default, shared memory allowed."""
+    """`cosserve serve` on a free loopback port, sessions on `device` by default, shared memory
+    allowed; with `rest`, the REST binding on another free port (`rest_address`)."""
     argv = [
         sys.executable, "-m", "cosserve.cli", "serve",
-        "--host", "127.0.0.1", "--port", "0", "--device", device,
+        "--host", "127.0.0.1", "--port", "0", "--http-port", "0" if rest else "off", "--device", device,
         "--max-workers", str(max_workers), "--grace-s", "1", "--log-level", "INFO",
         "--allow-shm" if allow_shm else "--no-allow-shm",
     ]  # fmt: skip
-    return ServerProcess(argv, r"listening on [^\s:]+:(\d+)", "cosserve", env)
+    server = ServerProcess(argv, r"listening on [^\s:]+:(\d+)", "cosserve", env)
+    if rest:  # logged right after the gRPC address
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while not (found := [m for line in server.lines if (m := re.search(r"HTTP/REST at http://([^/\s]+)/", line))]):
+            if time.monotonic() > deadline or server.proc.poll() is not None:
+                server.stop()
+                raise RuntimeError(f"cosserve logged no REST address: {server.lines[-20:]}")
+            time.sleep(0.05)
+        server.rest_address = found[0].group(1)
+    return server
 
 
 def start_floor(kind: str = "threaded", max_workers: int = 16) -> ServerProcess:

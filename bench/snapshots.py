@@ -27,7 +27,7 @@ _NAME = "bench"
 def _start_server(state_dir: Path, max_session_bytes: int) -> ServerProcess:
     argv = [
         sys.executable, "-m", "cosserve.cli", "serve",
-        "--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--grace-s", "1",
+        "--host", "127.0.0.1", "--port", "0", "--http-port", "off", "--device", "cpu", "--grace-s", "1",
         "--state-dir", str(state_dir), "--max-session-bytes", str(max_session_bytes),
         "--max-identity-bytes", str(max_session_bytes),
     ]  # fmt: skip

@@ -22,6 +22,7 @@ from typing import Any
 from cosserve.server.errors import quoted
 
 __all__ = [
+    "OFF",
     "SettingError",
     "Settings",
     "TlsFiles",
@@ -74,10 +75,15 @@ def _shown_value(name: str, value: object) -> str:
     return shlex.quote(text)
 
 
-def _setting(default: Any, help: str, check: Check, *, size: bool = False) -> Any:
+# The value of a port setting given as "off" (--http-port off): nothing listens.
+OFF = -1
+
+
+def _setting(default: Any, help: str, check: Check, *, size: bool = False, off: bool = False) -> Any:
     """A Settings field with its --help text and its check; the flag and the variable follow from
-    its name. size=True: an int of bytes, given as 123, 16GiB or 16GB."""
-    return dataclasses.field(default=default, metadata={"help": help, "check": check, "size": size})
+    its name. size=True: an int of bytes, given as 123, 16GiB or 16GB. off=True: an int that may
+    also be given as "off", meaning OFF."""
+    return dataclasses.field(default=default, metadata={"help": help, "check": check, "size": size, "off": off})
 
 
 # ---- checks (each raises ValueError with the reason) ----
@@ -204,12 +210,23 @@ def _corpus_specs(value: tuple[str, ...]) -> None:
 _PORT = _between(0, 65535)
 
 
+def _port_or_off(value: int) -> None:
+    if value != OFF and not 0 <= value <= 65535:
+        raise ValueError("must be 0–65535, or off")
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Every setting of the server. Field `some_name` is flag --some-name and variable COSSERVE_SOME_NAME."""
 
     host: str = _setting("127.0.0.1", "address to listen on (0.0.0.0 in a container)", _host)
     port: int = _setting(50051, "port to listen on; 0 picks a free one; a port in use is refused", _PORT)
+    http_port: int = _setting(
+        8000,
+        "port of the Open Inference Protocol over HTTP/REST, on --host; 0 picks a free one; off: none",
+        _port_or_off,
+        off=True,
+    )
     device: str = _setting(
         "auto", "default device of sessions: auto (CUDA if available), cpu, cuda, cuda:N", _device
     )
@@ -325,6 +342,8 @@ class Settings:
             raise SettingError("durability", self.durability, "needs --state-dir, where the sessions are written")
         if self.metrics_port and self.metrics_port == self.port:
             raise SettingError("metrics_port", self.metrics_port, "must differ from --port")
+        if self.http_port > 0 and self.http_port in (self.port, self.metrics_port):
+            raise SettingError("http_port", self.http_port, "must differ from --port and --metrics-port")
 
 
 def _is_kind(value: object, kind: type) -> bool:
@@ -466,6 +485,8 @@ def format_size(value: int) -> str:
 def _readable(name: str, value: object) -> str:
     """A value as a person would type it."""
     meta = _METADATA[name]
+    if meta["off"] and value == OFF:
+        return "off"
     if meta["size"] and isinstance(value, int) and not isinstance(value, bool):
         return format_size(value)
     if isinstance(value, bool):
@@ -492,12 +513,17 @@ def _parse(name: str, kind: type, text: str) -> Any:
     if kind is bool:
         return _parse_bool(text)
     if kind is int:
+        if _METADATA[name]["off"] and text.strip().lower() == "off":
+            return OFF
         if _METADATA[name]["size"]:
             return parse_size(text)
         try:
-            return int(text)
+            number = int(text)
         except ValueError:
-            raise ValueError("must be a whole number") from None
+            raise ValueError("must be a whole number" + (", or off" if _METADATA[name]["off"] else "")) from None
+        if _METADATA[name]["off"] and number == OFF:  # OFF is spelled "off"; -1 is no port
+            raise ValueError("must be at least 0, or off")
+        return number
     if kind is float:
         try:
             value = float(text)

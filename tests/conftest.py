@@ -25,8 +25,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason
 
 
 def start_server(**overrides: object) -> RunningServer:
-    """Start the production server (same interceptors and limits) on a free loopback port."""
-    settings = dataclasses.replace(Settings(host="127.0.0.1", port=0, max_workers=8), **overrides)
+    """Start the production server (same interceptors and limits) on a free loopback port (and
+    the REST binding on another)."""
+    settings = dataclasses.replace(Settings(host="127.0.0.1", port=0, http_port=0, max_workers=8), **overrides)
     return build_server(settings)
 
 
@@ -77,7 +78,7 @@ def start_process(
     prelude = "import gc; gc.disable(); " if gc_off else ""
     script = prelude + "import sys; from cosserve.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen(
-        [sys.executable, "-c", script, "serve", "--port", "0", "--device", "cpu", *flags],
+        [sys.executable, "-c", script, "serve", "--port", "0", "--http-port", "0", "--device", "cpu", *flags],
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, **(env or {})},

@@ -235,11 +235,11 @@ def _server(address: str | None, device: str, corpus_bytes: int) -> Iterator[str
         return
     try:
         from cosserve.server.edge.app import build_server
-        from cosserve.server.settings import Settings
+        from cosserve.server.settings import OFF, Settings
     except ImportError as err:
         raise UsageError(f"{_NEEDS_SERVER} ({err})") from None
     room = max(Settings.max_session_bytes, corpus_bytes + 2**30)
-    running = build_server(Settings(host="127.0.0.1", port=0, device=device, max_session_bytes=room))
+    running = build_server(Settings(host="127.0.0.1", port=0, http_port=OFF, device=device, max_session_bytes=room))
     try:
         yield running.address
     finally:

@@ -61,6 +61,11 @@ class GRPCInferenceServiceStub(object):
                 request_serializer=cosserve_dot_inference_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
                 response_deserializer=cosserve_dot_inference_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
                 _registered_method=True)
+        self.ModelConfig = channel.unary_unary(
+                '/inference.GRPCInferenceService/ModelConfig',
+                request_serializer=cosserve_dot_inference_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
+                response_deserializer=cosserve_dot_inference_dot_grpc__service__pb2.ModelConfigResponse.FromString,
+                _registered_method=True)
         self.ModelInfer = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelInfer',
                 request_serializer=cosserve_dot_inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
@@ -120,6 +125,14 @@ class GRPCInferenceServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ModelConfig(self, request, context):
+        """A model's configuration (Triton's ModelConfig): its inputs and outputs with their data types
+        and dims; NOT_FOUND for an unknown model or version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ModelInfer(self, request, context):
         """Run one operator on the request's tensors; the outputs come back in raw_output_contents.
         Runs as cosserve's Compute does: same checks, limits, workers and status codes.
@@ -171,6 +184,11 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.ModelMetadata,
                     request_deserializer=cosserve_dot_inference_dot_grpc__service__pb2.ModelMetadataRequest.FromString,
                     response_serializer=cosserve_dot_inference_dot_grpc__service__pb2.ModelMetadataResponse.SerializeToString,
+            ),
+            'ModelConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelConfig,
+                    request_deserializer=cosserve_dot_inference_dot_grpc__service__pb2.ModelConfigRequest.FromString,
+                    response_serializer=cosserve_dot_inference_dot_grpc__service__pb2.ModelConfigResponse.SerializeToString,
             ),
             'ModelInfer': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfer,
@@ -325,6 +343,33 @@ class GRPCInferenceService(object):
             '/inference.GRPCInferenceService/ModelMetadata',
             cosserve_dot_inference_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
             cosserve_dot_inference_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/ModelConfig',
+            cosserve_dot_inference_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
+            cosserve_dot_inference_dot_grpc__service__pb2.ModelConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,7 +33,7 @@ from cosserve.server import settings as settings_mod
 from cosserve.server import tracing
 from cosserve.server.compute.scorer import Scorer
 from cosserve.server.compute.workers import Workers
-from cosserve.server.edge import cosserve_servicer, inference_servicer, listen, observability, tls
+from cosserve.server.edge import cosserve_servicer, inference_servicer, listen, observability, rest, tls
 from cosserve.server.edge.cosserve_servicer import SERVICE_NAME, CosserveServicer
 from cosserve.server.edge.interceptors import (
     AuthInterceptor,
@@ -146,6 +146,9 @@ class RunningServer:
     _health: health_aio.HealthServicer
     _durability: Durability | None = None
     _stopped: bool = False
+    # The Open Inference Protocol over HTTP/REST (--http-port), None when off.
+    http_port: int | None = None
+    _rest: rest.RestServer | None = None
 
     def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING and new calls refused at once; in-flight calls get `grace` seconds,
@@ -171,7 +174,10 @@ class RunningServer:
 
     async def _shutdown(self, grace: float | None) -> None:
         await self._health.enter_graceful_shutdown()
-        await self._server.stop(grace)
+        if self._rest is None:
+            await self._server.stop(grace)
+        else:  # both doors stop listening at once; their requests in flight get the same grace
+            await asyncio.gather(self._server.stop(grace), self._rest.stop(grace))
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
@@ -224,7 +230,8 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
     scorer = Scorer(limits.INLINE_BYTES)
     cosserve_servicer.add_to_server(CosserveServicer(store, settings, workers, scorer, metrics), server)
     # The Open Inference Protocol (KServe v2 / Triton) on the same port, behind the same interceptors.
-    inference_servicer.add_to_server(inference_servicer.InferenceServicer(settings, workers, metrics), server)
+    inference = inference_servicer.InferenceServicer(settings, workers, metrics)
+    inference_servicer.add_to_server(inference, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     services = (
@@ -254,6 +261,17 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
         raise OSError(f"could not bind {bind}")
     # Metrics first: if its port was taken since check_listen looked, nothing has started yet.
     metrics_port = metrics.start(host, settings.metrics_port) if metrics else 0
+    # The REST binding of the same InferenceServicer, on the same loop, before the gRPC port serves.
+    rest_server = None
+    http_port = None
+    if settings.http_port != settings_mod.OFF:
+        rest_server = rest.RestServer(settings, inference, identities, metrics)
+        try:
+            http_port = await rest_server.start(host, settings.http_port, rest.tls_context(settings) if settings.tls_cert else None)
+        except OSError as err:  # taken since check_listen looked
+            if metrics is not None:
+                metrics.stop()
+            raise settings_mod.SettingError("http_port", settings.http_port, f"cannot listen on {host}: {err.strerror or err}") from None
     await server.start()
     for service in ("", SERVICE_NAME, inference_servicer.SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -261,7 +279,8 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
     loop.create_task(_expire_idle(store))
     loop.create_task(durability.run())
     return RunningServer(
-        port, address, store, workers, scorer, metrics, metrics_port, identities, loop, thread, server, health, durability
+        port, address, store, workers, scorer, metrics, metrics_port, identities, loop, thread, server, health, durability,
+        http_port=http_port, _rest=rest_server,
     )
 
 
@@ -290,6 +309,10 @@ def serve(settings: Settings) -> int:
     )  # fmt: skip
     if running.metrics_port:
         log.info("metrics at http://%s:%d/metrics", settings.host, running.metrics_port)
+    if running.http_port is not None:
+        scheme = "https" if settings.tls_cert else "http"
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        log.info("Open Inference Protocol over HTTP/REST at %s://%s:%d/v2", scheme, host, running.http_port)
     stop = threading.Event()
     received: list[int] = []
 

@@ -1,7 +1,8 @@
 """The Open Inference Protocol servicer (inference.GRPCInferenceService): messages to core calls and back.
 
 Registered beside cosserve's own service on the same port, behind the same interceptors (auth,
-limits, metrics, request ids, the error table). The model view, the decoding of requests and the
+limits, metrics, request ids, the error table). The REST binding (rest.py) serves the same
+instance: its `infer`, `statistics` and `server_metadata`. The model view, the decoding of requests and the
 statistics are in server/protocols/oip.py; the op runs as Compute runs it (engine.compute on the
 Workers pool).
 """
@@ -55,20 +56,20 @@ class InferenceServicer:
         return pb.ModelReadyResponse(ready=oip.is_ready(request.name, request.version))
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: aio.ServicerContext) -> pb.ServerMetadataResponse:
+        return self.server_metadata()
+
+    def server_metadata(self) -> pb.ServerMetadataResponse:
+        """The server's name, version and protocol extensions, for either binding."""
         return pb.ServerMetadataResponse(name="cosserve", version=__version__, extensions=oip.EXTENSIONS)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: aio.ServicerContext) -> pb.ModelMetadataResponse:
-        found = oip.model(request.name, request.version)
-        return pb.ModelMetadataResponse(
-            name=found.name,
-            versions=[oip.VERSION],
-            platform=oip.PLATFORM,
-            inputs=[pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in found.inputs],
-            outputs=[pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in found.outputs],
-        )
+        return oip.model_metadata(request.name, request.version)
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: aio.ServicerContext) -> pb.ModelConfigResponse:
+        return oip.model_config(request.name, request.version)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext) -> pb.ModelInferResponse:
-        return await self._infer(request, "ModelInfer")
+        return await self.infer(request, "ModelInfer")
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: aio.ServicerContext
@@ -76,7 +77,7 @@ class InferenceServicer:
         # One request at a time, answered in order: a stream holds one request's tensors at most.
         async for request in requests:
             try:
-                response = await self._infer(request, "ModelStreamInfer")
+                response = await self.infer(request, "ModelStreamInfer")
             except CosserveError as err:
                 # As Triton does: the request's error in its answer, and the stream goes on.
                 yield pb.ModelStreamInferResponse(error_message=bounded(str(err)))
@@ -86,9 +87,11 @@ class InferenceServicer:
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: aio.ServicerContext) -> pb.ModelStatisticsResponse:
         return self.statistics.message(request.name, request.version)
 
-    async def _infer(self, request: pb.ModelInferRequest, method: str) -> pb.ModelInferResponse:
+    async def infer(self, request: pb.ModelInferRequest, method: str) -> pb.ModelInferResponse:
         """One inference, run as Compute runs its op, with its times counted for its model (a
-        request for an unknown model has no model to count it for)."""
+        request for an unknown model has no model to count it for). Both bindings call it: gRPC's
+        ModelInfer and ModelStreamInfer, and REST's infer (server/edge/rest.py), `method` naming
+        which in the tensor-byte metrics."""
         started = time.perf_counter_ns()
         name = request.model_name
         found = oip.model(name, request.model_version)  # NOT_FOUND before anything is counted

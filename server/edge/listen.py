@@ -36,8 +36,10 @@ def _check_port_free(name: str, host: str, port: int) -> None:
 
 
 def check_listen(settings: Settings) -> None:
-    """SettingError unless --host resolves and --port and --metrics-port are free: checked before
-    grpc binds, so a port in use is one line here, not grpc's log and a RuntimeError."""
+    """SettingError unless --host resolves and --port, --metrics-port and --http-port are free:
+    checked before grpc binds, so a port in use is one line here, not grpc's log and a RuntimeError."""
     _check_port_free("port", settings.host, settings.port)
     if settings.metrics_port:
         _check_port_free("metrics_port", settings.host, settings.metrics_port)
+    if settings.http_port > 0:
+        _check_port_free("http_port", settings.host, settings.http_port)

@@ -9,7 +9,7 @@ import grpc
 
 from cosserve.server import errors
 
-__all__ = ["MAX_DETAILS", "STATUS_CODES", "MalformedRequest", "bounded", "status_of", "wire_bytes"]
+__all__ = ["HTTP_STATUS", "MAX_DETAILS", "STATUS_CODES", "MalformedRequest", "bounded", "status_of", "wire_bytes"]
 
 STATUS_CODES: dict[type[errors.CosserveError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -19,6 +19,28 @@ STATUS_CODES: dict[type[errors.CosserveError], grpc.StatusCode] = {
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+}
+
+# The HTTP status of each code, for the REST binding (edge/rest.py): google.rpc's mapping
+# (google/rpc/code.proto), which KServe and Triton follow.
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.DATA_LOSS: 500,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 
 # Bytes of an error message on the wire. Status details travel in an HTTP/2 header

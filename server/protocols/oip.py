@@ -1,7 +1,8 @@
 """The Open Inference Protocol's view of the operator registry: models, requests, statistics. No gRPC here.
 
 Every registered operator is a model: name = op type, one version "1", the schema's inputs and
-outputs as tensors, its arguments as request parameters. `decode_request` turns a
+outputs as tensors, its arguments as request parameters. `model_metadata` and `model_config`
+describe one, for either binding (gRPC or REST). `decode_request` turns a
 ModelInferRequest into the engine.OpCall and input tensors that Compute would run, checking every
 header before anything is allocated; `encode_response` turns the outputs into the reply; and
 `Statistics` keeps what ModelStatistics reports.
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from cosserve.inference import grpc_service_pb2 as pb
+from cosserve.inference import model_config_pb2 as config_pb
 from cosserve.server import memory
 from cosserve.server.compute import engine
 from cosserve.server.compute.registry import REGISTRY, InputKind, Operator, lookup
@@ -38,6 +40,8 @@ __all__ = [
     "encode_response",
     "is_ready",
     "model",
+    "model_config",
+    "model_metadata",
     "models",
     "timed",
 ]
@@ -46,9 +50,10 @@ __all__ = [
 VERSION = "1"
 PLATFORM = "cosserve"
 # The protocol extensions served (Triton's names): request parameters and ModelStatistics. Not
-# served: classification, sequence, model_repository, schedule_policy, model_configuration,
-# system_shared_memory, cuda_shared_memory, binary_tensor_data (HTTP), trace, logging.
-EXTENSIONS = ("parameters", "statistics")
+# served: classification, sequence, model_repository, schedule_policy, system_shared_memory,
+# cuda_shared_memory, trace, logging. binary_tensor_data is the REST binding's
+# (Inference-Header-Content-Length); gRPC always carries tensors raw.
+EXTENSIONS = ("parameters", "statistics", "model_configuration", "binary_tensor_data")
 
 # The v2 datatypes served, and their torch dtypes (the same ten as cosserve's own wire).
 DATATYPES: dict[str, torch.dtype] = {
@@ -136,6 +141,31 @@ def model(name: str, version: str = "") -> Model:
 
 def is_ready(name: str, version: str = "") -> bool:
     return name in REGISTRY and version in ("", VERSION)
+
+
+def model_metadata(name: str, version: str = "") -> pb.ModelMetadataResponse:
+    """ModelMetadata's answer for the model `name` at `version` (NotFound as `model`)."""
+    found = model(name, version)
+    return pb.ModelMetadataResponse(
+        name=found.name,
+        versions=[VERSION],
+        platform=PLATFORM,
+        inputs=[pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in found.inputs],
+        outputs=[pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in found.outputs],
+    )
+
+
+def model_config(name: str, version: str = "") -> pb.ModelConfigResponse:
+    """ModelConfig's answer (Triton's message) for the model `name` at `version` (NotFound as
+    `model`): the metadata's tensors with their data types and dims. max_batch_size is 0, the
+    operator's own dims being the whole tensor's: no dimension is a batch the server forms."""
+    found = model(name, version)
+    config = config_pb.ModelConfig(name=found.name, platform=PLATFORM, max_batch_size=0)
+    for t in found.inputs:
+        config.input.add(name=t.name, data_type=config_pb.DataType.Value(f"TYPE_{t.datatype}"), dims=t.shape)
+    for t in found.outputs:
+        config.output.add(name=t.name, data_type=config_pb.DataType.Value(f"TYPE_{t.datatype}"), dims=t.shape)
+    return pb.ModelConfigResponse(config=config)
 
 
 # ---- requests ---------------------------------------------------------------------------

@@ -184,8 +184,8 @@ def test_statefulset_ports_env_probes_and_grace_agree_with_the_server_settings()
     container = server_container(docs)
     settings, env = container_settings(container)  # every variable is a setting and parses
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
-    assert settings.port == Settings().port and settings.host == "0.0.0.0"
+    assert ports == {"grpc": settings.port, "http": settings.http_port, "metrics": settings.metrics_port}
+    assert settings.port == Settings().port and settings.http_port == Settings().http_port and settings.host == "0.0.0.0"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"] == {"port": settings.port}, probe
     # The startup probe outlasts restoring the sessions on the volume; build_server allows 60 s.
@@ -236,7 +236,9 @@ def test_services_selectors_and_policies_agree_with_the_pods():
     assert selects(statefulset["spec"]["selector"]["matchLabels"], labels)
     headless = one(docs, "Service", statefulset["spec"]["serviceName"])
     assert headless["spec"]["clusterIP"] == "None" and selects(headless["spec"]["selector"], labels)
-    assert {p["name"]: p["port"] for p in headless["spec"]["ports"]} == {"grpc": settings.port, "metrics": settings.metrics_port}
+    assert {p["name"]: p["port"] for p in headless["spec"]["ports"]} == {
+        "grpc": settings.port, "http": settings.http_port, "metrics": settings.metrics_port,
+    }
     # Prometheus: the pods' annotations and the ServiceMonitor both name the metrics port.
     annotations = statefulset["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(settings.metrics_port)
@@ -254,7 +256,7 @@ def test_services_selectors_and_policies_agree_with_the_pods():
     assert selects(policy["podSelector"]["matchLabels"], labels)
     nginx_labels = one(docs, "Deployment", "cosserve-nginx")["spec"]["template"]["metadata"]["labels"]
     by_port = {rule["ports"][0]["port"]: rule["from"] for rule in policy["ingress"]}
-    assert set(by_port) == {settings.port, settings.metrics_port}
+    assert set(by_port) == {settings.port, settings.http_port, settings.metrics_port}
     assert any(selects(peer.get("podSelector", {}).get("matchLabels", {"-": "-"}), nginx_labels) for peer in by_port[settings.port])
 
 
@@ -340,8 +342,9 @@ def test_compose_runs_three_named_replicas_behind_nginx_with_its_config():
         assert grace >= settings.grace_s + STOP_MARGIN_S + (SNAPSHOT_BUDGET_S if settings.state_dir else 0)
         (volume,) = service["volumes"]
         assert volume == f"{name}-state:{settings.state_dir}" and f"{name}-state" in compose["volumes"]
-        (published,) = service["ports"]
+        published, rest = service["ports"]
         assert published.startswith("127.0.0.1:") and published.endswith(f":{settings.port}")
+        assert rest.startswith("127.0.0.1:") and rest.endswith(f":{settings.http_port}")
     # nginx: deploy/nginx/cosserve.conf as its nginx.conf, and the replica list beside it, which
     # names exactly these services on the server's port.
     nginx = services["nginx"]

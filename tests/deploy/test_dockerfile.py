@@ -129,7 +129,8 @@ def test_dockerfile_final_image_is_non_root_exposes_the_ports_and_checks_health(
     grpc_port, metrics_port = int(env["COSSERVE_PORT"]), int(env["COSSERVE_METRICS_PORT"])
     assert grpc_port == Settings().port
     exposed = {int(p) for text in steps(final, "EXPOSE") for p in text.split()}
-    assert exposed == {grpc_port, metrics_port}
+    assert exposed == {grpc_port, int(env["COSSERVE_HTTP_PORT"]), metrics_port}
+    assert int(env["COSSERVE_HTTP_PORT"]) == Settings().http_port
     # Non-root: USER is the uid the image's useradd makes, never 0.
     (user,) = steps(final, "USER")
     uid = user.split(":")[0]
@@ -282,8 +283,9 @@ def test_image_steps_install_a_server_that_serves(tmp_path: pathlib.Path):
     assert torch_version.split("+")[0] == expand("$TORCH_VERSION", env)
 
     # The ENTRYPOINT with the image's ENV; loopback only here (the image says 0.0.0.0) and free ports.
-    port, metrics_port = _free_port(), _free_port()
-    serve_env = {**env, "COSSERVE_HOST": "127.0.0.1", "COSSERVE_PORT": str(port), "COSSERVE_METRICS_PORT": str(metrics_port)}
+    port, metrics_port, http_port = _free_port(), _free_port(), _free_port()
+    serve_env = {**env, "COSSERVE_HOST": "127.0.0.1", "COSSERVE_PORT": str(port), "COSSERVE_METRICS_PORT": str(metrics_port),
+                 "COSSERVE_HTTP_PORT": str(http_port)}
     (entrypoint,) = steps(final, "ENTRYPOINT")
     command = json.loads(entrypoint)
     executable = shutil.which(command[0], path=serve_env["PATH"])

@@ -29,6 +29,7 @@ TLS = ("tls_cert", "tls_key", "tls_client_ca")
 BAD: dict[str, list[tuple[str, str]]] = {
     "host": [("not a host", "must be an IP address or a host name"), ("[::1]", "without brackets")],
     "port": [("70000", "must be 0–65535"), ("-1", "must be 0–65535"), ("http", "must be a whole number")],
+    "http_port": [("70000", "must be 0–65535, or off"), ("-1", "must be at least 0, or off"), ("of", "must be a whole number, or off")],
     "device": [("gpu", "must be auto, cpu, cuda or cuda:N"), ("cuda:x", "must be auto")],
     "max_workers": [("0", "must be at least 1"), ("1.5", "must be a whole number")],
     "max_concurrent_rpcs": [("0", "must be at least 1")],

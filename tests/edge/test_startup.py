@@ -19,7 +19,7 @@ from tests.conftest import start_server
 
 from cosserve.server.settings import SettingError
 
-SERVE = [sys.executable, "-m", "cosserve.cli", "serve", "--device", "cpu"]
+SERVE = [sys.executable, "-m", "cosserve.cli", "serve", "--device", "cpu", "--http-port", "0"]
 # A `cosserve serve` that would start anyway is stopped after this long. The ones refused here
 # exit once their flags are read, in the time an import of torch takes (seconds; more on a busy
 # machine, where six of them share the cores).
@@ -55,6 +55,11 @@ def _cases(listener_port: int, grpc_port: int, certs_dir: Path) -> dict[str, tup
             ["--port", "0", "--metrics-port", str(listener_port)],
             {},
             f"--metrics-port {listener_port}: 127.0.0.1:{listener_port} is in use",
+        ),
+        "http-port-in-use": (
+            ["--port", "0", "--http-port", str(listener_port)],
+            {},
+            f"--http-port {listener_port}: 127.0.0.1:{listener_port} is in use",
         ),
         "tls-key-of-another-cert": (
             ["--port", "0", "--tls-cert", str(certs.server.cert), "--tls-key", str(certs.client.key)],
@@ -98,6 +103,7 @@ def refused(listener, grpc_server, tmp_path_factory) -> dict[str, tuple[str, sub
         "host-unresolvable",
         "port-in-use-by-cosserve",
         "metrics-port-in-use",
+        "http-port-in-use",
         "tls-key-of-another-cert",
     ],
 )

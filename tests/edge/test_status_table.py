@@ -34,3 +34,13 @@ def test_a_subclass_of_a_domain_error_takes_its_parents_code():
 
     assert status_of(Deeper("x")) is grpc.StatusCode.INVALID_ARGUMENT
     assert set(STATUS_CODES) <= set(_domain_errors())
+
+
+def test_every_code_has_an_http_status_for_the_rest_binding():
+    """The REST binding answers every code the table can give (and any grpc code) with an HTTP
+    status: a missing one would turn a client's mistake into a 500."""
+    from cosserve.server.edge.status import HTTP_STATUS
+
+    assert set(HTTP_STATUS) == set(grpc.StatusCode)
+    assert all(400 <= HTTP_STATUS[code] < 500 for code in STATUS_CODES.values())
+    assert HTTP_STATUS[grpc.StatusCode.INTERNAL] == 500 and HTTP_STATUS[grpc.StatusCode.OK] == 200

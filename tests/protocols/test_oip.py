@@ -24,6 +24,7 @@ import pytest
 
 from cosserve import Client, CosserveRpcError
 from cosserve.inference import grpc_service_pb2 as pb
+from cosserve.inference import model_config_pb2 as config_pb
 from cosserve.server.compute.registry import REGISTRY
 from cosserve.server.edge.app import RunningServer
 from tests import toolenv
@@ -104,6 +105,8 @@ def run(action):
             return client.get_server_metadata(headers=headers, as_json=True)
         if do == "model_metadata":
             return client.get_model_metadata(action["model"], action.get("version", ""), headers=headers, as_json=True)
+        if do == "model_config":
+            return client.get_model_config(action["model"], action.get("version", ""), headers=headers, as_json=True)
         if do == "statistics":
             return client.get_inference_statistics(action.get("model", ""), headers=headers, as_json=True)
         if do == "stream":
@@ -181,21 +184,24 @@ def describe(file_descriptor):
             name = f"{prefix}.{m.name}"
             out[name] = {f.name: [f.number, f.type, f.label, f.type_name] for f in m.field}
             walk(name, m.nested_type)
+            for e in m.enum_type:
+                enums[f"{name}.{e.name}"] = {v.name: v.number for v in e.value}
+    enums = {f"{proto.package}.{e.name}": {v.name: v.number for v in e.value} for e in proto.enum_type}
     walk(proto.package, proto.message_type)
     methods = {m.name: [m.input_type, m.output_type, m.client_streaming, m.server_streaming] for s in proto.service for m in s.method}
-    return {"messages": out, "methods": methods}
+    return {"messages": out, "enums": enums, "methods": methods}
 '''
 DESCRIBE = DESCRIBE_MESSAGES + """
 import json
-from tritonclient.grpc import service_pb2
-print(json.dumps(describe(service_pb2.DESCRIPTOR)))
+from tritonclient.grpc import model_config_pb2, service_pb2
+print(json.dumps([describe(service_pb2.DESCRIPTOR), describe(model_config_pb2.DESCRIPTOR)]))
 """
 
 
-def _describe_ours() -> dict[str, Any]:
+def _describe_ours() -> list[dict[str, Any]]:
     scope: dict[str, Any] = {}
     exec(DESCRIBE_MESSAGES, scope)
-    return json.loads(json.dumps(scope["describe"](pb.DESCRIPTOR)))
+    return json.loads(json.dumps([scope["describe"](pb.DESCRIPTOR), scope["describe"](config_pb.DESCRIPTOR)]))
 
 
 def test_every_message_and_rpc_is_tritons(triton_python: str) -> None:
@@ -203,8 +209,8 @@ def test_every_message_and_rpc_is_tritons(triton_python: str) -> None:
     streaming, read from the descriptors tritonclient itself ships."""
     done = subprocess.run([triton_python, "-c", DESCRIBE], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
-    theirs = json.loads(done.stdout)
-    ours = _describe_ours()
+    theirs, their_config = json.loads(done.stdout)
+    ours, our_config = _describe_ours()
     assert ours["messages"], "no messages"
     for name, fields in ours["messages"].items():
         assert theirs["messages"].get(name) == fields, name
@@ -212,9 +218,18 @@ def test_every_message_and_rpc_is_tritons(triton_python: str) -> None:
         assert theirs["methods"][name] == signature, name
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     assert {m.name for m in service.methods} == {
-        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer", "ModelStreamInfer",
-        "ModelStatistics",
+        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig", "ModelInfer",
+        "ModelStreamInfer", "ModelStatistics",
     }
+    # model_config.proto is the part of Triton's that an operator fills: each message has a subset
+    # of Triton's fields, each field exactly Triton's; each enum is Triton's whole.
+    assert {"inference.ModelConfig", "inference.ModelInput", "inference.ModelOutput"} <= set(our_config["messages"])
+    for name, fields in our_config["messages"].items():
+        their_fields = their_config["messages"].get(name)
+        assert their_fields is not None, name
+        for field, described in fields.items():
+            assert their_fields.get(field) == described, f"{name}.{field}"
+    assert our_config["enums"] and all(their_config["enums"].get(n) == e for n, e in our_config["enums"].items())
 
 
 # ---- inference ------------------------------------------------------------------------------
@@ -350,7 +365,7 @@ def test_metadata_and_readiness(triton_python: str, server: RunningServer) -> No
     live, ready, server_metadata, cos, cos1, cos2, sin, sin_meta, cos7, *metadata = tritonclient(triton_python, server.address, actions)
     assert (live, ready, cos, cos1, cos2, sin) == (True, True, True, True, False, False)
     assert server_metadata["name"] == "cosserve"
-    assert set(server_metadata["extensions"]) == {"parameters", "statistics"}
+    assert set(server_metadata["extensions"]) == {"parameters", "statistics", "model_configuration", "binary_tensor_data"}
     assert sin_meta["error"]["status"] == "StatusCode.NOT_FOUND"
     assert cos7["error"]["status"] == "StatusCode.NOT_FOUND"
     for name, meta in zip(sorted(REGISTRY), metadata):
@@ -361,6 +376,33 @@ def test_metadata_and_readiness(triton_python: str, server: RunningServer) -> No
         for tensor in meta["inputs"] + meta["outputs"]:
             assert tensor["shape"] == ["-1"]  # int64 in protobuf's JSON
             assert tensor["datatype"] in ("FP32", "INT32", "INT64")
+
+
+def test_model_config_of_every_model(triton_python: str, server: RunningServer) -> None:
+    """tritonclient's get_model_config: Triton's ModelConfig, filled from the operator registry,
+    agreeing with ModelMetadata; unknown models and versions are NOT_FOUND."""
+    names = sorted(REGISTRY)
+    actions = [{"do": "model_config", "model": n} for n in names] + [{"do": "model_metadata", "model": n} for n in names]
+    actions += [{"do": "model_config", "model": "Cos", "version": "1"}, {"do": "model_config", "model": "Cos", "version": "2"},
+                {"do": "model_config", "model": "CosineSimilarty"}]
+    results = tritonclient(triton_python, server.address, actions)
+    configs, metadata = results[: len(names)], results[len(names) : 2 * len(names)]
+    cos1, cos2, typo = results[2 * len(names) :]
+    for name, got, meta in zip(names, configs, metadata):
+        assert "error" not in got, got
+        config = got["config"]
+        schema = REGISTRY[name].schema
+        assert config["name"] == name and config["platform"] == "cosserve"
+        assert config.get("max_batch_size", 0) == 0
+        assert [i["name"] for i in config["input"]] == [i.name for i in schema.inputs]
+        assert [o["name"] for o in config["output"]] == list(schema.outputs)
+        for tensors, meta_tensors in ((config["input"], meta["inputs"]), (config["output"], meta["outputs"])):
+            for tensor, meta_tensor in zip(tensors, meta_tensors, strict=True):
+                assert tensor["data_type"] == "TYPE_" + meta_tensor["datatype"], (name, tensor)
+                assert tensor["dims"] == ["-1"]  # int64 in protobuf's JSON: any rank
+    assert cos1["config"]["name"] == "Cos"
+    assert cos2["error"]["status"] == "StatusCode.NOT_FOUND"
+    assert typo["error"]["status"] == "StatusCode.NOT_FOUND" and "did you mean 'CosineSimilarity'" in typo["error"]["message"]
 
 
 def test_metadata_datatypes_are_what_the_ops_return(server: RunningServer) -> None:

@@ -208,7 +208,7 @@ def test_a_bad_corpus_file_is_one_start_up_line(corpus_files, tmp_path, spec, re
     spec = spec.format(st=corpus_files["st_path"], junk=junk)
     script = "import sys; from cosserve.cli import main; sys.exit(main(sys.argv[1:]))"
     done = subprocess.run(
-        [sys.executable, "-c", script, "serve", "--port", "0", "--device", "cpu", "--corpus", spec],
+        [sys.executable, "-c", script, "serve", "--port", "0", "--http-port", "0", "--device", "cpu", "--corpus", spec],
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2, done.stderr
