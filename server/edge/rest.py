@@ -54,6 +54,8 @@ _LINGER_S = 2.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Paths anyone may ask, as gRPC's health service is open: a probe carries no key.
 _OPEN = frozenset({"ServerLive", "ServerReady"})
+# The gRPC service a REST path stands for, in its spans' rpc.service.
+_SERVICE = "inference.GRPCInferenceService"
 # A certificate's attribute names as RFC 4514 writes them (grpc's x509_subject, OpenSSL's RFC 2253).
 _SHORT_NAMES = {
     "commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
@@ -115,10 +117,23 @@ class _Edge:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        rpc = _rpc_name(request)
+        # The server span of the request, as the gRPC door's TracingInterceptor opens one per call
+        # (a shared no-op while traces are off); a `traceparent` header continues the caller's trace.
+        attributes = {"http.request.method": request.method, "url.path": request.path[:200]}
+        with observability.call_span("http", _SERVICE, rpc, request.headers.items(), attributes) as span:
+            response = await self._answer(request, handler, rpc)
+            span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 500:  # OpenTelemetry's HTTP convention: only 5xx are the server's errors
+                span.set_error(str(response.status))
+        return response
+
+    async def _answer(self, request: web.Request, handler: Handler, rpc: str) -> web.StreamResponse:
+        """The request's response, with the request id, authentication, limits, metrics and the
+        error table applied."""
         request_id = observability.request_id_of((k.lower(), v) for k, v in request.headers.items())
         # Set in the request's own task: its log lines, and the work it hands to Workers, carry it.
         observability.REQUEST_ID.set(request_id)
-        rpc = _rpc_name(request)
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         response: web.StreamResponse

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -14,6 +15,8 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -29,7 +32,7 @@ from opentelemetry.sdk import trace as sdk_trace
 
 from cosserve import Client, CosserveRpcError, ShardedScorer, aio
 from cosserve.v1 import cosserve_pb2 as pb
-from tests.conftest import start_process, stop_process
+from tests.conftest import free_port, start_process, stop_process
 
 API_KEY = "s3cret-key-of-alice-0123456789"
 # A float32 value whose bytes appear in no span: a tensor's data must never be exported.
@@ -285,31 +288,41 @@ def test_spans_carry_no_tensor_data_and_no_secret(receiver: Receiver, traced: st
             assert len(str(attribute)) <= 256, (span["name"], key)
 
 
-def test_an_http_door_continues_a_traceparent_header(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
-    """observability.call_span, the hook any door wraps a call in, takes HTTP headers too."""
-    from cosserve.server import tracing
-    from cosserve.server.edge import observability
-
-    for key, value in _otel_env(receiver, OTEL_SERVICE_NAME="cosserve-in-process").items():
-        monkeypatch.setenv(key, value)
-    assert not tracing.enabled()
-    assert tracing.configure()
+def test_a_rest_request_has_a_server_span_that_continues_its_traceparent(receiver: Receiver, tmp_path: Path) -> None:
+    """The REST door wraps each request in observability.call_span, as the gRPC door's interceptor
+    does a call: rpc.system "http", the caller's trace continued from its `traceparent` header."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"alice:{hashlib.sha256(API_KEY.encode()).hexdigest()}\n")
+    http_port = free_port()
+    proc, _ = start_process(
+        "--host", "127.0.0.1", "--api-keys-file", str(keys), "--http-port", str(http_port), "--inline-op-bytes", "0",
+        env=_otel_env(receiver, OTEL_TRACES_SAMPLER="parentbased_always_on"),
+    )  # fmt: skip
     try:
         trace_id, parent_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
-        headers = [("Content-Type", "application/json"), ("Traceparent", f"00-{trace_id}-{parent_id}-01")]
-        with observability.call_span("http", "inference.GRPCInferenceService", "ModelInfer", headers) as span:
-            span.set_attribute("http.response.status_code", 200)
-            with tracing.span("cosserve.op", {"cosserve.op.count": 1}):
-                pass
+        body = json.dumps({"inputs": [{"name": "X", "shape": [2, 2], "datatype": "FP32", "data": [0, 1, 2, 3]}]}).encode()
+        headers = {"Authorization": f"Bearer {API_KEY}", "traceparent": f"00-{trace_id}-{parent_id}-01", "x-request-id": "rest-trace-1"}
+        request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v2/models/Cos/infer", body, headers, method="POST")
+        with urllib.request.urlopen(request, timeout=20) as reply:
+            assert reply.status == 200
+        missing = urllib.request.Request(f"http://127.0.0.1:{http_port}/v2/models/NoSuchOp/infer", body, headers, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(missing, timeout=20)
+        assert refused.value.code == 404
     finally:
-        tracing.shutdown()
-    assert not tracing.enabled()
-    (found,) = receiver.wait_for(lambda s: s["trace_id"] == trace_id and s["kind"] == 2)
-    assert found["name"] == "inference.GRPCInferenceService/ModelInfer"
-    assert found["parent"] == parent_id
-    assert found["attributes"]["rpc.system"] == "http" and found["attributes"]["http.response.status_code"] == 200
-    assert found["attributes"]["cosserve.request_id"] == "-" and "cosserve.identity" not in found["attributes"]
-    _children(receiver, found, "cosserve.op")
+        stop_process(proc)
+    found = receiver.wait_for(lambda s: s["trace_id"] == trace_id and s["kind"] == 2, count=2)
+    ok = next(s for s in found if s["attributes"].get("http.response.status_code") == 200)
+    assert ok["name"] == "inference.GRPCInferenceService/ModelInfer"
+    assert ok["parent"] == parent_id
+    attributes = ok["attributes"]
+    assert attributes["rpc.system"] == "http" and attributes["rpc.method"] == "ModelInfer"
+    assert attributes["http.request.method"] == "POST" and attributes["cosserve.request_id"] == "rest-trace-1"
+    assert attributes["cosserve.identity"] == "alice" and ok["status"] == 0
+    # The op ran on a worker thread (--inline-op-bytes 0), as a child of the request's span.
+    assert receiver.wait_for(lambda s: s["parent"] == ok["span_id"] and s["trace_id"] == trace_id)
+    (not_found,) = [s for s in found if s["attributes"].get("http.response.status_code") == 404]
+    assert not_found["status"] == 0  # a 4xx is the caller's mistake, not the server's error
 
 
 # Blocks every opentelemetry module, as on an install without the [otel] extra.
