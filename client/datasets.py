@@ -162,10 +162,10 @@ def _load_safetensors(path: str, key: str | None, what: str) -> np.ndarray:
             (length,) = struct.unpack("<Q", file.read(8))
             size = os.fstat(file.fileno()).st_size
             if length > size - 8:
-                raise ValueError(f"a header of {length} bytes in a file of {size}")
+                raise DatasetError(f"{what} file {path!r} is not a readable .safetensors file (a header of {length} bytes in a file of {size})")
             header = json.loads(file.read(length))
         if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
+            raise DatasetError(f"{what} file {path!r} is not a readable .safetensors file (its header is not a JSON object)")
         header.pop("__metadata__", None)
         keys = sorted(header)
         if key is None:
@@ -181,7 +181,7 @@ def _load_safetensors(path: str, key: str | None, what: str) -> np.ndarray:
             raise DatasetError(f"{what} {path}:{key} is {code}; it must be F16, F32 or F64 (float16, float32 or float64)")
         dtype = _SAFETENSORS_DTYPES[code]
         if end - begin != dtype.itemsize * int(np.prod(shape)) or 8 + length + end > size:
-            raise ValueError(f"tensor {key!r}'s offsets do not match its shape {shape}")
+            raise DatasetError(f"{what} file {path!r} is not a readable .safetensors file (tensor {key!r}'s offsets do not match its shape {shape})")
         array = np.memmap(path, dtype=dtype, mode="r", offset=8 + length + begin, shape=shape) if end > begin else np.zeros(shape, dtype)
     except DatasetError:
         raise

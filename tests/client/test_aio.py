@@ -16,7 +16,6 @@ import pytest
 
 import cosserve
 from cosserve import CosserveRpcError, OpSpecError, ShapeError, UnsupportedDtypeError, aio, limits, wire
-
 from tests.conftest import start_server
 
 
