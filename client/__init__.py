@@ -1,7 +1,7 @@
 """cosserve: Caffe2's cosine operators as a gRPC service on torch; this package is the client (no
 torch; only the `cosserve` command, cosserve.cli, reaches into cosserve.server)."""
 
-from cosserve.calls import GradientCheck
+from cosserve.calls import GradientCheck, RangeResult
 from cosserve.client import Client, Session
 from cosserve.errors import (
     CosserveError,
@@ -25,6 +25,7 @@ __all__ = [
     "InvalidTypeError",
     "OpSpecError",
     "ProtocolError",
+    "RangeResult",
     "Session",
     "ShapeError",
     "ShardedScorer",

@@ -7,13 +7,13 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar, overload
 
 import grpc
 import numpy as np
 
 from cosserve import calls, flows, limits, wire
-from cosserve.calls import CorpusInfo, GradientCheck, OpInfo, OpSpec
+from cosserve.calls import CorpusInfo, GradientCheck, OpInfo, OpSpec, RangeResult
 from cosserve.errors import InvalidArgumentError
 from cosserve.v1 import cosserve_pb2 as pb
 from cosserve.v1 import cosserve_pb2_grpc as pb_grpc
@@ -390,6 +390,18 @@ class Session(BaseSession[Client]):
 
     # ---- scoring -------------------------------------------------------------------------
 
+    @overload
+    def top_k(
+        self, queries: Any, corpus: str = ..., k: int = ..., *, batch_size: int = ..., timeout: float | None = ...,
+        ids: Literal[False] = ...,
+    ) -> tuple[np.ndarray, np.ndarray]: ...  # fmt: skip
+
+    @overload
+    def top_k(
+        self, queries: Any, corpus: str = ..., k: int = ..., *, batch_size: int = ..., timeout: float | None = ...,
+        ids: Literal[True],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...  # fmt: skip
+
     def top_k(
         self,
         queries: Any,
@@ -398,7 +410,8 @@ class Session(BaseSession[Client]):
         *,
         batch_size: int = 256,
         timeout: float | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
+        ids: bool = False,
+    ) -> tuple[np.ndarray, ...]:
         """Exact cosine top-k of each query row among the rows of blob `corpus` (or of the
         server's shared corpus `"@NAME"`, see `Client.corpora`).
 
@@ -408,17 +421,73 @@ class Session(BaseSession[Client]):
         dtype. Returns (scores (N, k) in the corpus dtype, int64 indices (N, k)), best first,
         ties broken by the lower index; an iterable with no batches asks nothing of the server
         and gives (0, k) float32 scores. `timeout` bounds the whole call; by default it is the
-        client's timeout per batch (a day for an iterator of unknown length).
+        client's timeout per batch (a day for an iterator of unknown length). With `ids=True`
+        (a shared corpus whose rows have ids, `CorpusInfo.id_type`), (scores, indices, ids (N, k):
+        int64, or str objects).
         """
-        return calls.joined_top_k(list(self.iter_top_k(queries, corpus, k, batch_size=batch_size, timeout=timeout)), k)
+        pieces = list(self.iter_top_k(queries, corpus, k, batch_size=batch_size, timeout=timeout, ids=ids))
+        return calls.joined_top_k(pieces, k, ids)
 
     def iter_top_k(
-        self, queries: Any, corpus: str = "C", k: int = 10, *, batch_size: int = 256, timeout: float | None = None
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Like `top_k`, but yields (scores, indices) of each message's queries as they arrive, in order."""
+        self, queries: Any, corpus: str = "C", k: int = 10, *, batch_size: int = 256, timeout: float | None = None,
+        ids: bool = False,
+    ) -> Iterator[tuple[np.ndarray, ...]]:  # fmt: skip
+        """Like `top_k`, but yields (scores, indices) of each message's queries as they arrive, in
+        order ((scores, indices, ids) with `ids=True`)."""
         flow = calls.iter_top_k(
-            self.id, queries, corpus, k, batch_size=batch_size, timeout=timeout, client_timeout=self.client.timeout
+            self.id, queries, corpus, k, batch_size=batch_size, timeout=timeout, client_timeout=self.client.timeout, ids=ids
         )
+        return self.client._drive(flows.Run(flow))
+
+    def range_search(
+        self,
+        queries: Any,
+        corpus: str = "C",
+        min_score: float | None = None,
+        *,
+        max_per_query: int | None = None,
+        ids: bool | None = None,
+        batch_size: int = 256,
+        timeout: float | None = None,
+    ) -> RangeResult:
+        """Exact cosine range search: for each query row, every row of blob `corpus` (or shared
+        corpus `"@NAME"`) with cosine >= `min_score` (required), as a `RangeResult` in CSR form
+        (faiss's layout): query i's rows are `indices[lims[i]:lims[i + 1]]`, best first, equal
+        scores by the lower index.
+
+        Scores are the server's float32 cosines of the stored values (float64 for a float64
+        corpus), compared with `min_score` rounded to that type: a row is returned exactly when
+        the score `top_k` reports for it passes. `max_per_query` keeps the best that many per
+        query and sets `truncated[i]` where more passed. `ids`: True gives the rows' corpus ids
+        in `.ids` (a shared corpus loaded with ids), None gives them when the corpus has them.
+        `queries`, `batch_size` and `timeout` as for `top_k`, over one ScoreRange stream. One
+        message's rows must fit a reply (about 6.7 MB: 580,000 rows of float32): past that the
+        call fails with RESOURCE_EXHAUSTED; raise `min_score`, set `max_per_query` or lower
+        `batch_size`.
+        """
+        pieces = list(
+            self.iter_range_search(
+                queries, corpus, min_score, max_per_query=max_per_query, ids=ids, batch_size=batch_size, timeout=timeout
+            )
+        )
+        return calls.joined_range(pieces)
+
+    def iter_range_search(
+        self,
+        queries: Any,
+        corpus: str = "C",
+        min_score: float | None = None,
+        *,
+        max_per_query: int | None = None,
+        ids: bool | None = None,
+        batch_size: int = 256,
+        timeout: float | None = None,
+    ) -> Iterator[RangeResult]:
+        """Like `range_search`, but yields a `RangeResult` of each message's queries as it arrives, in order."""
+        flow = calls.iter_range_search(
+            self.id, queries, corpus, min_score, max_per_query=max_per_query, ids=ids, batch_size=batch_size,
+            timeout=timeout, client_timeout=self.client.timeout,
+        )  # fmt: skip
         return self.client._drive(flows.Run(flow))
 
 

@@ -8,6 +8,7 @@ import typing
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from cosserve import wire
@@ -20,6 +21,7 @@ __all__ = [
     "WIRE_DTYPES",
     "ChunkAssembler",
     "check_header",
+    "ids_to_wire",
     "stream_chunks",
     "tensor_from_frame",
     "tensor_from_wire",
@@ -118,6 +120,18 @@ def tensor_to_wire(tensor: torch.Tensor, out: pb.Tensor) -> pb.Tensor:
     out.dtype = WIRE_DTYPES[tensor.dtype]
     out.shape[:] = tensor.shape
     out.data = memory.tensor_bytes(tensor).tobytes()
+    return out
+
+
+def ids_to_wire(ids: pa.Array, out: pb.CorpusIds) -> pb.CorpusIds:
+    """Corpus ids (an int64 or large_string Arrow array, no nulls) as a CorpusIds message."""
+    if pa.types.is_int64(ids.type):
+        tensor_to_wire(torch.from_numpy(ids.to_numpy(zero_copy_only=False)), out.int64_ids)
+        return out
+    offsets = np.frombuffer(ids.buffers()[1], np.int64)[ids.offset : ids.offset + len(ids) + 1]
+    start, end = (int(offsets[0]), int(offsets[-1])) if len(offsets) else (0, 0)
+    tensor_to_wire(torch.from_numpy(offsets - start), out.string_ids.offsets)
+    out.string_ids.utf8 = ids.buffers()[2].slice(start, end - start).to_pybytes() if end > start else b""
     return out
 
 

@@ -22,6 +22,7 @@ from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from cosserve.server.memory import STORED_DTYPES, dtype_name
 from cosserve.server.settings import parse_corpus_spec
 from cosserve.server.state.norm_cache import NormCache
+from cosserve.server.state.row_ids import RowIds
 
 __all__ = [
     "CORPUS_PREFIX",
@@ -72,6 +73,7 @@ class Corpus:
     name: str
     tensor: torch.Tensor
     source: str  # the file (and key), or "published by <identity>"
+    ids: RowIds | None = None  # the rows' ids, when its file has an id column
 
     @property
     def nbytes(self) -> int:
@@ -213,6 +215,12 @@ class Corpora:
                 # Under the lock: two sessions asking at once must not both make a copy.
                 copy = self._copies[(name, device)] = corpus.tensor.to(device)
             return copy
+
+    def ids(self, blob: str) -> RowIds | None:
+        """The row ids of corpus `@NAME` (None: it has none, or there is no such corpus)."""
+        with self._lock:
+            corpus = self._corpora.get(blob[len(CORPUS_PREFIX) :] if is_corpus(blob) else blob)
+        return None if corpus is None else corpus.ids
 
     def nbytes(self, blob: str) -> int:
         """Data bytes of corpus `@NAME`, 0 if there is none (for sizing work, never for charging)."""

@@ -216,6 +216,7 @@ SESSION_CALLS: dict[str, Callable[[str], Any]] = {
         session_id=sid, op=_op("CosineSimilarity", ["x", "x"], ["s"]), step_size=1e-3
     ),
     "ScoreTopK": lambda sid: [pb.TopKRequest(session_id=sid, corpus="x", k=1, queries=_tensor(np.ones((1, 4))))],
+    "ScoreRange": lambda sid: [pb.RangeRequest(session_id=sid, corpus="x", min_score=-2.0, queries=_tensor(np.ones((1, 4))))],
     "SaveWorkspace": lambda sid: pb.SaveWorkspaceRequest(session_id=sid, name="theft"),
     "LoadWorkspace": lambda sid: pb.LoadWorkspaceRequest(session_id=sid, name="theft"),
     "PublishCorpus": lambda sid: pb.PublishCorpusRequest(session_id=sid, blob="x", name="theft"),
