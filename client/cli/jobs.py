@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from cosserve.calls import COMPUTE_INPUT_BYTES
+from cosserve.calls import COMPUTE_INPUT_BYTES, RangeResult
 from cosserve.cli.results import Part, Results, UsageError, open_results, plan_parts
 from cosserve.client import Client, Session
 from cosserve.datasets import Batch, Source, open_source
+from cosserve.sharded import ShardedScorer
 
 __all__ = ["CORPUS_BLOB", "Prefetch", "Summary", "exact_batches", "run_pairs", "run_threshold", "run_topk"]
 
@@ -233,8 +234,9 @@ def _check_shared(ns: argparse.Namespace) -> None:
         raise UsageError(f"--corpus {ns.corpus}: a shared corpus is one server's; give one --server to score against it")
 
 
-def _shared_corpus(client: Client, blob: str, width: int) -> tuple[np.dtype, int]:
-    """(dtype, rows) of the server's shared corpus `@NAME`, checked against the queries' width."""
+def _shared_corpus(client: Client, blob: str, width: int) -> tuple[np.dtype, int, bool]:
+    """(dtype, rows, whether its rows have ids) of the server's shared corpus `@NAME`, checked
+    against the queries' width."""
     name = blob[1:]
     corpora = client.corpora()
     found = [c for c in corpora if c.name == name]
@@ -245,7 +247,7 @@ def _shared_corpus(client: Client, blob: str, width: int) -> tuple[np.dtype, int
         raise UsageError(f"shared corpus {blob!r} is {info.dtype} {info.shape}; it must be a 2-D float16/32/64 matrix")
     if info.shape[1] != width:
         raise UsageError(f"queries have width {width} but {blob} has width {info.shape[1]}; widths must match")
-    return np.dtype(info.dtype), int(info.shape[0])
+    return np.dtype(info.dtype), int(info.shape[0]), bool(info.id_type)
 
 
 class _Upload:
@@ -286,26 +288,45 @@ def _upload(session: Session, corpus: Source, show: bool | None) -> None:
         bar.close()
 
 
-class _TopKScorer:
-    """Where the corpus lives for a top-k (or threshold) job: one session's blob or shared corpus,
-    or a ShardedScorer's shards over several servers."""
+class _Corpus:
+    """Where the corpus lives for a topk or threshold job: one session's blob, a server's shared
+    corpus `@NAME` (whose ids, when it has them, come back with the rows), or a ShardedScorer's
+    shards over several servers."""
 
-    def __init__(self, iter_top_k: Callable[[Iterable[np.ndarray], int], Iterator[tuple[np.ndarray, np.ndarray]]], dtype: np.dtype, rows: int) -> None:
-        self.iter_top_k, self.dtype, self.rows = iter_top_k, dtype, rows
+    def __init__(self, dtype: np.dtype, rows: int, batch_size: int) -> None:
+        self.dtype, self.rows, self.batch_size = dtype, rows, batch_size
         self.session: Session | None = None
+        self.sharded: ShardedScorer | None = None
         self.blob = CORPUS_BLOB
+        self.server_ids = False  # a shared corpus with ids: the replies carry them
+
+    def top_k(self, batches: Iterable[np.ndarray], k: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """(scores, indices, the corpus ids of indices or None) of consecutive query rows."""
+        if self.sharded is not None:
+            for scores, indices in self.sharded.iter_top_k(batches, k, batch_size=self.batch_size):
+                yield scores, indices, None
+            return
+        assert self.session is not None
+        for answer in self.session.iter_top_k(batches, self.blob, k, batch_size=self.batch_size, ids=self.server_ids):
+            yield answer[0], answer[1], answer[2] if self.server_ids else None
+
+    def range(self, batches: Iterable[np.ndarray], min_score: float, cap: int | None) -> Iterator[RangeResult]:
+        if self.sharded is not None:
+            return self.sharded.iter_range_search(batches, min_score, max_per_query=cap, batch_size=self.batch_size)
+        assert self.session is not None
+        return self.session.iter_range_search(
+            batches, self.blob, min_score, max_per_query=cap, ids=self.server_ids, batch_size=self.batch_size
+        )
 
 
 @contextlib.contextmanager
-def _corpus_scorer(ns: argparse.Namespace, corpus: Source | str, width: int) -> Iterator[_TopKScorer]:
+def _corpus_scorer(ns: argparse.Namespace, corpus: Source | str, width: int) -> Iterator[_Corpus]:
     """The corpus uploaded (or named, `@NAME`) where it is scored, for the duration; every
     session opened here is closed on the way out, Ctrl-C included."""
     corpus_bytes = 0 if isinstance(corpus, str) else corpus.rows * corpus.dim * corpus.dtype.itemsize
     token = ns.token or None
     with _embedded_or_given(ns, corpus_bytes) as addresses:
         if len(addresses) > 1:
-            from cosserve.sharded import ShardedScorer
-
             array = None if isinstance(corpus, str) else corpus.array()
             if array is None:
                 raise UsageError(
@@ -318,23 +339,21 @@ def _corpus_scorer(ns: argparse.Namespace, corpus: Source | str, width: int) -> 
                     sharded.feed(array, progress=bar)
                 finally:
                     bar.close()
-                yield _TopKScorer(lambda b, k: sharded.iter_top_k(b, k, batch_size=ns.batch_size), array.dtype, array.shape[0])
+                scorer = _Corpus(array.dtype, array.shape[0], ns.batch_size)
+                scorer.sharded = sharded
+                yield scorer
             return
         with Client(addresses[0], token=token) as client:
             if isinstance(corpus, str):
-                dtype, rows = _shared_corpus(client, corpus, width)
-                blob = corpus
+                dtype, rows, server_ids = _shared_corpus(client, corpus, width)
+                scorer = _Corpus(dtype, rows, ns.batch_size)
+                scorer.blob, scorer.server_ids = corpus, server_ids
             else:
-                dtype, rows, blob = corpus.dtype, corpus.rows, CORPUS_BLOB
+                scorer = _Corpus(corpus.dtype, corpus.rows, ns.batch_size)
             with client.session(ns.device) as session:
                 if not isinstance(corpus, str):
                     _upload(session, corpus, ns.progress)
-
-                def iter_top_k(batches: Iterable[np.ndarray], k: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-                    return session.iter_top_k(batches, blob, k, batch_size=ns.batch_size)
-
-                scorer = _TopKScorer(iter_top_k, dtype, rows)
-                scorer.session, scorer.blob = session, blob
+                scorer.session = session
                 yield scorer
 
 
@@ -473,8 +492,9 @@ def run_topk(ns: argparse.Namespace, summary: Summary) -> None:
             k = ns.k
 
             def make(part: Part, query_ids: np.ndarray, answers: Answers) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-                scores, indices = answers
-                found = corpus_ids[indices] if corpus_ids is not None else indices
+                scores, indices, found = answers  # found: the server's ids of a shared corpus, else the indices
+                if corpus_ids is not None:
+                    found = corpus_ids[indices]
                 columns = {
                     "query_id": np.repeat(query_ids, k),
                     "rank": np.tile(np.arange(k, dtype=np.int32), len(query_ids)),
@@ -482,11 +502,11 @@ def run_topk(ns: argparse.Namespace, summary: Summary) -> None:
                     "score": scores.reshape(-1),
                 }
                 arrays = {"scores": scores, "indices": indices}
-                if queries.id_kind != "row" or corpus_ids is not None:
+                if queries.id_kind != "row" or corpus_ids is not None or scorer.server_ids:
                     arrays.update(query_ids=query_ids, corpus_ids=found)
                 return columns, arrays
 
-            empty = (_empty_ids(queries), np.zeros((0, k), scorer.dtype), np.zeros((0, k), np.int64))
+            empty = (_empty_ids(queries), np.zeros((0, k), scorer.dtype), np.zeros((0, k), np.int64), np.zeros((0, k), np.int64))
             rows = _Rows(writer, make, empty)
             bar = progress_bar(ns.progress, total=sum(p.stop - p.start for p in todo), unit="query", desc="scoring")
             with bar, Prefetch(_part_batches(queries, todo, ns.batch_size)) as batches:
@@ -499,8 +519,8 @@ def run_topk(ns: argparse.Namespace, summary: Summary) -> None:
                 started = time.perf_counter()
                 recorded = _Recorded(vectors())
                 try:
-                    for scores, indices in scorer.iter_top_k(recorded, k):
-                        rows.answered(scores, indices)
+                    for scores, indices, found in scorer.top_k(recorded, k):
+                        rows.answered(scores, indices, indices if found is None else found)
                         bar.update(scores.shape[0])
                 finally:
                     recorded.check()
@@ -607,5 +627,106 @@ def run_pairs(ns: argparse.Namespace, summary: Summary) -> None:
                 summary.note = f", {sum(p.stop - p.start for p in todo) - pairs.rows} rows of --a without a match in --b"
 
 
+# ---- threshold ----------------------------------------------------------------------------------
+
+
+def _per_query(result: RangeResult) -> Answers:
+    """A RangeResult (CSR) as arrays with one entry per query, which gather into parts as the
+    other jobs' rows do: (truncated, the rows of each, their scores, their ids or the rows)."""
+    n = len(result)
+    pieces = [np.empty(n, object) for _ in range(3)]
+    cuts = result.lims[1:-1]
+    found = result.ids if result.ids is not None else result.indices
+    for column, values in zip(pieces, (result.indices, result.scores, found)):
+        for i, piece in enumerate(np.split(values, cuts)):
+            column[i] = piece
+    return (result.truncated, *pieces)
+
+
 def run_threshold(ns: argparse.Namespace, summary: Summary) -> None:
-    raise UsageError("threshold needs the server's range search, which this build does not have yet")
+    if np.isnan(ns.min_score):
+        raise UsageError("--min-score is NaN; give a number (cosines lie in [-1, 1])")
+    if ns.max_per_query is not None and ns.max_per_query < 1:
+        raise UsageError(f"--max-per-query must be at least 1, got {ns.max_per_query}")
+    if ns.self_join == bool(ns.queries):
+        raise UsageError("threshold needs --queries, or --self (and no --queries) to score the corpus against itself")
+    corpus: Source | str
+    if ns.corpus.startswith("@"):
+        if ns.self_join:
+            raise UsageError(f"--self reads the corpus's rows from its file; give the file, not {ns.corpus}")
+        _check_shared(ns)
+        corpus = ns.corpus
+        queries = open_input(ns, ns.queries, "queries")
+    else:
+        corpus = open_input(ns, ns.corpus, "corpus")
+        queries = corpus if ns.self_join else open_input(ns, ns.queries, "queries")
+        _check_widths(queries, "queries", corpus, "the corpus")
+    self_join = bool(ns.self_join)
+    job = {
+        "min_score": ns.min_score,
+        "max_per_query": ns.max_per_query,
+        "self": self_join,
+        "corpus": _fingerprint(corpus),
+        "queries": None if self_join else _fingerprint(queries),
+    }
+    with _job(ns, "threshold", job, queries.rows, summary) as (todo, writer):
+        if not todo:
+            return
+        corpus_ids = None if isinstance(corpus, str) or corpus.id_kind == "row" else corpus.ids()
+        truncated_queries = 0
+        with _corpus_scorer(ns, corpus, queries.dim) as scorer:
+
+            def make(part: Part, sent: np.ndarray, answers: Answers) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                nonlocal truncated_queries
+                truncated, rows, scores, found = answers
+                if self_join:  # `sent` are row numbers: keep each pair once, from its earlier row
+                    keep = [r > row for r, row in zip(rows, sent)]
+                    rows = [r[k] for r, k in zip(rows, keep)]
+                    scores = [s[k] for s, k in zip(scores, keep)]
+                    found = [f[k] for f, k in zip(found, keep)]
+                    if ns.max_per_query is not None:
+                        truncated = np.array([len(r) > ns.max_per_query for r in rows], bool)
+                        rows, scores, found = ([x[: ns.max_per_query] for x in xs] for xs in (rows, scores, found))
+                    query_ids = corpus_ids[sent] if corpus_ids is not None else sent
+                else:
+                    query_ids = sent
+                truncated_queries += int(np.count_nonzero(truncated))
+                counts = np.array([len(r) for r in rows], np.int64)
+                indices = np.concatenate([np.zeros(0, np.int64), *rows])
+                columns = {
+                    "query_id": np.repeat(query_ids, counts),
+                    "corpus_id": corpus_ids[indices] if corpus_ids is not None else np.concatenate([np.zeros(0, np.int64), *found]),
+                    "score": np.concatenate([np.zeros(0, scorer.dtype), *scores]).astype(scorer.dtype, copy=False),
+                }
+                return columns, columns
+
+            def empty_column() -> np.ndarray:
+                return np.empty(0, object)
+
+            sent_ids = np.zeros(0, np.int64) if self_join else _empty_ids(queries)
+            rows = _Rows(writer, make, (sent_ids, np.zeros(0, bool), empty_column(), empty_column(), empty_column()))
+            bar = progress_bar(ns.progress, total=sum(p.stop - p.start for p in todo), unit="query", desc="scoring")
+            with bar, Prefetch(_part_batches(queries, todo, ns.batch_size)) as batches:
+
+                def vectors() -> Iterator[np.ndarray]:
+                    for part, batch, last in batches:
+                        numbers = np.arange(batch.start, batch.start + len(batch.ids), dtype=np.int64)
+                        rows.sent(part, numbers if self_join else batch.ids, last)
+                        yield np.asarray(batch.vectors, dtype=scorer.dtype)
+
+                started = time.perf_counter()
+                recorded = _Recorded(vectors())
+                cap = None if self_join else ns.max_per_query
+                try:
+                    for result in scorer.range(recorded, ns.min_score, cap):
+                        rows.answered(*_per_query(result))
+                        bar.update(len(result))
+                finally:
+                    recorded.check()
+                for part in todo:
+                    if part.stop == part.start:
+                        rows.empty_part(part)
+                summary.seconds = time.perf_counter() - started
+                summary.rows = rows.rows
+        if ns.max_per_query is not None:
+            summary.note = f", {truncated_queries} queries cut to --max-per-query {ns.max_per_query}"
