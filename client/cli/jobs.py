@@ -678,7 +678,8 @@ def run_threshold(ns: argparse.Namespace, summary: Summary) -> None:
 
             def make(part: Part, sent: np.ndarray, answers: Answers) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
                 nonlocal truncated_queries
-                truncated, rows, scores, found = answers
+                truncated = answers[0]
+                rows, scores, found = (list(column) for column in answers[1:])
                 if self_join:  # `sent` are row numbers: keep each pair once, from its earlier row
                     keep = [r > row for r, row in zip(rows, sent)]
                     rows = [r[k] for r, k in zip(rows, keep)]
@@ -686,7 +687,7 @@ def run_threshold(ns: argparse.Namespace, summary: Summary) -> None:
                     found = [f[k] for f, k in zip(found, keep)]
                     if ns.max_per_query is not None:
                         truncated = np.array([len(r) > ns.max_per_query for r in rows], bool)
-                        rows, scores, found = ([x[: ns.max_per_query] for x in xs] for xs in (rows, scores, found))
+                        rows, scores, found = ([x[: ns.max_per_query] for x in column] for column in (rows, scores, found))
                     query_ids = corpus_ids[sent] if corpus_ids is not None else sent
                 else:
                     query_ids = sent
