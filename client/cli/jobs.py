@@ -434,6 +434,7 @@ def _job(ns: argparse.Namespace, kind: str, job: dict[str, Any], rows: int, summ
         yield todo, writer
     except BaseException:
         writer.abandon()
+        results.discard()
         raise
     writer.finish()
 
@@ -543,7 +544,9 @@ def _join_index(a: Source, b: Source) -> tuple[np.ndarray, np.ndarray]:
     keys = b_ids[order]
     same = np.flatnonzero(keys[1:] == keys[:-1])
     if len(same):
-        raise UsageError(f"--b's id {keys[same[0]]!r} appears more than once; rows are joined on unique ids")
+        twice = keys[same[0]]
+        twice = twice.item() if isinstance(twice, np.generic) else twice
+        raise UsageError(f"--b's id {twice!r} appears more than once; rows are joined on unique ids")
     return keys, order
 
 

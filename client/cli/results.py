@@ -61,6 +61,9 @@ class Results:
     def close(self) -> None:
         pass
 
+    def discard(self) -> None:
+        """The job failed: leave nothing behind if it wrote no result yet."""
+
     def written(self) -> int:
         return 0
 
@@ -114,6 +117,7 @@ class ParquetParts(Results):
                     raise UsageError(f"--resume: {path!r} holds another job ({_difference(before, job)}); remove it or choose another --out")
         elif os.path.isdir(path) and os.listdir(path):
             raise UsageError(f"--out {path!r} already exists; pass --resume to continue its job, or remove it")
+        self._created = not os.path.isdir(path)
         os.makedirs(path, exist_ok=True)
         if not os.path.isfile(manifest):
             self._atomic(MANIFEST, lambda f: f.write(json.dumps(job, indent=1, sort_keys=True).encode()))
@@ -158,6 +162,12 @@ class ParquetParts(Results):
 
     def close(self) -> None:
         self._atomic(SUCCESS, lambda f: None)
+
+    def discard(self) -> None:
+        # A folder this run made and wrote no part into: the next run starts afresh without --resume.
+        if self._created and os.listdir(self.path) == [MANIFEST]:
+            os.remove(os.path.join(self.path, MANIFEST))
+            os.rmdir(self.path)
 
 
 def _difference(before: dict[str, Any], job: dict[str, Any]) -> str:
