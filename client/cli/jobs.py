@@ -557,10 +557,10 @@ def _pair_batches(a: Source, b: Source, todo: list[Part], rows: int, joined: tup
     """(part, last batch of the part, a ids, b ids, a vectors, b vectors) of consecutive A rows
     and their B rows (the same row numbers, or the B rows of the same ids)."""
     for part in todo:
-        if joined is None:
-            pieces = zip(exact_batches(a, part.start, part.stop, rows), exact_batches(b, part.start, part.stop, rows))
-            for (x, y), last in _last(pieces):
-                yield part, last, x.ids, y.ids, x.vectors, y.vectors
+        if joined is None:  # A and B each read on a thread of its own: decoding Parquet is most of the work
+            with Prefetch(exact_batches(a, part.start, part.stop, rows), 2) as xs, Prefetch(exact_batches(b, part.start, part.stop, rows), 2) as ys:
+                for (x, y), last in _last(zip(xs, ys)):
+                    yield part, last, x.ids, y.ids, x.vectors, y.vectors
             continue
         keys, order = joined
         for x, last in _last(exact_batches(a, part.start, part.stop, rows)):
