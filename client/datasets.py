@@ -148,9 +148,9 @@ def _load_npy(path: str, what: str) -> np.ndarray:
     except ValueError as err:
         if "pickled" in str(err) or "Python objects" in str(err):  # an object array: it would need unpickling
             raise DatasetError(f"{what} file {path!r} holds Python objects (an object .npy); save a float array") from None
-        raise DatasetError(f"{what} file {path!r} is not a readable .npy array ({err})") from None
+        raise DatasetError(f"{what} file {path!r} is a damaged .npy file ({err})") from None
     except OSError as err:
-        raise DatasetError(f"{what} file {path!r} is not a readable .npy array ({err})") from None
+        raise DatasetError(f"{what} file {path!r} is a damaged .npy file ({err})") from None
     return _check_matrix(array, path, what)
 
 
@@ -515,4 +515,7 @@ def open_source(path: str, *, vector_column: str | None = None, id_column: str |
         return ParquetSource(file, [file], vector_column, id_column, what)
     if kind == "npz":
         raise DatasetError(f"{what} file {path!r} is an .npz archive; give one array, as a .npy or a .safetensors file")
+    suffix = os.path.splitext(file)[1].lower()
+    if suffix in (".npy", ".safetensors", ".parquet"):  # named as one, but its first bytes are not
+        raise DatasetError(f"{what} file {path!r} is a damaged {suffix} file: it does not start as a {suffix} file does")
     raise DatasetError(f"{what} file {path!r} is not a .npy, .safetensors or .parquet file (nor a folder of them)")

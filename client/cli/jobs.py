@@ -28,7 +28,7 @@ __all__ = ["CORPUS_BLOB", "Prefetch", "Summary", "exact_batches", "run_pairs", "
 
 CORPUS_BLOB = "corpus"
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-_NEEDS_SERVER = "an embedded server needs the server extra (torch): pip install 'cosserve[server]', or pass --server"
+_NEEDS_SERVER = 'an embedded server needs the server extra (torch): pass --server, or install it in a clone of cosserve: python3 -m pip install -e ".[server]" (README, Quickstart)'
 # Batches read ahead of the scoring, and parts waiting for the writer.
 _READ_AHEAD = 8
 _WRITE_BEHIND = 2
@@ -595,7 +595,8 @@ def run_pairs(ns: argparse.Namespace, summary: Summary) -> None:
             width = _PAIRS_IN_FLIGHT * len(clients)
             pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(width, thread_name_prefix="cosserve-pairs"))
             bar = stack.enter_context(progress_bar(ns.progress, total=sum(p.stop - p.start for p in todo), unit="pair", desc="scoring"))
-            batches = stack.enter_context(Prefetch(_pair_batches(a, b, todo, rows, joined)))
+            # Two batches read ahead (each of A and B, and of the pairs): memory is a few batches, whatever the input.
+            batches = stack.enter_context(Prefetch(_pair_batches(a, b, todo, rows, joined), 2))
             in_flight: collections.deque[tuple[np.ndarray, concurrent.futures.Future[dict[str, np.ndarray]] | None]] = collections.deque()
 
             def settle() -> None:

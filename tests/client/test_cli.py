@@ -134,7 +134,7 @@ def test_files_that_are_neither_npy_nor_safetensors(files, address):
     np.savez(tmp_path / "archive.npz", a=corpus)
     cases = {
         "notes.txt": "is not a .npy, .safetensors or .parquet file",
-        "fake.npy": "is not a .npy, .safetensors or .parquet file",
+        "fake.npy": "is a damaged .npy file: it does not start as a .npy file does",
         "objects.npy": "holds Python objects (an object .npy); save a float array",
         "archive.npz": "is an .npz archive; give one array, as a .npy or a .safetensors file",
     }
