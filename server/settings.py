@@ -163,19 +163,25 @@ def check_corpus_name(name: str) -> str:
     return name
 
 
+# What --corpus takes: files by their suffix, or a folder (of .parquet files or .npy shards).
+CORPUS_FILES = "a .npy, .safetensors or .parquet file, or a folder of .parquet files or .npy shards"
+
+
 def parse_corpus_spec(spec: str) -> tuple[str, str, str]:
-    """(name, path, safetensors key or "") of `NAME=FILE` or `NAME=FILE.safetensors:KEY`; ValueError with the reason."""
+    """(name, path, safetensors key or "") of `NAME=FILE`, `NAME=FILE.safetensors:KEY` or
+    `NAME=FOLDER` (a path ending in '/' or without a file suffix); ValueError with the reason."""
     name, sep, rest = spec.partition("=")
     if not sep or not rest:
-        raise ValueError(f"{spec[:80]!r} must be NAME=FILE (a .npy or .safetensors file)")
+        raise ValueError(f"{spec[:80]!r} must be NAME=FILE ({CORPUS_FILES})")
     check_corpus_name(name)
     path, key = rest, ""
-    if not rest.endswith((".npy", ".safetensors")):
+    folder = rest.endswith("/") or "." not in rest.rsplit("/", 1)[-1]
+    if not rest.endswith((".npy", ".safetensors", ".parquet")) and not folder:
         head, colon, tail = rest.rpartition(":")
         if colon and head.endswith(".safetensors") and tail:
             path, key = head, tail
         else:
-            raise ValueError(f"{rest[:80]!r} must be a .npy or .safetensors file (FILE.safetensors:KEY for one tensor of several)")
+            raise ValueError(f"{rest[:80]!r} must be {CORPUS_FILES} (FILE.safetensors:KEY for one tensor of several)")
     if "\0" in path:
         raise ValueError("must be a file path")
     return name, path, key
@@ -275,8 +281,9 @@ class Settings:
     )
     corpus: tuple[str, ...] = _setting(
         (),
-        "NAME=FILE (.npy, .safetensors, or FILE.safetensors:KEY): a read-only corpus every session reads as @NAME, "
-        "memory-mapped, held once; repeat the flag for more (variable: entries separated by ',')",
+        "NAME=FILE (.npy, .safetensors, or FILE.safetensors:KEY, memory-mapped; .parquet, or a folder of .parquet "
+        "files or .npy shards, read into memory, with the rows' ids from a Parquet id column): a read-only corpus "
+        "every session reads as @NAME, held once; repeat the flag for more (variable: entries separated by ',')",
         _corpus_specs,
     )
     max_published_bytes: int = _setting(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -25,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from cosserve import limits
+from cosserve import datasets, limits
 from cosserve.server import settings as settings_mod
 from cosserve.server.compute.scorer import Scorer
 from cosserve.server.compute.workers import Workers
@@ -188,7 +189,7 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
     corpora = Corpora(settings.max_published_bytes)
     for spec in settings.corpus:
         try:
-            corpus = corpora.add_file(spec)
+            corpus = corpora.add_file(spec, functools.partial(datasets.open_source, what="corpus"))
         except ValueError as err:
             raise settings_mod.SettingError("corpus", spec, str(err)) from None
         log.info("corpus @%s: %s %s from %s", corpus.name, dtype_name(corpus.tensor.dtype), tuple(corpus.tensor.shape), corpus.source)

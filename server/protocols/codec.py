@@ -126,13 +126,19 @@ def tensor_to_wire(tensor: torch.Tensor, out: pb.Tensor) -> pb.Tensor:
 def ids_to_wire(ids: pa.Array, out: pb.CorpusIds) -> pb.CorpusIds:
     """Corpus ids (an int64 or large_string Arrow array, no nulls) as a CorpusIds message."""
     if pa.types.is_int64(ids.type):
-        tensor_to_wire(torch.from_numpy(ids.to_numpy(zero_copy_only=False)), out.int64_ids)
+        _int64_to_wire(ids.to_numpy(zero_copy_only=False), out.int64_ids)
         return out
     offsets = np.frombuffer(ids.buffers()[1], np.int64)[ids.offset : ids.offset + len(ids) + 1]
-    start, end = (int(offsets[0]), int(offsets[-1])) if len(offsets) else (0, 0)
-    tensor_to_wire(torch.from_numpy(offsets - start), out.string_ids.offsets)
+    start, end = int(offsets[0]), int(offsets[-1])
+    _int64_to_wire(offsets - start, out.string_ids.offsets)
     out.string_ids.utf8 = ids.buffers()[2].slice(start, end - start).to_pybytes() if end > start else b""
     return out
+
+
+def _int64_to_wire(values: np.ndarray, out: pb.Tensor) -> None:
+    out.dtype = pb.INT64
+    out.shape[:] = values.shape
+    out.data = values.astype("<i8", copy=False).tobytes()
 
 
 def stream_chunks(tensor: torch.Tensor, chunk_bytes: int) -> Iterator[memoryview]:

@@ -50,7 +50,7 @@ BAD: dict[str, list[tuple[str, str]]] = {
     "max_connection_age_s": [("-1", "must be a number of seconds ≥ 0")],
     "state_dir": [("a\x00b", "must be a file path")],
     "durability": [("always", "must be one of auto, none, snapshot, sync")],
-    "corpus": [("novalue", "must be NAME=FILE"), ("a=x.txt", "must be a .npy or .safetensors file"),
+    "corpus": [("novalue", "must be NAME=FILE"), ("a=x.txt", "must be a .npy, .safetensors or .parquet file"),
                ("@a=x.npy", "corpus name '@a' must be"), ("a=", "must be NAME=FILE")],
     "max_published_bytes": [("-1", "must be a number of bytes")],
     "snapshot_interval_s": [("-1", "must be a number of seconds ≥ 0")],
