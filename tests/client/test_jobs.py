@@ -333,3 +333,29 @@ def test_ctrl_c_exits_130_with_its_session_closed(tmp_path):
             assert session.blobs() == []
     finally:
         stop_process(proc)
+
+
+def test_a_shared_corpus_gives_its_string_ids(tmp_path):
+    """`--corpus @NAME` of a server that loaded a Parquet corpus with string ids: the rows of
+    topk and threshold carry those ids, as the server sends them."""
+    rng = np.random.default_rng(28)
+    corpus = rng.standard_normal((400, 8)).astype(np.float32)
+    names = np.array([f"doc:{i * 13 % 400}" for i in range(400)], dtype=object)
+    write_parquet(tmp_path / "docs.parquet", corpus, names, row_group_size=64)
+    queries = rng.standard_normal((30, 8)).astype(np.float32)
+    np.save(tmp_path / "q.npy", queries)
+    proc, addr = start_process("--corpus", f"docs={tmp_path / 'docs.parquet'}")
+    try:
+        similarity = unit(queries) @ unit(corpus).T
+        assert score("--corpus", "@docs", "--queries", str(tmp_path / "q.npy"), "--k", "3", "--out", str(tmp_path / "t.parquet"),
+                     address=addr) == 0
+        best = np.argsort(-similarity, axis=1, kind="stable")[:, :3]
+        table = read_parts(tmp_path / "t.parquet")
+        assert table.column("corpus_id").to_pylist() == list(names[best].ravel())
+        tau = clear_threshold(similarity, 0.6, 0.7)
+        assert score("threshold", "--corpus", "@docs", "--queries", str(tmp_path / "q.npy"), "--min-score", str(tau),
+                     "--out", str(tmp_path / "r.npz"), address=addr) == 0
+        with np.load(tmp_path / "r.npz") as result:
+            assert list(result["corpus_id"]) == [names[r] for rows in reference_range(similarity, tau) for r in rows]
+    finally:
+        stop_process(proc)

@@ -1,5 +1,6 @@
 """cosserve.ray on a local Ray cluster this test starts (four logical CPUs: two actors, a reader and a writer), against two real server
-processes holding the same shared corpus: the pipeline's rows equal the single-client job's."""
+processes holding the same shared corpus (a Parquet file with int64 ids): the pipeline's rows
+equal the single-client job's, ids included."""
 
 from __future__ import annotations
 
@@ -22,13 +23,14 @@ pytestmark = pytest.mark.slow
 def test_ray_pipeline_equals_the_single_client_job(tmp_path):
     rng = np.random.default_rng(30)
     corpus = rng.standard_normal((1200, 16)).astype(np.float32)
-    np.save(tmp_path / "corpus.npy", corpus)
+    corpus_ids = rng.permutation(10**6)[:1200].astype(np.int64)  # the server keeps them: rows come back with them
+    write_parquet(tmp_path / "corpus.parquet", corpus, corpus_ids, row_group_size=500)
     queries = rng.standard_normal((900, 16)).astype(np.float32)
     (tmp_path / "queries").mkdir()
     ids = np.array([f"q-{i}" for i in range(900)], dtype=object)
     for i in range(0, 900, 300):
         write_parquet(tmp_path / "queries" / f"{i:04d}.parquet", queries[i : i + 300], ids[i : i + 300], row_group_size=100)
-    replicas = [start_process("--corpus", f"docs={tmp_path / 'corpus.npy'}") for _ in range(2)]
+    replicas = [start_process("--corpus", f"docs={tmp_path / 'corpus.parquet'}") for _ in range(2)]
     servers = [address for _, address in replicas]
     try:
         single = {}
@@ -63,6 +65,7 @@ def test_ray_pipeline_equals_the_single_client_job(tmp_path):
                     got, want = got.sort_by(keys), want.sort_by(keys)
                 assert got.num_rows == want.num_rows > 0, job
                 assert got.select(want.column_names).equals(want), job
+                assert set(got.column("corpus_id").to_pylist()) <= set(corpus_ids.tolist()), job
         finally:
             ray.shutdown()
     finally:
