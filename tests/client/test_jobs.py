@@ -359,3 +359,22 @@ def test_a_shared_corpus_gives_its_string_ids(tmp_path):
             assert list(result["corpus_id"]) == [names[r] for rows in reference_range(similarity, tau) for r in rows]
     finally:
         stop_process(proc)
+
+
+def test_threshold_over_several_servers_equals_one(tmp_path, address):
+    """--server A,B shards the corpus (ShardedScorer.iter_range_search): the same rows as one server."""
+    from tests.conftest import start_server
+
+    rng = np.random.default_rng(29)
+    np.save(tmp_path / "c.npy", rng.standard_normal((900, 8)).astype(np.float32))
+    np.save(tmp_path / "q.npy", rng.standard_normal((120, 8)).astype(np.float32))
+    args = ["threshold", "--corpus", str(tmp_path / "c.npy"), "--queries", str(tmp_path / "q.npy"), "--min-score", "0.7"]
+    servers = [start_server(), start_server()]
+    try:
+        assert score(*args, "--out", str(tmp_path / "two.parquet"), address=",".join(s.address for s in servers)) == 0
+    finally:
+        for running in servers:
+            running.stop(0)
+    assert score(*args, "--out", str(tmp_path / "one.parquet"), address=address) == 0
+    two, one = read_parts(tmp_path / "two.parquet"), read_parts(tmp_path / "one.parquet")
+    assert two.num_rows > 100 and two.equals(one)
