@@ -16,6 +16,7 @@ import pytest
 
 import cosserve
 from cosserve import CosserveRpcError, OpSpecError, ShapeError, UnsupportedDtypeError, aio, limits, wire
+
 from tests.conftest import start_server
 
 
