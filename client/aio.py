@@ -183,6 +183,19 @@ class Session(BaseSession[Client]):
             calls.feed_blob(self.id, name, value, client_timeout=self.client.timeout, shm=shm, progress=progress)
         )
 
+    async def feed_rows(
+        self,
+        name: str,
+        dtype: Any,
+        shape: tuple[int, int],
+        batches: Iterable[Any],
+        *,
+        progress: Callable[[int], object] | None = None,
+    ) -> None:
+        """Blob `name` from `batches` of its rows, streamed (see `cosserve.Session.feed_rows`)."""
+        flow = calls.feed_rows(self.id, name, np.dtype(dtype), shape, batches, client_timeout=self.client.timeout, progress=progress)
+        await self.client._perform(flow)
+
     async def fetch_blob(self, name: str, *, shm: bool = False) -> np.ndarray:
         """Blob `name` as a numpy array (see `cosserve.Session.fetch_blob`): one streamed call,
         cancelled with DEADLINE_EXCEEDED when no message arrives for the client's timeout."""

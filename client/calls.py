@@ -50,6 +50,7 @@ __all__ = [
     "corpus_ids",
     "create_session",
     "feed_blob",
+    "feed_rows",
     "fetch_blob",
     "has_blob",
     "iter_range_search",
@@ -399,6 +400,43 @@ def feed_chunks(
         yield b"".join(wire.feed_blob_chunk_data(piece))
         if progress is not None:
             progress(len(piece))
+
+
+def feed_rows(
+    session_id: str,
+    name: str,
+    dtype: np.dtype,
+    shape: tuple[int, int],
+    batches: Iterable[np.ndarray],
+    *,
+    client_timeout: float,
+    progress: Callable[[int], object] | None = None,
+) -> Flow[None]:
+    """Blob `name` set to the (M, D) matrix `shape` of `dtype` whose rows come in `batches`, in
+    order: one FeedBlobStream sent as the batches are read, so a matrix read from files piece by
+    piece is never whole in memory. Batches are cast to `dtype`; the stream stops at the first
+    batch of another width or past M rows, and the server refuses a stream that ends short."""
+    dtype = np.dtype(dtype)
+    timeout = client_timeout + shape[0] * shape[1] * dtype.itemsize * _SECONDS_PER_BYTE
+    chunks = _row_chunks(session_id, name, dtype, shape, batches, progress)
+    yield Call("FeedBlobStream", chunks, session=session_id, timeout=timeout, framed=True)
+
+
+def _row_chunks(
+    session_id: str, name: str, dtype: np.dtype, shape: tuple[int, int], batches: Iterable[np.ndarray], progress: Callable[[int], object] | None
+) -> Iterator[bytes]:
+    # Nothing is raised here: grpc would log the exception of a request iterator with its traceback.
+    yield wire.feed_blob_chunk_header(session_id, name, tensors.wire_dtype(dtype), shape)
+    rows = 0
+    for batch in batches:
+        array = np.ascontiguousarray(batch, dtype=dtype)
+        if array.ndim != 2 or array.shape[1] != shape[1] or rows + array.shape[0] > shape[0]:
+            return
+        rows += array.shape[0]
+        for piece in tensors.chunks(array, limits.CHUNK_BYTES):
+            yield b"".join(wire.feed_blob_chunk_data(piece))
+            if progress is not None:
+                progress(len(piece))
 
 
 def _feed_shm(session_id: str, name: str, array: np.ndarray, client_timeout: float) -> Flow[None]:

@@ -334,6 +334,21 @@ class Session(BaseSession[Client]):
         flow = calls.feed_blob(self.id, name, value, client_timeout=self.client.timeout, shm=shm, progress=progress)
         self.client._perform(flow)
 
+    def feed_rows(
+        self,
+        name: str,
+        dtype: Any,
+        shape: tuple[int, int],
+        batches: Iterable[Any],
+        *,
+        progress: Callable[[int], object] | None = None,
+    ) -> None:
+        """Create or overwrite blob `name`, an (M, D) `shape` matrix of `dtype`, from `batches` of
+        its rows in order, streamed as they come (a corpus read from files is never whole in
+        memory). A stream that ends short of M rows is refused (INVALID_ARGUMENT)."""
+        flow = calls.feed_rows(self.id, name, np.dtype(dtype), shape, batches, client_timeout=self.client.timeout, progress=progress)
+        self.client._perform(flow)
+
     def fetch_blob(self, name: str, *, shm: bool = False) -> np.ndarray:
         """Return blob `name` as a numpy array of the server's dtype and shape.
 

@@ -3,7 +3,7 @@
 `.parquet` files or folders of them (streamed record batches, read with pyarrow).
 
 Every malformed input raises one `DatasetError`, whose message is one line a person can act on.
-pyarrow is imported only to read Parquet (`pip install 'cosserve[parquet]'`); numpy files need
+pyarrow is imported only to read Parquet (in a clone of cosserve: `python3 -m pip install -e ".[parquet]"`); numpy files need
 nothing more than numpy."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 
 from cosserve.errors import InvalidArgumentError
 
-__all__ = ["BATCH_ROWS", "Batch", "DatasetError", "Source", "open_source"]
+__all__ = ["BATCH_ROWS", "Batch", "DatasetError", "Source", "arrow_ids", "arrow_vectors", "open_source"]
 
 # Rows per batch read by default: 16 MiB of 1024-wide float32 vectors.
 BATCH_ROWS = 4096
@@ -28,7 +28,7 @@ _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK\x03\x04"
 _PARQUET_MAGIC = b"PAR1"
 _SAFETENSORS_DTYPES: dict[str, np.dtype] = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
-_NEEDS_PYARROW = "reading Parquet needs pyarrow: pip install 'cosserve[parquet]'"
+_NEEDS_PYARROW = 'reading Parquet needs pyarrow; in a clone of cosserve: python3 -m pip install -e ".[parquet]"'
 # Parquet is read through a buffered stream, not whole column chunks at once: a 1M-row row group
 # of 384-wide vectors would otherwise be 1.5 GB in memory before its first batch.
 _PARQUET_BUFFER = 8 << 20
@@ -148,9 +148,9 @@ def _load_npy(path: str, what: str) -> np.ndarray:
     except ValueError as err:
         if "pickled" in str(err) or "Python objects" in str(err):  # an object array: it would need unpickling
             raise DatasetError(f"{what} file {path!r} holds Python objects (an object .npy); save a float array") from None
-        raise DatasetError(f"{what} file {path!r} is not a readable .npy array ({err})") from None
+        raise DatasetError(f"{what} file {path!r} is a damaged .npy file ({err})") from None
     except OSError as err:
-        raise DatasetError(f"{what} file {path!r} is not a readable .npy array ({err})") from None
+        raise DatasetError(f"{what} file {path!r} is a damaged .npy file ({err})") from None
     return _check_matrix(array, path, what)
 
 
@@ -162,10 +162,10 @@ def _load_safetensors(path: str, key: str | None, what: str) -> np.ndarray:
             (length,) = struct.unpack("<Q", file.read(8))
             size = os.fstat(file.fileno()).st_size
             if length > size - 8:
-                raise ValueError(f"a header of {length} bytes in a file of {size}")
+                raise DatasetError(f"{what} file {path!r} is not a readable .safetensors file (a header of {length} bytes in a file of {size})")
             header = json.loads(file.read(length))
         if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
+            raise DatasetError(f"{what} file {path!r} is not a readable .safetensors file (its header is not a JSON object)")
         header.pop("__metadata__", None)
         keys = sorted(header)
         if key is None:
@@ -181,7 +181,7 @@ def _load_safetensors(path: str, key: str | None, what: str) -> np.ndarray:
             raise DatasetError(f"{what} {path}:{key} is {code}; it must be F16, F32 or F64 (float16, float32 or float64)")
         dtype = _SAFETENSORS_DTYPES[code]
         if end - begin != dtype.itemsize * int(np.prod(shape)) or 8 + length + end > size:
-            raise ValueError(f"tensor {key!r}'s offsets do not match its shape {shape}")
+            raise DatasetError(f"{what} file {path!r} is not a readable .safetensors file (tensor {key!r}'s offsets do not match its shape {shape})")
         array = np.memmap(path, dtype=dtype, mode="r", offset=8 + length + begin, shape=shape) if end > begin else np.zeros(shape, dtype)
     except DatasetError:
         raise
@@ -340,30 +340,10 @@ class ParquetSource(Source):
                 return
 
     def _vectors(self, column: Any, file: int) -> np.ndarray:
-        pa, name = self._pa, self.files[file]
-        if isinstance(column, pa.ChunkedArray):
-            column = column.combine_chunks()
-        if column.null_count:
-            raise DatasetError(f"{self._what} file {name!r} has nulls in vector column {self.vector_column!r}")
-        if not pa.types.is_fixed_size_list(column.type):
-            lengths = pa.compute.list_value_length(column).to_numpy(zero_copy_only=False)
-            bad = np.flatnonzero(lengths != self.dim)
-            if len(bad):
-                raise DatasetError(
-                    f"{self._what} file {name!r} has a vector of {lengths[bad[0]]} values in column {self.vector_column!r} "
-                    f"where {self.dim} were expected (mixed dimensions)"
-                )
-        values = column.flatten()
-        if values.null_count:
-            raise DatasetError(f"{self._what} file {name!r} has nulls in vector column {self.vector_column!r}")
-        return values.to_numpy(zero_copy_only=False).reshape(len(column), self.dim)
+        return arrow_vectors(column, f"{self._what} file {self.files[file]!r}", self.vector_column or "", self.dim)
 
     def _ids(self, column: Any, file: int) -> np.ndarray:
-        if column.null_count:
-            raise DatasetError(f"{self._what} file {self.files[file]!r} has nulls in id column {self.id_column!r}")
-        if self.id_kind == "int64":
-            return column.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-        return column.to_numpy(zero_copy_only=False).astype(object, copy=False)
+        return arrow_ids(column, f"{self._what} file {self.files[file]!r}", self.id_column or "")
 
     def _file_batches(self, start: int, stop: int, rows: int, columns: list[str]) -> Iterator[tuple[int, int, Any]]:
         """(file, first global row, record batch) over the global rows [start, stop)."""
@@ -418,6 +398,51 @@ class ParquetSource(Source):
                 raise DatasetError(f"{self._what} file {self.files[file]!r} cannot be read ({_one_line(err)})") from None
             self._cache[key] = self._vectors(table.column(0), file)
         return self._cache[key]
+
+
+def arrow_vectors(column: Any, where: str, name: str, dim: int | None = None) -> np.ndarray:
+    """An Arrow vector column (a list or fixed-size list of floats, or Ray's tensor extension
+    type) as an (n, D) array; `where` and `name` say which in the DatasetError of nulls or rows
+    of another length than `dim` (the first row's without it)."""
+    pa = _pyarrow()
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], type=column.type)
+    if isinstance(column.type, pa.ExtensionType):  # Ray Data's ArrowTensorType: already (n, D)
+        array = np.asarray(column.to_numpy(zero_copy_only=False))
+        if array.ndim != 2 or array.dtype.kind != "f":
+            raise DatasetError(f"{where} has column {name!r} of {column.type}; vectors are a list of floats per row")
+        return array
+    if not _vector_type(pa, column.type):
+        raise DatasetError(f"{where} has column {name!r} of {column.type}; a vector column must be a list or fixed_size_list of floats")
+    if column.null_count:
+        raise DatasetError(f"{where} has nulls in vector column {name!r}")
+    if pa.types.is_fixed_size_list(column.type):
+        width = column.type.list_size
+    else:
+        lengths = pa.compute.list_value_length(column).to_numpy(zero_copy_only=False)
+        width = int(lengths[0]) if dim is None and len(lengths) else (dim or 0)
+        bad = np.flatnonzero(lengths != width)
+        if len(bad):
+            raise DatasetError(
+                f"{where} has a vector of {lengths[bad[0]]} values in column {name!r} where {width} were expected (mixed dimensions)"
+            )
+    values = column.flatten()
+    if values.null_count:
+        raise DatasetError(f"{where} has nulls in vector column {name!r}")
+    return values.to_numpy(zero_copy_only=False).reshape(len(column), width)
+
+
+def arrow_ids(column: Any, where: str, name: str) -> np.ndarray:
+    """An Arrow id column (integers or strings) as int64 or str objects; nulls are a DatasetError."""
+    pa = _pyarrow()
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], type=column.type)
+    if not _id_type(pa, column.type):
+        raise DatasetError(f"{where} has column {name!r} of {column.type}; ids must be integers or strings")
+    if column.null_count:
+        raise DatasetError(f"{where} has nulls in id column {name!r}")
+    values = column.to_numpy(zero_copy_only=False)
+    return values.astype(np.int64, copy=False) if pa.types.is_integer(column.type) else values.astype(object, copy=False)
 
 
 def _one_line(err: BaseException) -> str:
@@ -490,4 +515,7 @@ def open_source(path: str, *, vector_column: str | None = None, id_column: str |
         return ParquetSource(file, [file], vector_column, id_column, what)
     if kind == "npz":
         raise DatasetError(f"{what} file {path!r} is an .npz archive; give one array, as a .npy or a .safetensors file")
+    suffix = os.path.splitext(file)[1].lower()
+    if suffix in (".npy", ".safetensors", ".parquet"):  # named as one, but its first bytes are not
+        raise DatasetError(f"{what} file {path!r} is a damaged {suffix} file: it does not start as a {suffix} file does")
     raise DatasetError(f"{what} file {path!r} is not a .npy, .safetensors or .parquet file (nor a folder of them)")

@@ -83,10 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--client-key", metavar="FILE", help="PEM key of --client-cert")
     score = commands.add_parser(
         "score",
-        help="exact cosine top-k of a query file against a corpus (.npy or .safetensors)",
-        description="Exact cosine top-k of each query row among the corpus rows, written to an .npz "
-        "('scores' and 'indices', best first), with progress bars on a terminal and a one-line summary. "
-        "Uses --server, or starts a server in this process.",
+        help="batch cosine jobs over embedding files: topk, pairs, threshold",
+        description="Batch cosine jobs over embedding files (.npy, .safetensors, Parquet, folders of Parquet or "
+        ".npy shards) via --server, or a server started in this process; progress bars on a terminal and a "
+        "one-line summary. `cosserve score --corpus C --queries Q --k K --out F` (no JOB) runs topk. "
+        "`cosserve score JOB --help` for a job's flags.",
     )
     from cosserve.cli import score as score_command
 
@@ -141,7 +142,9 @@ def _older_protobuf(err: Exception) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = _parser().parse_args(argv)
+    from cosserve.cli.score import default_job
+
+    ns = _parser().parse_args(default_job(sys.argv[1:] if argv is None else argv))
     try:
         return _run(ns)
     except KeyboardInterrupt:

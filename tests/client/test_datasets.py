@@ -113,7 +113,7 @@ def test_npy_and_safetensors_are_memory_mapped(tmp_path, x):
 def malformed(tmp_path, x):
     """(name, path, options, the message's telling part) of each malformed input."""
     out = []
-    pq.write_table(pa.table({"id": np.arange(500), "emb": vectors_column(x)}), tmp_path / "ok.parquet")
+    pq.write_table(pa.table({"id": np.arange(len(x)), "emb": vectors_column(x)}), tmp_path / "ok.parquet")
     out.append(("wrong column", tmp_path / "ok.parquet", {"vector_column": "embedding"}, "has no column 'embedding'"))
     out.append(("id not int or string", tmp_path / "ok.parquet", {"id_column": "emb"}, "ids must be integers or strings"))
     ragged = pa.array([list(r) for r in x[:9]] + [list(x[9, :5])], type=pa.list_(pa.float32()))
@@ -126,7 +126,7 @@ def malformed(tmp_path, x):
     nulls = pa.array([list(r) for r in x[:5]] + [None], type=pa.list_(pa.float32()))
     pq.write_table(pa.table({"emb": nulls}), tmp_path / "nulls.parquet")
     out.append(("null vector", tmp_path / "nulls.parquet", {}, "nulls in vector column 'emb'"))
-    inner = pa.array([[1.0, None, 3.0], [1.0, 2.0, 3.0]], type=pa.list_(pa.float32()))
+    inner = pa.array([[float(x[0, 0]), None, *map(float, x[0, 2:])], list(x[1])], type=pa.list_(pa.float32()))
     pq.write_table(pa.table({"emb": inner}), tmp_path / "inner.parquet")
     out.append(("null value", tmp_path / "inner.parquet", {}, "nulls in vector column 'emb'"))
     good = (tmp_path / "ok.parquet").read_bytes()
