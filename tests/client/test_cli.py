@@ -255,8 +255,8 @@ def test_ctrl_c_stops_serve_with_130():
     assert "received SIGINT" in stderr and "cosserve stopped" in stderr and "Traceback" not in stderr
 
 
-def test_out_must_end_in_npz(files, capsys):
-    """--out r.txt silently wrote an npz named r.txt."""
+def test_out_must_end_in_a_format_written(files, capsys):
+    """--out r.txt silently wrote an npz named r.txt; its suffix now chooses the format."""
     from cosserve import cli
 
     tmp_path, _, _ = files
@@ -265,7 +265,10 @@ def test_out_must_end_in_npz(files, capsys):
                 "--server", "127.0.0.1:1", "--out", str(tmp_path / out)]
         assert cli.main(argv) == 2
         stderr = capsys.readouterr().err
-        assert stderr.strip() == f"cosserve score: --out {str(tmp_path / out)!r} must end in .npz, the format written"
+        assert stderr.strip() == (
+            f"cosserve score: --out {str(tmp_path / out)!r}: its suffix chooses the format, "
+            ".parquet (a folder of part files, resumable) or .npz (one file, for small jobs)"
+        )
         assert not (tmp_path / out).exists()
 
 

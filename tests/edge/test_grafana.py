@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -17,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cosserve import Client
-from tests.conftest import free_port, start_process, stop_process
+from tests.conftest import free_port, scrape_metrics, start_process, stop_process
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "cosserve.json"
@@ -129,8 +128,8 @@ def exported() -> dict[str, list[dict[str, str]]]:
             with pytest.raises(Exception) as err:
                 ws.fetch_blob("missing")
             assert err.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
-            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
-                text = reply.read().decode()
+            # The refusal reaches the client before the server's interceptor counts it.
+            text = scrape_metrics(metrics_port, showing="cosserve_refused_calls_total")
     finally:
         stop_process(proc)
     samples: dict[str, list[dict[str, str]]] = {}
