@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -301,14 +302,20 @@ class CosserveServicer:
     # ---- scoring -------------------------------------------------------------------------
 
     async def ScoreTopK(self, requests: AsyncIterator[pb.TopKRequest], context: aio.ServicerContext) -> AsyncIterator[pb.TopKResponse]:
-        async for scores, indices in self.scorer.score(self._batches(requests)):
-            response = pb.TopKResponse()
-            codec.tensor_to_wire(scores, response.scores)
-            codec.tensor_to_wire(indices, response.indices)
-            self._count("out", "ScoreTopK", len(response.scores.data) + len(response.indices.data))
-            yield response
+        # Batches of every stream that wait for the same corpus at once are scored in one pass.
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        try:
+            async for scores, indices in self.scorer.score(self._batches(requests, deadline)):
+                response = pb.TopKResponse()
+                codec.tensor_to_wire(scores, response.scores)
+                codec.tensor_to_wire(indices, response.indices)
+                self._count("out", "ScoreTopK", len(response.scores.data) + len(response.indices.data))
+                yield response
+        except Stopped:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "ScoreTopK: the deadline passed before the batch was scored")
 
-    async def _batches(self, requests: AsyncIterator[pb.TopKRequest]) -> AsyncIterator[Batch]:
+    async def _batches(self, requests: AsyncIterator[pb.TopKRequest], deadline: float | None) -> AsyncIterator[Batch]:
         async for request in requests:
             workspace = self._session(request.session_id)
             corpus = workspace.get(request.corpus)
@@ -316,7 +323,7 @@ class CosserveServicer:
             norms = workspace.corpora.norms if is_corpus(request.corpus) and workspace.corpora is not None else workspace.norms
             queries = codec.tensor_from_wire("ScoreTopK queries", request.queries, _CPU)
             self._count("in", "ScoreTopK", len(request.queries.data))
-            yield Batch(workspace, request.corpus, corpus, queries, request.k, norms)
+            yield Batch(workspace, request.corpus, corpus, queries, request.k, norms, deadline)
 
 
     # ---- snapshots and shared corpora (issue 10; filled in by its work) --------------------
