@@ -205,12 +205,15 @@ class Scorer:
                 members = self._next_pass()
                 if members is None:
                     return
-            if members:
+            if isinstance(members, torch.Tensor):  # a corpus shape not seen yet: check it first
+                similarity.shares_passes(members)
+            elif members:
                 self._score(members)
             members = None  # hold no batch (nor its corpus) while waiting for the next
 
-    def _next_pass(self) -> list[tuple[_Waiting, int, int]] | None:
-        """The next pass's (batch, first row, end row)s, [] to look again, None once shut down (lock held)."""
+    def _next_pass(self) -> list[tuple[_Waiting, int, int]] | torch.Tensor | None:
+        """The next pass's (batch, first row, end row)s, [] to look again, a corpus whose shape
+        must be checked first (similarity.shares_passes), None once shut down (lock held)."""
         while not self._closed and not self._waiting:
             self._ready.wait()
         if self._closed:
@@ -229,8 +232,20 @@ class Scorer:
             if now < due:
                 self._ready.wait(due - now)
                 return []
+        shared = similarity.shares_passes(group[0].batch.corpus, check=False)
+        if shared is None:
+            return group[0].batch.corpus
         shares = dict.fromkeys(group, 0)
         budget = self.pass_queries
+        # A batch's rows go into several passes only where rows score the same in any tile;
+        # otherwise whole batches, in order.
+        if not shared:
+            for w in group:
+                if budget <= 0 and any(shares.values()):
+                    break
+                shares[w] = w.rows_left
+                budget -= w.rows_left
+            budget = 0
         while budget:  # rounds of equal shares, until the pass is full or every row is in it
             active = [w for w in group if w.rows_left > shares[w]]
             if not active:

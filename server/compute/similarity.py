@@ -18,6 +18,7 @@ __all__ = [
     "check_dtypes",
     "inverse_norms",
     "normalized",
+    "shares_passes",
     "similarity_matrix",
     "to_device",
     "top_k",
@@ -230,31 +231,46 @@ def _heights() -> list[int]:
 _INDEPENDENT: dict[tuple[object, ...], bool] = {}
 
 
-def _rows_independent(device: torch.device, ct: torch.dtype, d: int, widths: tuple[int, ...]) -> bool:
-    """Whether this device's GEMM gives a query row the same scores whatever the tile height and
-    the row's place in the tile. A BLAS picks its kernel and blocking from the shapes alone, never
-    from the values, so one check per shape on random data answers for every query; where it
-    fails (a cuBLAS heuristic, a gemv path) every tile is QUERY_BLOCK_ROWS high, which is the same
-    shape for every query by construction."""
+def _widths(m: int, d: int, device: torch.device, ct: torch.dtype) -> tuple[int, ...]:
+    """The widths of the chunks of an (m, d) corpus: whole chunks, and the last one."""
+    rows = _chunk_rows(d, device, ct)
+    return tuple(sorted({min(rows, m), m % rows or min(rows, m)}))
+
+
+def _rows_independent(device: torch.device, ct: torch.dtype, d: int, widths: tuple[int, ...], check: bool = True) -> bool | None:
+    """Whether this device's GEMM, called as a pass calls it, gives a query row the same scores
+    whatever the tile height and the row's place in the tile. A BLAS picks its kernel and blocking
+    from the shapes alone, never from the values, so one check per shape on random data answers
+    for every query: each row of a tallest tile is scored again in every smaller height, at every
+    place. Where it fails (MKL's float64 at some shapes, cuBLAS heuristics), rows are not mixed."""
     heights = _heights()
     key = (str(device), ct, d, widths, USE_ONEDNN, tuple(heights), torch.get_num_threads())
     known = _INDEPENDENT.get(key)
-    if known is not None:
+    if known is not None or not check:
         return known
     generator = torch.Generator().manual_seed(0)
     tallest = heights[-1]
     queries = torch.randn(tallest, d, generator=generator, dtype=ct).to(device)
     corpus = torch.randn(max(widths), d, generator=generator, dtype=ct).to(device)
+    buffer = torch.empty(tallest * max(widths), dtype=ct, device=device)
     same = True
     for width in widths:
         chunk = corpus[:width]
-        whole = _gemm(queries, chunk, None).clone()
+        whole = _gemm(queries, chunk, buffer).clone()
         for h in heights[:-1]:
             for start in range(0, tallest, h):
-                if not torch.equal(_gemm(queries[start : start + h], chunk, None), whole[start : start + h]):
-                    same = False
+                same = same and torch.equal(_gemm(queries[start : start + h], chunk, buffer), whole[start : start + h])
     _INDEPENDENT[key] = same
     return same
+
+
+def shares_passes(corpus: torch.Tensor, check: bool = True) -> bool | None:
+    """Whether top_k_pass scores the queries of several parts (so also a part's rows in several
+    passes) in shared tiles for this corpus; where not, it scores each part by itself, whole.
+    With check=False, None where the answer is not known yet (the check takes a few GEMMs)."""
+    m, d = corpus.shape
+    ct = compute_dtype(corpus.dtype)
+    return m > 0 and _rows_independent(corpus.device, ct, d, _widths(m, d, corpus.device, ct), check)
 
 
 class _Block:
@@ -309,14 +325,23 @@ def top_k_pass(
     """One pass over `corpus` for several requests: each part is (query rows already `normalized`,
     k), and gets back (scores (n, k) in the corpus dtype, int64 indices (n, k)), best first, ties
     to the lower index. A part's result is the same, bit for bit, whatever other parts share the
-    pass: every row is scored by a GEMM whose shape the pass's size does not change per row
-    (_rows_independent) and selected by (-score, index), an order with one answer."""
+    pass: where the GEMM gives a row the same scores at every tile height and place
+    (_rows_independent, checked once per shape) rows of all parts share tiles, and otherwise
+    each part is scored by itself; candidates are selected by (-score, index), an order with
+    one answer."""
+    if len(parts) > 1 and not shares_passes(corpus):
+        return [_pass(corpus, inv_norms, [part])[0] for part in parts]
+    return _pass(corpus, inv_norms, parts)
+
+
+def _pass(
+    corpus: torch.Tensor, inv_norms: torch.Tensor, parts: Sequence[tuple[torch.Tensor, int]]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     m, d = corpus.shape
     ct = compute_dtype(corpus.dtype)
     device = corpus.device
     chunk_rows = _chunk_rows(d, device, ct)
-    widths = tuple(sorted({min(chunk_rows, m), m % chunk_rows or min(chunk_rows, m)}))
-    heights = _heights() if _rows_independent(device, ct, d, widths) else [_heights()[-1]]
+    heights = _heights()
     tallest = heights[-1]
     # Parts in order of k, largest first, so a block's k (its rows' largest) fits most of its rows.
     order = sorted(range(len(parts)), key=lambda i: -parts[i][1])
