@@ -151,7 +151,8 @@ class Scorer:
                 result = await self._scored(batch)
                 yield result
                 batch.release()  # the reply is on its way: its bytes are grpc's now
-                batch = result = None
+                batch = None
+                del result
         finally:
             reader.cancel()
             if batch is not None:

@@ -281,8 +281,7 @@ class _Block:
         self.queries = queries
         self.rows = rows
         self.k = k
-        self.values: torch.Tensor | None = None
-        self.indices: torch.Tensor | None = None
+        self.best: tuple[torch.Tensor, torch.Tensor] | None = None  # (values, indices), merged
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.width = 0
 
@@ -290,27 +289,25 @@ class _Block:
         """Take the scores of one corpus chunk (rows of `tile` beyond `rows` are padding)."""
         tile = tile[: self.rows]
         k = self.k
-        if self.values is not None and self.values.shape[1] == k and not self.pending:
+        if self.best is not None and self.best[0].shape[1] == k and not self.pending:
             # Settled: only a score above a row's k-th best can enter (an equal one has a higher
             # index and loses the tie), and after the first chunks few rows see one.
-            threshold = self.values[:, k - 1]
-            hit = (tile.amax(dim=1) > threshold).nonzero().squeeze(1)
+            best_values, best_indices = self.best
+            hit = (tile.amax(dim=1) > best_values[:, k - 1]).nonzero().squeeze(1)
             if hit.numel():
                 values, columns = _tile_candidates(tile[hit], k)
                 merged = _best_k(
-                    torch.cat([self.values[hit], values], 1), torch.cat([self.indices[hit], columns + start], 1), k
+                    torch.cat([best_values[hit], values], 1), torch.cat([best_indices[hit], columns + start], 1), k
                 )
-                self.values[hit], self.indices[hit] = merged
+                best_values[hit], best_indices[hit] = merged
             return
         values, columns = _tile_candidates(tile, k)
         self.pending.append((values, columns + start))
         self.width += values.shape[1]
         if last or self.width >= MERGE_EVERY * (k + 1):
-            if self.values is not None:
-                self.pending.insert(0, (self.values, self.indices))
-            self.values, self.indices = _best_k(
-                torch.cat([v for v, _ in self.pending], 1), torch.cat([i for _, i in self.pending], 1), k
-            )
+            if self.best is not None:
+                self.pending.insert(0, self.best)
+            self.best = _best_k(torch.cat([v for v, _ in self.pending], 1), torch.cat([i for _, i in self.pending], 1), k)
             self.pending, self.width = [], 0
 
 
@@ -376,14 +373,15 @@ def _pass(
         for p, k in parts
     ]
     for b, block in enumerate(blocks):
-        assert block.values is not None and block.indices is not None
+        assert block.best is not None
+        values, indices = block.best
         start = b * tallest
         for i in order:
             first, end = max(start, offsets[i]), min(start + block.rows, offsets[i] + parts[i][0].shape[0])
             if first < end:
                 k = parts[i][1]
-                results[i][0][first - offsets[i] : end - offsets[i]] = block.values[first - start : end - start, :k]
-                results[i][1][first - offsets[i] : end - offsets[i]] = block.indices[first - start : end - start, :k]
+                results[i][0][first - offsets[i] : end - offsets[i]] = values[first - start : end - start, :k]
+                results[i][1][first - offsets[i] : end - offsets[i]] = indices[first - start : end - start, :k]
     return results
 
 
