@@ -190,13 +190,17 @@ class Scorer:
                 self._waiting.remove(waiting)
 
     def shutdown(self) -> None:
-        """Drop queued batches and return at once; a pass being scored is abandoned."""
+        """Drop queued batches (after the server has stopped: nobody waits for them); an idle
+        scoring thread ends at once, a pass being scored is abandoned to finish on its own."""
         with self._ready:
             self._closed = True
             dropped, self._waiting = self._waiting, []
             self._ready.notify_all()
+            thread = self._thread
         for waiting in dropped:
             _settle(waiting, error=RuntimeError("the server is stopping"))
+        if thread is not None:
+            thread.join(0.5)  # an idle scorer ends at once; one in a pass is left to finish it
 
     # ---- the scoring thread ----------------------------------------------------------------
 
@@ -207,10 +211,23 @@ class Scorer:
                 if members is None:
                     return
             if isinstance(members, torch.Tensor):  # a corpus shape not seen yet: check it first
-                similarity.shares_passes(members)
+                self._check(members)
             elif members:
                 self._score(members)
             members = None  # hold no batch (nor its corpus) while waiting for the next
+
+    def _check(self, corpus: torch.Tensor) -> None:
+        """similarity.shares_passes for a new corpus shape; if the check itself fails, the
+        batches waiting for that corpus get the error (the thread must go on)."""
+        try:
+            similarity.shares_passes(corpus)
+        except Exception as err:  # noqa: BLE001  (each caller gets it)
+            with self._ready:
+                failed = [w for w in self._waiting if w.batch.corpus is corpus]
+                for waiting in failed:
+                    self._waiting.remove(waiting)
+            for waiting in failed:
+                _settle(waiting, error=err)
 
     def _next_pass(self) -> list[tuple[_Waiting, int, int]] | torch.Tensor | None:
         """The next pass's (batch, first row, end row)s, [] to look again, a corpus whose shape

@@ -274,7 +274,15 @@ def shares_passes(corpus: torch.Tensor, check: bool = True) -> bool | None:
     With check=False, None where the answer is not known yet (the check takes a few GEMMs)."""
     m, d = corpus.shape
     ct = compute_dtype(corpus.dtype)
-    return m > 0 and _rows_independent(corpus.device, ct, d, _widths(m, d, corpus.device, ct), check)
+    if m == 0:
+        return False
+    widths = _widths(m, d, corpus.device, ct)
+    try:
+        return _rows_independent(corpus.device, ct, d, widths, check)
+    except Exception as err:  # noqa: BLE001  (out of memory for the check: then never mix rows)
+        if not is_out_of_memory(err):
+            raise
+        return False
 
 
 class _Block:

@@ -348,9 +348,10 @@ def test_a_caller_that_stops_reading_holds_no_pass(batching_server, shared):
     baseline = held(batching_server, [sessions[1].id])
     channel = grpc.insecure_channel(batching_server.address)
     try:
-        # Many batches with k = 40, never read: its replies fill the window and its stream stalls.
+        # Batches whose replies (768 KB each, 77 MB in all) are never read: they fill the flow
+        # control window, and the stream stalls with a reply on its way and two batches staged.
         stalled = pb_grpc.CosserveStub(channel).ScoreTopK(
-            iter([request(sessions[1].id, "@shared-16", q, 40)] * 200), timeout=120
+            iter([request(sessions[1].id, "@shared-16", q, 1000)] * 100), timeout=120
         )
         before = pass_counts(batching_server.metrics_port)[0]
         for round_ in range(5):  # others go on being scored, pass after pass
