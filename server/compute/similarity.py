@@ -231,8 +231,10 @@ def _heights() -> list[int]:
 
 
 # (device, dtype, D, chunk widths, kernel, heights, threads) -> whether each row of a tile comes
-# out the same, bit for bit, at every tile height and position (see _rows_independent).
+# out the same, bit for bit, at every tile height and position (see _rows_independent). Bounded:
+# corpora of many shapes forget the oldest answers (checked again if they come back).
 _INDEPENDENT: dict[tuple[object, ...], bool] = {}
+_INDEPENDENT_SHAPES = 1024
 
 
 def _widths(m: int, d: int, device: torch.device, ct: torch.dtype) -> tuple[int, ...]:
@@ -241,7 +243,9 @@ def _widths(m: int, d: int, device: torch.device, ct: torch.dtype) -> tuple[int,
     return tuple(sorted({min(rows, m), m % rows or min(rows, m)}))
 
 
-def _rows_independent(device: torch.device, ct: torch.dtype, d: int, widths: tuple[int, ...], check: bool = True) -> bool | None:
+def _rows_independent(
+    device: torch.device, ct: torch.dtype, d: int, widths: tuple[int, ...], check: bool = True
+) -> bool | None:
     """Whether this device's GEMM, called as a pass calls it, gives a query row the same scores
     whatever the tile height and the row's place in the tile. A BLAS picks its kernel and blocking
     from the shapes alone, never from the values, so one check per shape on random data answers
@@ -264,6 +268,8 @@ def _rows_independent(device: torch.device, ct: torch.dtype, d: int, widths: tup
         for h in heights[:-1]:
             for start in range(0, tallest, h):
                 same = same and torch.equal(_gemm(queries[start : start + h], chunk, buffer), whole[start : start + h])
+    while len(_INDEPENDENT) >= _INDEPENDENT_SHAPES:
+        del _INDEPENDENT[next(iter(_INDEPENDENT))]
     _INDEPENDENT[key] = same
     return same
 
