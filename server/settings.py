@@ -295,7 +295,7 @@ class Settings:
         1024,
         "queries one ScoreTopK pass over a corpus scores at most, from every stream waiting for that corpus "
         "together; each waiting batch gets an equal share, the rest of a larger one goes in later passes",
-        _between(1, 1 << 20),
+        _between(1, 65536),
     )
     score_max_queue_delay_s: float = _setting(
         0.0,
