@@ -38,8 +38,9 @@ RUN python -m pip install --index-url "$TORCH_INDEX" "torch==$TORCH_VERSION"
 # ---- runtime: the final image (the default target) ----
 FROM torch AS runtime
 COPY --from=wheel /wheels /opt/cosserve-wheels
-# The rest of the server's dependencies from PyPI; torch is already met, so pip keeps it.
-RUN python -m pip install "$(echo /opt/cosserve-wheels/cosserve-*.whl)[server]"
+# The rest of the server's dependencies from PyPI; torch is already met, so pip keeps it. The otel
+# extra too: traces are off until an OTEL_EXPORTER_OTLP_ENDPOINT is set (README, "Tracing").
+RUN python -m pip install "$(echo /opt/cosserve-wheels/cosserve-*.whl)[server,otel]"
 # The user, and the state directory it owns: a volume mounted there (--state-dir) starts out writable.
 RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin cosserve && install -d -o 10001 -g 10001 -m 0750 /var/lib/cosserve
 USER 10001:10001

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -18,7 +19,9 @@ from cosserve.errors import InvalidArgumentError
 from cosserve.v1 import cosserve_pb2 as pb
 from cosserve.v1 import cosserve_pb2_grpc as pb_grpc
 
-__all__ = ["BaseClient", "BaseSession", "Client", "PemSource", "Session", "channel_credentials", "connection_options"]
+__all__ = [
+    "BaseClient", "BaseSession", "Client", "PemSource", "Session", "channel_credentials", "connection_options", "trace_metadata",
+]
 
 T = TypeVar("T")
 ClientT = TypeVar("ClientT", bound="BaseClient")
@@ -73,6 +76,19 @@ def connection_options(
     return credentials, ((("authorization", f"Bearer {token}"),) if token else ())
 
 
+def trace_metadata() -> tuple[tuple[str, str], ...]:
+    """The current OpenTelemetry context as W3C `traceparent` (and `tracestate`, `baggage`)
+    metadata, so that the caller's trace continues into the server; nothing when the program has
+    not loaded opentelemetry (it is optional: a program that traces has loaded it already)."""
+    if "opentelemetry.context" not in sys.modules:
+        return ()
+    from opentelemetry import propagate
+
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)  # the propagators of OTEL_PROPAGATORS; nothing outside a span
+    return tuple(carrier.items())
+
+
 class BaseClient(abc.ABC):
     """What `Client` and `cosserve.aio.Client` share: the connection their arguments describe (see
     `Client`), and how one call of a flow is started on it."""
@@ -105,8 +121,11 @@ class BaseClient(abc.ABC):
         """The shell's channel to `target`: plaintext without credentials."""
 
     def _metadata_for(self, session: str | None) -> tuple[tuple[str, str], ...]:
-        """The call's metadata: the token, and for a session's call its id (see calls.call_metadata)."""
-        return calls.call_metadata(self._metadata, session)
+        """The call's metadata: the token, and for a session's call its id (see calls.call_metadata),
+        and the caller's trace context when it traces (trace_metadata)."""
+        metadata = calls.call_metadata(self._metadata, session)
+        trace = trace_metadata()
+        return (*metadata, *trace) if trace else metadata
 
     def _start(self, call: flows.Call) -> Any:
         """Start `call`: its reply (sync), an awaitable of it (asyncio), or its reply stream."""

@@ -4,6 +4,7 @@ contiguous range of its rows, with the same answer as one server holding all of 
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import dataclasses
 import queue
 import sys
@@ -177,7 +178,11 @@ class ShardedScorer:
             if timeout is None and count is not None:  # as Session.top_k's default for a known count
                 timeout = shard.session.client.timeout * (1 + count)
             stream = shard.session.iter_top_k(shared.reader(i), self.blob, min(k, shard.rows), batch_size=batch_size, timeout=timeout)
-            pumps.append(threading.Thread(target=_pump, args=(stream, answers[i], stop), name=f"cosserve-shard-{i}", daemon=True))
+            # Each pump in a copy of the caller's context: its calls continue the caller's trace.
+            pump_args = (_pump, stream, answers[i], stop)
+            pumps.append(
+                threading.Thread(target=contextvars.copy_context().run, args=pump_args, name=f"cosserve-shard-{i}", daemon=True)
+            )
         for pump in pumps:  # every server scores at once
             pump.start()
         # A server's answer comes in messages of its own row counts (they depend on its k): rows

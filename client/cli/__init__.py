@@ -30,6 +30,14 @@ security model:
                --session-idle-timeout-s.
 """
 
+# After the security model in `cosserve serve --help`; README.md's "Tracing" says the rest.
+_TRACING = """
+traces:
+  OTEL_EXPORTER_OTLP_ENDPOINT (an OTLP/gRPC collector, e.g. http://collector:4317) turns on
+  OpenTelemetry traces, with OpenTelemetry's other OTEL_* variables (OTEL_TRACES_SAMPLER,
+  OTEL_TRACES_SAMPLER_ARG, OTEL_SERVICE_NAME, ...); they need pip install 'cosserve[otel]'.
+"""
+
 _NEEDS_SERVER = "this command needs the server extra (torch): pip install 'cosserve[server]'"
 
 
@@ -44,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         "serve",
         help="run the gRPC server",
         description="Run the cosserve gRPC server.",
-        epilog=_SECURITY_MODEL,
+        epilog=_SECURITY_MODEL + _TRACING,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from cosserve.server import settings  # pure Python: no torch needed to show the flags

@@ -3,17 +3,20 @@ and the finite-difference gradient check. No gRPC here."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from cosserve.server import tracing
 from cosserve.server.compute import ops as _ops  # noqa: F401  (fills the registry)
 from cosserve.server.compute.registry import REGISTRY, ArgType, InputKind, Operator, lookup
-from cosserve.server.compute.workers import StopSignal
+from cosserve.server.compute.workers import ON_THREAD, StopSignal
 from cosserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from cosserve.server.memory import FLOAT_DTYPES, dtype_name, is_out_of_memory
 from cosserve.server.state.workspace import Transaction, Workspace, check_name
@@ -205,6 +208,21 @@ def execute(calls: Sequence[OpCall], txn: Transaction, observe: OpObserver | Non
             raise type(err)(f"op #{position} ({call.type}): {err}; nothing was changed") from None
 
 
+# Op types named on a net's span, at most (a net may have MAX_NET_OPS).
+_SPAN_OP_TYPES = 16
+
+
+def _op_span(name: str, calls: Sequence[OpCall]) -> contextlib.AbstractContextManager[tracing.Span]:
+    """The span of an op or a net on a Workers thread (thread.name): its op types and count, never
+    its tensors. None for one run inline on the loop, which is small: its call's span covers it."""
+    if not tracing.enabled() or not ON_THREAD.get():
+        return tracing.NO_SPAN
+    types = sorted({tracing.text(call.type) for call in calls[:_SPAN_OP_TYPES]})
+    return tracing.span(
+        name, {"cosserve.op.types": types, "cosserve.op.count": len(calls), "thread.name": threading.current_thread().name}
+    )
+
+
 def input_bytes(workspace: Workspace, calls: Sequence[OpCall]) -> int:
     """Bytes of the stored blobs that `calls` read (outputs of earlier calls not counted): how
     much work a net is, to choose between the event loop and a worker thread."""
@@ -213,7 +231,7 @@ def input_bytes(workspace: Workspace, calls: Sequence[OpCall]) -> int:
 
 def run_net(workspace: Workspace, calls: Sequence[OpCall], observe: OpObserver | None = None) -> None:
     """Run operators on a session, all or nothing."""
-    with workspace.transaction() as txn:
+    with _op_span("cosserve.net", calls), workspace.transaction() as txn:
         execute(calls, txn, observe)
         txn.commit()
 
@@ -232,7 +250,8 @@ def compute(
     """
     # Only the outputs are charged: the reply does not carry the inputs.
     txn = Transaction(dict(inputs), max_output_bytes, _not_sent)
-    execute([call], txn, observe)
+    with _op_span("cosserve.op", [call]):
+        execute([call], txn, observe)
     outputs = [txn.staged[name] for name in call.outputs]
     size = Workspace.bytes_of(dict(zip(call.outputs, outputs)))
     if size > max_output_bytes:
@@ -258,6 +277,13 @@ def check_gradient(
     floating input. Refused above MAX_GRADIENT_CHECK_COST; between evaluations it checks `stop`
     and raises workers.Stopped once it is set.
     """
+    with _op_span("cosserve.gradient_check", [call]):
+        return _check_gradient(workspace, call, step_size, output_index, stop)
+
+
+def _check_gradient(
+    workspace: Workspace, call: OpCall, step_size: float, output_index: int, stop: StopSignal | None
+) -> list[tuple[str, float, float]]:
     op = REGISTRY.get(call.type)
     if op is not None and not call.outputs:
         call = dataclasses.replace(call, outputs=tuple(f"_out{i}" for i in range(len(op.schema.outputs))))

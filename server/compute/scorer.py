@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import torch
 
+from cosserve.server import tracing
 from cosserve.server.compute import similarity
 from cosserve.server.compute.numerics import compute_dtype
 from cosserve.server.compute.workers import Stopped
@@ -58,6 +59,20 @@ def batch_bytes(batch: Batch) -> int:
     return batch.queries.numel() * batch.queries.element_size() + n * d * compute_dtype(batch.corpus.dtype).itemsize + 2 * result
 
 
+def _score_attributes(batch: Batch) -> dict[str, tracing.AttributeValue] | None:
+    """A scoring span: its queries, k and corpus (by name and rows), never their values; the
+    callers its pass scored together are set when it is done."""
+    if not tracing.enabled():
+        return None
+    return {
+        "cosserve.queries": int(batch.queries.shape[0]) if batch.queries.dim() else 1,
+        "cosserve.k": batch.k,
+        "cosserve.corpus": tracing.text(batch.corpus_name),
+        "cosserve.corpus.rows": int(batch.corpus.shape[0]) if batch.corpus.dim() else 1,
+        "cosserve.session_id": batch.workspace.id,
+    }
+
+
 @dataclasses.dataclass(eq=False)
 class _Waiting:
     """A batch in the queue: its rows go into passes (several, when it has more than its share of
@@ -71,6 +86,7 @@ class _Waiting:
     next_row: int = 0  # rows before it are in a pass that started
     pieces: list[tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
     dropped: bool = False  # its caller left: never scored again, its result thrown away
+    callers: int = 0  # batches in the last pass that scored rows of it
 
     @property
     def key(self) -> int:
@@ -79,6 +95,20 @@ class _Waiting:
     @property
     def rows_left(self) -> int:
         return int(self.batch.queries.shape[0]) - self.next_row
+
+
+def _score_attributes(batch: Batch) -> dict[str, tracing.AttributeValue] | None:
+    """A scoring pass's span: its queries, k and corpus (by name and rows), never their values."""
+    if not tracing.enabled():
+        return None
+    return {
+        "cosserve.queries": int(batch.queries.shape[0]) if batch.queries.dim() else 1,
+        "cosserve.k": batch.k,
+        "cosserve.corpus": tracing.text(batch.corpus_name),
+        "cosserve.corpus.rows": int(batch.corpus.shape[0]) if batch.corpus.dim() else 1,
+        "cosserve.session_id": batch.workspace.id,
+        "cosserve.callers": 1,  # each ScoreTopK stream scores its own batches
+    }
 
 
 class Scorer:
@@ -148,8 +178,11 @@ class Scorer:
                         raise failure
                     finally:
                         failure = None  # no cycle through this frame
-                result = await self._scored(batch)
-                yield result
+                # The span covers the batch's wait for its pass and the pass; it names how many
+                # batches (callers) that pass scored together.
+                with tracing.span("cosserve.score", _score_attributes(batch)) as span:
+                    result = await self._scored(batch, span)
+                yield result  # outside the span: its context is this call's until the next batch
                 batch.release()  # the reply is on its way: its bytes are grpc's now
                 batch = None
                 del result
@@ -162,7 +195,7 @@ class Scorer:
                 if staged is not None:
                     staged.release()
 
-    async def _scored(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    async def _scored(self, batch: Batch, span: tracing.Span) -> tuple[torch.Tensor, torch.Tensor]:
         if batch.queries.shape[0] == 0:
             empty = batch.queries.shape[0], batch.k
             device = batch.queries.device
@@ -178,7 +211,9 @@ class Scorer:
                 self._thread = threading.Thread(target=self._run, name="cosserve-score", daemon=True)
                 self._thread.start()
         try:
-            return await waiting.future
+            result = await waiting.future
+            span.set_attribute("cosserve.callers", waiting.callers)
+            return result
         finally:
             if not waiting.future.done():  # cancelled, or its deadline passed: leave the queue
                 self._drop(waiting)
@@ -311,6 +346,7 @@ class Scorer:
         if self.observe_pass is not None:
             self.observe_pass(sum(end - start for _, start, end in members), [started - w.queued_at for w, _, _ in members])
         for (waiting, _, end), result in zip(members, results):
+            waiting.callers = len(members)
             waiting.pieces.append(result)
             if end == waiting.batch.queries.shape[0]:
                 pieces, waiting.pieces = waiting.pieces, []

@@ -10,9 +10,13 @@ from collections.abc import Callable
 from concurrent import futures
 from typing import TypeVar
 
-__all__ = ["StopSignal", "Stopped", "Workers"]
+__all__ = ["ON_THREAD", "StopSignal", "Stopped", "Workers"]
 
 T = TypeVar("T")
+
+# True in the context of work Workers.run sent to a thread: only such work gets a span of its own
+# (engine's op spans); work run inline is small, and its call's span covers it.
+ON_THREAD: contextvars.ContextVar[bool] = contextvars.ContextVar("cosserve_on_thread", default=False)
 
 
 class Stopped(Exception):
@@ -55,6 +59,7 @@ class Workers:
             return fn(*args)
         # The call's context goes with its work: log lines on the thread carry its request id.
         context = contextvars.copy_context()
+        context.run(ON_THREAD.set, True)
         try:
             # No local holds the future: an exception it carries would otherwise reach this frame
             # through its traceback and make a reference cycle that keeps the call's tensors alive.

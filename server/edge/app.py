@@ -27,11 +27,18 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from cosserve import limits
 from cosserve.server import settings as settings_mod
+from cosserve.server import tracing
 from cosserve.server.compute.scorer import Scorer
 from cosserve.server.compute.workers import Workers
 from cosserve.server.edge import cosserve_servicer, inference_servicer, listen, observability, tls
 from cosserve.server.edge.cosserve_servicer import SERVICE_NAME, CosserveServicer
-from cosserve.server.edge.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor, RequestIdInterceptor
+from cosserve.server.edge.interceptors import (
+    AuthInterceptor,
+    ErrorInterceptor,
+    MetricsInterceptor,
+    RequestIdInterceptor,
+    TracingInterceptor,
+)
 from cosserve.server.edge.metrics import Metrics
 from cosserve.server.errors import CosserveError
 from cosserve.server.memory import dtype_name
@@ -196,6 +203,8 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
     metrics = Metrics(store) if settings.metrics_port else None
     identities = Identities.from_settings(settings)
     interceptors: list[aio.ServerInterceptor] = [RequestIdInterceptor()]
+    if tracing.enabled():  # first: the call's span holds every other interceptor's work
+        interceptors.insert(0, TracingInterceptor())
     if metrics is not None:
         interceptors.append(MetricsInterceptor(metrics.observe))
     if identities is not None:
@@ -295,6 +304,7 @@ def serve(settings: Settings) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     running.stop(settings.grace_s)
+    tracing.shutdown()  # the last spans (the drain, the final snapshots) before any os._exit
     log.info("cosserve stopped")
     # Threads of the work pools inherit the loop thread's daemon flag, but concurrent.futures
     # still joins them at exit: any that is alive now is computing for a call that is over.
@@ -323,6 +333,8 @@ def run(ns: argparse.Namespace) -> int:
         print(f"cosserve serve: {settings_mod.with_source(err, ns)}", file=sys.stderr)
         return 2
     _configure_logging(settings)
+    # OTEL_* variables: traces stay off without an endpoint, and a missing SDK is one log line.
+    tracing.configure()
     try:
         return serve(settings)
     except settings_mod.SettingError as err:

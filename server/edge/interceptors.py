@@ -17,6 +17,7 @@ from grpc import aio
 from grpc._cython import cygrpc
 
 from cosserve import limits
+from cosserve.server import tracing
 from cosserve.server.edge import observability
 from cosserve.server.edge.status import MalformedRequest, bounded, status_of
 from cosserve.server.errors import InvalidArgument, Unauthenticated
@@ -25,6 +26,7 @@ from cosserve.server.state.identity import Identities
 
 __all__ = [
     "HANDLER_KINDS", "AuthInterceptor", "ErrorInterceptor", "MetricsInterceptor", "Observer", "RequestIdInterceptor",
+    "TracingInterceptor",
 ]
 
 log = logging.getLogger("cosserve.server")
@@ -380,5 +382,57 @@ class RequestIdInterceptor(aio.ServerInterceptor):
                 log.debug("%s %s %.1f ms", method, _code_name(context, error), seconds * 1e3)
 
         wrapped = rewrap(handler, _around(returned, _reraise, done))
+        self._wrapped[id(handler)] = (handler, wrapped)
+        return wrapped
+
+
+# The codes OpenTelemetry's gRPC conventions count as a server's error; the others are the caller's.
+_SERVER_ERROR_CODES = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"})
+
+
+class TracingInterceptor(aio.ServerInterceptor):
+    """A SERVER span per call (observability.call_span), named `{service}/{method}` with
+    rpc.system "grpc", rpc.service, rpc.method and rpc.grpc.status_code, the request id, the
+    identity and the `cosserve-session-id` metadata's session; a `traceparent` in the metadata
+    makes it a child of the caller's span. Installed first, so the span holds the whole call,
+    and only while traces are on (tracing.enabled)."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        entry = self._wrapped.get(id(handler))
+        if entry is not None and entry[0] is handler:
+            return entry[1]
+        service, _, method = details.method.lstrip("/").rpartition("/")
+
+        def wrap(behavior: Behavior, generator: bool) -> Behavior:
+            # A stream's replies are written by _around's wrapper, which is a plain coroutine.
+            inner = _around(None, _reraise)(behavior, generator) if generator else behavior
+
+            async def traced(request: Any, context: aio.ServicerContext) -> Any:
+                with observability.call_span("grpc", service, method, context.invocation_metadata() or ()) as span:
+                    error: BaseException | None = None
+                    try:
+                        return await inner(request, context)
+                    except BaseException as err:
+                        error = err
+                        raise
+                    finally:
+                        code = _code_name(context, error)
+                        span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[code].value[0])
+                        if code in _SERVER_ERROR_CODES:
+                            span.set_error(code)
+                        sessions = SESSION_METADATA.get()
+                        if sessions:
+                            span.set_attribute("cosserve.session_id", tracing.text(sessions[0]))
+                        error = request = None  # no reference cycle through this frame
+
+            return traced
+
+        wrapped = rewrap(handler, wrap)
         self._wrapped[id(handler)] = (handler, wrapped)
         return wrapped

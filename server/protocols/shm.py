@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from cosserve.limits import SHM_PREFIX
-from cosserve.server import memory
+from cosserve.server import memory, tracing
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from cosserve.server.protocols import codec
 from cosserve.server.state.workspace import Workspace
@@ -250,7 +250,8 @@ def feed(workspace: Workspace, name: str, dtype_code: int, shape: Sequence[int],
             # ResourceExhausted when the host or device cannot allocate what the limits allowed.
             tensor = memory.empty(codec.TORCH_DTYPES[dtype_code], shape, workspace.device, f"{what} ({nbytes} bytes)")
             if nbytes:
-                region.read_into(tensor, offset, what)
+                with tracing.span("cosserve.shm.read", {"cosserve.bytes": nbytes}):
+                    region.read_into(tensor, offset, what)
         claim.store(tensor)
 
 
@@ -264,5 +265,6 @@ def fetch(workspace: Workspace, name: str, shm_name: str, offset: int) -> torch.
     with _Region(shm_name, writable=True, session_id=workspace.id) as region:
         region.check_span(offset, nbytes, f"blob {name!r}")
         if nbytes:
-            region.write_from(tensor, offset, f"blob {name!r}")
+            with tracing.span("cosserve.shm.write", {"cosserve.bytes": nbytes}):
+                region.write_from(tensor, offset, f"blob {name!r}")
     return tensor

@@ -33,7 +33,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from cosserve.server import memory
+from cosserve.server import memory, tracing
 from cosserve.server.errors import CosserveError, NotFound, SnapshotError
 from cosserve.server.settings import Settings
 from cosserve.server.state import journal, snapshots
@@ -229,7 +229,8 @@ class Durability:
         """Write each session that changed since its last write, and delete the files of sessions
         that are gone. In sync mode the log is set aside first and deleted once every session is
         written: it starts again from nothing."""
-        with self._pass_lock:
+        # A root span (no call asked for it), its snapshot writes inside it.
+        with self._pass_lock, tracing.span("cosserve.durability.pass", {"cosserve.final": final}):
             if self._journal is not None:
                 self._journal.set_aside(self.directory / OLD_JOURNAL)
             failures = 0

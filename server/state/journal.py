@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from cosserve.server import tracing
 from cosserve.server.errors import CosserveError, FailedPrecondition, ResourceExhausted
 from cosserve.server.state import snapshots
 
@@ -61,7 +62,7 @@ class Journal:
         crc = zlib.crc32(prefix[len(MAGIC) :])
         for piece in data:
             crc = zlib.crc32(piece, crc)
-        with self.lock:
+        with self.lock, tracing.span("cosserve.journal.append", {"cosserve.bytes": len(prefix) + length}):
             if self._broken:
                 raise FailedPrecondition(f"the sync log cannot be written ({self._broken}); nothing was changed")
             try:

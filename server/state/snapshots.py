@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, TypeGuard
 
 import torch
 
-from cosserve.server import memory
+from cosserve.server import memory, tracing
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, SnapshotError, quoted
 from cosserve.server.state.workspace import Workspace, blob_charge
 from cosserve.server.state.workspace import check_name as check_blob_name
@@ -185,7 +185,8 @@ def write(path: Path, blobs: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
     data_path, manifest_path = _with_suffix(path, DATA_SUFFIX), _with_suffix(path, MANIFEST_SUFFIX)
     try:
         _make_directory(directory)
-        with _locked(directory, exclusive=True):
+        span = {"cosserve.blobs": len(entries), "cosserve.bytes": data_bytes}
+        with _locked(directory, exclusive=True), tracing.span("cosserve.snapshot.write", span):
             _remove_temporaries(directory, path.name)
             _check_room(directory, data_bytes, path.name)
             token = secrets.token_hex(6)
@@ -371,9 +372,11 @@ def read(
     """
     manifest_path, data_path = _with_suffix(path, MANIFEST_SUFFIX), _with_suffix(path, DATA_SUFFIX)
     try:
-        with _locked(path.parent, exclusive=False):
+        with _locked(path.parent, exclusive=False), tracing.span("cosserve.snapshot.read") as span:
             manifest = _read_manifest(manifest_path)
             entries = _manifest_blobs(manifest, manifest_path.name)
+            span.set_attribute("cosserve.blobs", len(entries))
+            span.set_attribute("cosserve.bytes", int(manifest["data_bytes"]))
             if manifest.get("data") != data_path.name:
                 raise SnapshotError(f"{manifest_path.name}: names data file {manifest.get('data')!r}, not {data_path.name!r}")
             charge(sum(blob_charge(b.name, b.nbytes) for b in entries))
