@@ -8,8 +8,10 @@ queries). Queries/s of each, and the service's p50/p99 latency per call.
     python -m bench.many --device cuda                           # sessions and the torch path on CUDA
 
 The server is the real `cosserve serve` in its own process (bench.servers), with the default
-opportunistic batching (--score-pass-queries 1024, no queue delay); the clients are threads of
-this process, one channel and one session each. Paths alternate per C, so drift hits both.
+opportunistic batching (--score-pass-queries 1024, no queue delay) and its metrics on a free
+port, from which the table's "queries per pass" comes (the mean over the timed calls and the
+warm-up; none from a server without them); the clients are threads of this process, one
+channel and one session each. Paths alternate per C, so drift hits both.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import argparse
 import json
 import os
 import sys
+import re
+import socket
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,6 +77,23 @@ def _service(address: str, queries: np.ndarray, clients: int, seconds: float, k:
             "calls": len(every)}
 
 
+def _passes(port: int) -> tuple[float, float] | None:
+    """(passes, queries) scored so far, from the server's metrics; None where it has none."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    except OSError:
+        return None
+    count = re.search(r"^cosserve_score_pass_queries_count (\S+)$", text, re.M)
+    total = re.search(r"^cosserve_score_pass_queries_sum (\S+)$", text, re.M)
+    return None if count is None or total is None else (float(count.group(1)), float(total.group(1)))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def _in_process(corpus: Any, norms: Any, queries: Any, clients: int, seconds: float, k: int) -> dict[str, Any]:
     """The same core scoring C queries per call, back to back: the most one pass of C can give."""
     import torch
@@ -120,10 +142,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             local = torch.from_numpy(corpus).to(device)
             local_queries = torch.from_numpy(queries).to(device)
             norms = similarity.inverse_norms(local)
-            with start_cosserve(device=ns.device, env={"COSSERVE_CORPUS": f"w5={path}"}) as server:
+            port = _free_port()
+            env = {"COSSERVE_CORPUS": f"w5={path}", "COSSERVE_METRICS_PORT": str(port)}
+            with start_cosserve(device=ns.device, env=env) as server:
                 for clients in ns.clients:
                     print(f"W5 {m:,}x{ns.dim}, C={clients} ...", file=sys.stderr, flush=True)
+                    before = _passes(port)
                     service = _service(server.address, queries, clients, ns.seconds, ns.k, ns.device)
+                    after = _passes(port)
+                    if before is not None and after is not None and after[0] > before[0]:
+                        service["queries_per_pass"] = (after[1] - before[1]) / (after[0] - before[0])
                     limit = _in_process(local, norms, local_queries, clients, ns.seconds, ns.k)
                     rows.append({"corpus_rows": m, "clients": clients, "service": service, "torch": limit,
                                  "ratio": service["qps"] / limit["qps"]})
@@ -131,12 +159,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine()
     print(f"\nW5: top-{ns.k}, one query per call, shared corpus @w5 x {ns.dim} float32, device {ns.device}; "
           f"{ns.seconds:g} s per path\n")
-    print("| corpus | C | service queries/s | torch, C per call, queries/s | service / torch | service p50 ms | service p99 ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| corpus | C | service queries/s | torch, C per call, queries/s | service / torch | service p50 ms | service p99 ms "
+          "| queries per pass |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         s, t = r["service"], r["torch"]
         print(f"| {r['corpus_rows']:,} | {r['clients']} | {s['qps']:.1f} | {t['qps']:.1f} | {r['ratio']:.2f} | "
-              f"{s['p50_ms']:.1f} | {s['p99_ms']:.1f} |")
+              f"{s['p50_ms']:.1f} | {s['p99_ms']:.1f} | {s.get('queries_per_pass', float('nan')):.1f} |")
     print(f"\n({info['nproc']} x {info['cpu']}; load average {info['loadavg']})")
     if ns.json:
         with open(ns.json, "w") as f:
