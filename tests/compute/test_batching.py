@@ -395,3 +395,41 @@ def test_a_huge_batch_does_not_starve_a_small_caller():
         assert max_pass(port) <= 8  # no pass held more than --score-pass-queries
     finally:
         running.stop(0)
+
+
+def test_callers_of_different_identities_share_a_pass(tmp_path):
+    import hashlib
+
+    keys = {"alice": "alice-key-" + "a" * 20, "bob": "bob-key-" + "b" * 20}
+    path = tmp_path / "keys"
+    path.write_text("".join(f"{n}:{hashlib.sha256(k.encode()).hexdigest()}\n" for n, k in keys.items()))
+    port = _free_port()
+    running = start_server(metrics_port=port, api_keys_file=str(path), score_max_queue_delay_s=0.5)
+    try:
+        rng = np.random.default_rng(15)
+        corpus = rng.standard_normal((2000, 24)).astype(np.float32)
+        asks = {name: rng.standard_normal((3, 24)).astype(np.float32) for name in keys}
+        got: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        with Client(running.address, token=keys["alice"]) as alice, alice.session("cpu") as publisher:
+            publisher.feed_blob("C", corpus)
+            publisher.publish_corpus("C", "both")
+            barrier = threading.Barrier(len(keys))
+
+            def call(name: str) -> None:
+                with Client(running.address, token=keys[name]) as client, client.session("cpu") as session:
+                    barrier.wait(timeout=30)
+                    got[name] = session.top_k(asks[name], "@both", k=4)
+
+            threads = [threading.Thread(target=call, args=(name,)) for name in keys]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+        passes, _, queries = pass_counts(port)
+        assert queries == 6 and passes == 1  # alice's and bob's batches in one pass (they arrived within 0.5 s)
+        for name, q in asks.items():
+            want = alone(q, corpus, 4)
+            np.testing.assert_array_equal(got[name][0], want[0])
+            np.testing.assert_array_equal(got[name][1], want[1])
+    finally:
+        running.stop(0)
