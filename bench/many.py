@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import re
 import socket
+import sys
 import tempfile
 import threading
 import time
