@@ -433,3 +433,31 @@ def test_callers_of_different_identities_share_a_pass(tmp_path):
             np.testing.assert_array_equal(got[name][1], want[1])
     finally:
         running.stop(0)
+
+
+def test_a_batch_is_charged_before_it_is_queued():
+    """Queries, their normalized copy and the results count against the session's limit: a batch
+    that would pass it is refused with RESOURCE_EXHAUSTED, and the stream's earlier replies stand."""
+    running = start_server(max_session_bytes=200_000)
+    try:
+        with Client(running.address) as client, client.session("cpu") as session:
+            corpus = np.random.default_rng(16).standard_normal((1000, 16)).astype(np.float32)  # 64,000 bytes
+            session.feed_blob("C", corpus)
+            baseline = held(running, [session.id])
+            small = corpus[:4]
+            large = np.ones((1000, 16), np.float32)  # 64,000 + 64,000 + 2 x 1000 x 50 x 12 bytes: too much
+            channel = grpc.insecure_channel(running.address)
+            stub = pb_grpc.CosserveStub(channel)
+            replies = []
+            with pytest.raises(grpc.RpcError) as err:
+                for message in stub.ScoreTopK(iter([request(session.id, "C", small, 50), request(session.id, "C", large, 50)]), timeout=30):
+                    replies.append(reply(message))
+            channel.close()
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "ScoreTopK: a batch of queries and its results" in err.value.details()
+            assert "--max-session-bytes" in err.value.details()
+            assert len(replies) == 1
+            np.testing.assert_array_equal(replies[0][1], alone(small, corpus, 50)[1])
+            assert settled(running, baseline) == baseline  # nothing stays charged
+    finally:
+        running.stop(0)
