@@ -97,20 +97,6 @@ class _Waiting:
         return int(self.batch.queries.shape[0]) - self.next_row
 
 
-def _score_attributes(batch: Batch) -> dict[str, tracing.AttributeValue] | None:
-    """A scoring pass's span: its queries, k and corpus (by name and rows), never their values."""
-    if not tracing.enabled():
-        return None
-    return {
-        "cosserve.queries": int(batch.queries.shape[0]) if batch.queries.dim() else 1,
-        "cosserve.k": batch.k,
-        "cosserve.corpus": tracing.text(batch.corpus_name),
-        "cosserve.corpus.rows": int(batch.corpus.shape[0]) if batch.corpus.dim() else 1,
-        "cosserve.session_id": batch.workspace.id,
-        "cosserve.callers": 1,  # each ScoreTopK stream scores its own batches
-    }
-
-
 class Scorer:
     """Scores the batches of every ScoreTopK stream on one long-lived thread (each pass already uses
     every core; one thread keeps one OpenMP team and one set of allocator pools).
