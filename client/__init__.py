@@ -1,9 +1,10 @@
 """cosserve: Caffe2's cosine operators as a gRPC service on torch; this package is the client (no
 torch; only the `cosserve` command, cosserve.cli, reaches into cosserve.server)."""
 
-from cosserve.calls import GradientCheck
+from cosserve.calls import GradientCheck, RangeResult
 from cosserve.client import Client, Session
 from cosserve.errors import (
+    ClientClosedError,
     CosserveError,
     CosserveRpcError,
     InvalidArgumentError,
@@ -18,6 +19,7 @@ from cosserve.sharded import ShardedScorer
 
 __all__ = [
     "Client",
+    "ClientClosedError",
     "CosserveError",
     "CosserveRpcError",
     "GradientCheck",
@@ -25,6 +27,7 @@ __all__ = [
     "InvalidTypeError",
     "OpSpecError",
     "ProtocolError",
+    "RangeResult",
     "Session",
     "ShapeError",
     "ShardedScorer",

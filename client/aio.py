@@ -16,14 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import grpc
 import grpc.aio
 import numpy as np
 
 from cosserve import calls, flows
-from cosserve.calls import CorpusInfo, GradientCheck, OpInfo, OpSpec
+from cosserve.calls import CorpusInfo, GradientCheck, OpInfo, OpSpec, RangeResult
 from cosserve.client import BaseClient, BaseSession
 
 __all__ = ["Client", "Session"]
@@ -49,6 +49,7 @@ class Client(BaseClient):
         await self.close()
 
     async def close(self) -> None:
+        self._closed = True
         await self._channel.close()
 
     async def _perform(self, flow: flows.Flow[T]) -> T:
@@ -101,7 +102,8 @@ class Client(BaseClient):
         self, op_type: str, inputs: Mapping[str, Any], outputs: Sequence[str], *, device: str = "auto", **args: Any
     ) -> dict[str, np.ndarray]:
         """One operator on `inputs` without a session, any size (see `cosserve.Client.compute`)."""
-        return await self._perform(calls.compute(op_type, inputs, outputs, args, device=device, client_timeout=self.timeout))
+        flow = calls.compute(op_type, inputs, outputs, args, device=device, client_timeout=self.timeout, schemas=self._schemas)
+        return await self._perform(flow)
 
 
 class _OpenStream:
@@ -240,23 +242,63 @@ class Session(BaseSession[Client]):
 
     # ---- scoring -------------------------------------------------------------------------
 
+    @overload
     async def top_k(
-        self, queries: Any, corpus: str = "C", k: int = 10, *, batch_size: int = 256, timeout: float | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self, queries: Any, corpus: str = ..., k: int = ..., *, batch_size: int = ..., timeout: float | None = ...,
+        ids: Literal[False] = ...,
+    ) -> tuple[np.ndarray, np.ndarray]: ...  # fmt: skip
+
+    @overload
+    async def top_k(
+        self, queries: Any, corpus: str = ..., k: int = ..., *, batch_size: int = ..., timeout: float | None = ...,
+        ids: Literal[True],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...  # fmt: skip
+
+    async def top_k(
+        self, queries: Any, corpus: str = "C", k: int = 10, *, batch_size: int = 256, timeout: float | None = None,
+        ids: bool = False,
+    ) -> tuple[np.ndarray, ...]:  # fmt: skip
         """Exact cosine top-k of each query row among the rows of blob `corpus` (see
         `cosserve.Session.top_k`)."""
-        pieces = [piece async for piece in self.iter_top_k(queries, corpus, k, batch_size=batch_size, timeout=timeout)]
-        return calls.joined_top_k(pieces, k)
+        pieces = [piece async for piece in self.iter_top_k(queries, corpus, k, batch_size=batch_size, timeout=timeout, ids=ids)]
+        return calls.joined_top_k(pieces, k, ids)
 
     async def iter_top_k(
-        self, queries: Any, corpus: str = "C", k: int = 10, *, batch_size: int = 256, timeout: float | None = None
-    ) -> AsyncIterator[tuple[np.ndarray, np.ndarray]]:
+        self, queries: Any, corpus: str = "C", k: int = 10, *, batch_size: int = 256, timeout: float | None = None,
+        ids: bool = False,
+    ) -> AsyncIterator[tuple[np.ndarray, ...]]:  # fmt: skip
         """Like `top_k`, an async iterator of each message's (scores, indices) as they arrive.
         `queries` is an (N, D) array or an iterable of (n, D) batches."""
         flow = calls.iter_top_k(
-            self.id, queries, corpus, k, batch_size=batch_size, timeout=timeout, client_timeout=self.client.timeout
+            self.id, queries, corpus, k, batch_size=batch_size, timeout=timeout, client_timeout=self.client.timeout, ids=ids
         )
         # Closed with this iterator, so that a caller who breaks off stops the stream at once.
+        async with contextlib.aclosing(self.client._drive(flows.Run(flow))) as results:
+            async for result in results:
+                yield result
+
+    async def range_search(
+        self, queries: Any, corpus: str = "C", min_score: float | None = None, *, max_per_query: int | None = None,
+        ids: bool | None = None, batch_size: int = 256, timeout: float | None = None,
+    ) -> RangeResult:  # fmt: skip
+        """Every corpus row with cosine >= min_score, per query (see `cosserve.Session.range_search`)."""
+        pieces = [
+            piece
+            async for piece in self.iter_range_search(
+                queries, corpus, min_score, max_per_query=max_per_query, ids=ids, batch_size=batch_size, timeout=timeout
+            )
+        ]
+        return calls.joined_range(pieces)
+
+    async def iter_range_search(
+        self, queries: Any, corpus: str = "C", min_score: float | None = None, *, max_per_query: int | None = None,
+        ids: bool | None = None, batch_size: int = 256, timeout: float | None = None,
+    ) -> AsyncIterator[RangeResult]:  # fmt: skip
+        """Like `range_search`, an async iterator of each message's `RangeResult` as it arrives, in order."""
+        flow = calls.iter_range_search(
+            self.id, queries, corpus, min_score, max_per_query=max_per_query, ids=ids, batch_size=batch_size,
+            timeout=timeout, client_timeout=self.client.timeout,
+        )  # fmt: skip
         async with contextlib.aclosing(self.client._drive(flows.Run(flow))) as results:
             async for result in results:
                 yield result

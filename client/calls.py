@@ -38,18 +38,23 @@ __all__ = [
     "InputInfo",
     "OpInfo",
     "OpSpec",
+    "RangeResult",
     "attach",
     "blobs",
+    "bound_inputs",
     "call_metadata",
     "check_gradient",
     "close_session",
     "compute",
     "corpora",
+    "corpus_ids",
     "create_session",
     "feed_blob",
     "fetch_blob",
     "has_blob",
+    "iter_range_search",
     "iter_top_k",
+    "joined_range",
     "joined_top_k",
     "load",
     "op_from_spec",
@@ -57,6 +62,7 @@ __all__ = [
     "operators",
     "publish_corpus",
     "query_batches",
+    "range_result",
     "remove_blob",
     "reset",
     "run_caffe2_net",
@@ -64,6 +70,7 @@ __all__ = [
     "run_net",
     "run_operator",
     "save",
+    "schema_inputs",
 ]
 
 # One operator of a net: (type, inputs, outputs) or (type, inputs, outputs, {arg: value}),
@@ -118,6 +125,7 @@ class CorpusInfo:
     shape: tuple[int, ...]
     nbytes: int  # its data, held once by the server whatever the number of sessions
     source: str  # the file it was mapped from, or "published by <identity>"
+    id_type: str = ""  # "int64" or "string" when its rows have ids (top_k(ids=True), range_search), else ""
 
 
 class GradientCheck(dict[str, float]):
@@ -269,7 +277,9 @@ def operators() -> Flow[list[OpInfo]]:
 
 def corpora() -> Flow[list[CorpusInfo]]:
     reply = yield Call("ListCorpora", pb.ListCorporaRequest())
-    return [CorpusInfo(c.name, pb.DType.Name(c.dtype).lower(), tuple(c.shape), int(c.bytes), c.source) for c in reply.corpora]
+    return [
+        CorpusInfo(c.name, pb.DType.Name(c.dtype).lower(), tuple(c.shape), int(c.bytes), c.source, c.id_type) for c in reply.corpora
+    ]
 
 
 # Inputs of one Compute request at most: the message limit, less room for names and headers.
@@ -281,14 +291,25 @@ _REPLY_TOO_BIG_ADVICE = "run it in a session"
 
 
 def compute(
-    op_type: str, inputs: Mapping[str, Any], outputs: Sequence[str], args: Mapping[str, Any], *, device: str, client_timeout: float
+    op_type: str,
+    inputs: Mapping[str, Any],
+    outputs: Sequence[str],
+    args: Mapping[str, Any],
+    *,
+    device: str,
+    client_timeout: float,
+    schemas: dict[str, tuple[str, ...]] | None = None,
 ) -> Flow[dict[str, np.ndarray]]:
-    """One operator on `inputs` without a session: one Compute call when the inputs fit one message
-    and the outputs one reply, else a temporary session (fed streamed, RunOperator, fetched
-    streamed, closed)."""
+    """One operator on `inputs` ({input name: array}, bound by the schema's input names, whatever
+    the mapping's order) without a session: one Compute call when the inputs fit one message and the
+    outputs one reply, else a temporary session (fed streamed, RunOperator, fetched streamed,
+    closed). `schemas`: the client's cache of each op's input names (see `schema_inputs`)."""
     if not isinstance(inputs, Mapping):
         raise InvalidTypeError(f"compute inputs are a mapping {{name: array}}, got {type(inputs).__name__}")
-    op = operator_def(op_type, list(inputs), outputs, args)
+    for name in inputs:
+        _check_name(name)
+    names = yield from schema_inputs(op_type, {} if schemas is None else schemas)
+    op = operator_def(op_type, bound_inputs(op_type, list(inputs), names), outputs, args)
     arrays = {name: tensors.as_numpy(value) for name, value in inputs.items()}
     if sum(a.nbytes for a in arrays.values()) <= COMPUTE_INPUT_BYTES:
         request = build_request(pb.ComputeRequest, op=op, device=device)
@@ -312,6 +333,30 @@ def compute(
         return results
     finally:
         yield from close_session(session_id)
+
+
+def schema_inputs(op_type: str, schemas: dict[str, tuple[str, ...]]) -> Flow[tuple[str, ...] | None]:
+    """The input names of `op_type`'s schema, in order; None for an op the server does not have
+    (its refusal names the closest ones). `schemas` is the client's cache: filled by one
+    ListOperators on first use, since a server's operators do not change while it runs."""
+    if not schemas:
+        for info in (yield from operators()):
+            schemas[info.name] = tuple(i.name for i in info.inputs)
+    return schemas.get(op_type)
+
+
+def bound_inputs(op_type: str, given: Sequence[str], names: Sequence[str] | None) -> list[str]:
+    """The names of inputs given by name, in the order of the schema's `names` (None: as given);
+    InvalidArgumentError, listing the schema's names, for a name it does not have or one missing."""
+    if names is None:
+        return list(given)
+    unknown = [n for n in given if n not in names]
+    missing = [n for n in names if n not in given]
+    problems = [f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not one of them"] if unknown else []
+    problems += [f"missing {', '.join(map(repr, missing))}"] if missing else []
+    if problems:
+        raise InvalidArgumentError(f"{op_type} takes the inputs {', '.join(names)}, given by these names: {'; '.join(problems)}")
+    return sorted(given, key=list(names).index)
 
 
 # ---- blobs ---------------------------------------------------------------------------------
@@ -468,7 +513,7 @@ def create_region(nbytes: int, name: str) -> shared_memory.SharedMemory:
         return shared_memory.SharedMemory(create=True, size=max(nbytes, 1), name=name)
     except OSError as err:
         raise SharedMemoryError(
-            f"cannot create a {nbytes}-byte shared-memory region ({err.strerror or err}); pass shm=False"
+            f"cannot create a shared-memory region of {limits.readable_bytes(nbytes)} ({err.strerror or err}); pass shm=False"
         ) from None
 
 
@@ -592,13 +637,16 @@ def iter_top_k(
     batch_size: int,
     timeout: float | None,
     client_timeout: float,
+    ids: bool = False,
 ) -> Flow[None]:
     """Emits (scores, indices) of each reply's queries as they arrive, in order: every batch over
     one ScoreTopK stream, or CosineTopK in the session when one query's reply alone would pass a
     ScoreTopK message. `timeout` bounds the whole call; None: the client's timeout per batch (a day
-    for an iterator of unknown length)."""
+    for an iterator of unknown length). With `ids`, (scores, indices, the rows' corpus ids)."""
     _check_name(corpus)
     _check_k(k)
+    # With ids, a reply carries up to MAX_ID_BYTES (and an offset) more per row found.
+    id_bytes = limits.MAX_ID_BYTES + 8 if ids else 0
     batches, count = query_batches(queries, batch_size)
     first = next(batches, None)
     if first is None:
@@ -607,6 +655,8 @@ def iter_top_k(
     if timeout is None:
         timeout = client_timeout * (1 + count) if count is not None else _UNSIZED_STREAM_TIMEOUT
     if _top_k_row_bytes(k, first.dtype.itemsize) > TOP_K_REPLY_BYTES:
+        if ids:
+            raise InvalidArgumentError(f"top-k with ids answers k <= {TOP_K_REPLY_BYTES // (first.dtype.itemsize + 8)}, got {k}")
         yield from _top_k_by_operator(session_id, batches, corpus, k, timeout, client_timeout)
         return
     failure: list[BaseException] = []
@@ -614,7 +664,7 @@ def iter_top_k(
     def requests() -> Iterator[pb.TopKRequest]:
         try:
             for batch in batches:
-                yield from _top_k_requests(session_id, corpus, k, batch)
+                yield from _top_k_requests(session_id, corpus, k, batch, id_bytes)
         except Exception as err:  # grpc would only report CANCELLED; keep the real cause
             failure.append(err)
             raise
@@ -622,7 +672,11 @@ def iter_top_k(
     try:
         yield Call("ScoreTopK", requests(), session=session_id, timeout=timeout, stream=True)
         while (reply := (yield READ)) is not END:
-            yield Emit((tensors.from_wire(reply.scores), tensors.from_wire(reply.indices)))
+            scores, indices = tensors.from_wire(reply.scores), tensors.from_wire(reply.indices)
+            if ids:
+                yield Emit((scores, indices, corpus_ids(reply.ids, indices.size).reshape(indices.shape)))
+            else:
+                yield Emit((scores, indices))
     except CosserveRpcError:
         if failure:
             raise failure[0] from None
@@ -658,12 +712,15 @@ def _top_k_row_bytes(k: int, itemsize: int) -> int:
     return max(1, k) * (itemsize + 8)
 
 
-def _top_k_requests(session_id: str, corpus: str, k: int, batch: np.ndarray) -> Iterator[pb.TopKRequest]:
-    """ScoreTopK requests of one batch, each small enough, and its reply within TOP_K_REPLY_BYTES."""
+def _top_k_requests(session_id: str, corpus: str, k: int, batch: np.ndarray, id_bytes: int = 0) -> Iterator[pb.TopKRequest]:
+    """ScoreTopK requests of one batch, each small enough, and its reply within TOP_K_REPLY_BYTES
+    (its ids, `id_bytes` at most per row found, within the rest of a message)."""
     reply_rows = max(1, TOP_K_REPLY_BYTES // _top_k_row_bytes(k, batch.dtype.itemsize))
+    if id_bytes:
+        reply_rows = min(reply_rows, max(1, (limits.MAX_MESSAGE_BYTES - 2 * TOP_K_REPLY_BYTES) // (k * id_bytes)))
     rows = max(1, min(reply_rows, limits.INLINE_BYTES // max(1, batch[:1].nbytes)))
     for start in range(0, max(1, batch.shape[0]), rows):
-        request = build_request(pb.TopKRequest, session_id=session_id, corpus=corpus, k=k)
+        request = build_request(pb.TopKRequest, session_id=session_id, corpus=corpus, k=k, with_ids=bool(id_bytes))
         tensors.to_wire(batch[start : start + rows], request.queries)
         yield request
 
@@ -672,12 +729,29 @@ def query_batches(queries: Any, batch_size: int) -> tuple[Iterator[np.ndarray], 
     """Query batches as 2-D arrays, and how many there are (None when unknown)."""
     if batch_size < 1:
         raise InvalidArgumentError(f"batch_size must be at least 1, got {batch_size}")
-    if isinstance(queries, np.ndarray) or hasattr(queries, "__array__") or type(queries).__module__.startswith("torch"):
+    if _one_array(queries):
         array = _two_d(tensors.as_numpy(queries))
         starts = range(0, max(1, array.shape[0]), batch_size)  # an empty array still goes once, to be checked
         return (array[s : s + batch_size] for s in starts), len(starts)
     count = len(queries) if isinstance(queries, Sized) else None
     return (_two_d(tensors.as_numpy(batch)) for batch in queries), count
+
+
+def _one_array(queries: Any) -> bool:
+    """Whether `queries` is one array of queries rather than an iterable of batches: an array, a
+    tensor, anything with `__array__`, or a (nested) list or tuple of numbers, as `feed_blob` takes
+    it. A list or tuple whose first item is itself 2-D (an array, a list of rows) is a list of
+    batches; so is any other iterable (a generator, an iterator)."""
+    if isinstance(queries, np.ndarray) or hasattr(queries, "__array__") or type(queries).__module__.startswith("torch"):
+        return True
+    if isinstance(queries, (list, tuple)):
+        if not queries:
+            return False  # no batches
+        try:
+            return bool(np.ndim(queries[0]) < 2)  # a row (or a number): the list is the rows
+        except ValueError:  # a ragged first item: as_numpy says what is wrong with it
+            return True
+    return False
 
 
 def _two_d(array: np.ndarray) -> np.ndarray:
@@ -686,8 +760,162 @@ def _two_d(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def joined_top_k(results: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """`top_k`'s answer from `iter_top_k`'s pieces; (0, k) float32 scores when there are none."""
+def joined_top_k(results: Sequence[tuple[np.ndarray, ...]], k: int, ids: bool = False) -> tuple[np.ndarray, ...]:
+    """`top_k`'s answer from `iter_top_k`'s pieces; (0, k) float32 scores when there are none.
+    With `ids`, (scores, indices, ids)."""
     if not results:
-        return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
-    return np.concatenate([s for s, _ in results]), np.concatenate([i for _, i in results])
+        empty = (np.empty((0, k), np.float32), np.empty((0, k), np.int64))
+        return (*empty, np.empty((0, k), np.int64)) if ids else empty
+    return tuple(np.concatenate(parts) for parts in zip(*results))
+
+
+# ---- range search: every corpus row with cosine >= min_score, over one ScoreRange stream -----
+
+
+@dataclasses.dataclass(frozen=True)
+class RangeResult:
+    """For each query, the corpus rows with cosine >= min_score, in CSR form (as faiss's
+    RangeSearchResult): query i's rows are `indices[lims[i]:lims[i + 1]]`, their scores at the
+    same places, best first, equal scores by the lower index."""
+
+    lims: np.ndarray  # int64 (N + 1,), lims[0] = 0
+    indices: np.ndarray  # int64 (R,) corpus rows
+    scores: np.ndarray  # (R,) cosine similarities, the corpus dtype
+    truncated: np.ndarray  # bool (N,): the query had more than max_per_query rows, cut to the best
+    ids: np.ndarray | None = None  # (R,) the rows' corpus ids (int64, or str objects), when asked for
+
+    def __len__(self) -> int:
+        """The number of queries."""
+        return int(self.truncated.shape[0])
+
+
+def _check_range_args(min_score: Any, max_per_query: Any) -> tuple[float, int]:
+    """(min_score, max_per_query) as the wire has them (0: no cap), after checking them."""
+    if min_score is None:
+        raise InvalidTypeError("range search needs min_score, the least cosine of the rows to return")
+    if isinstance(min_score, bool) or not isinstance(min_score, (int, float, np.integer, np.floating)):
+        raise InvalidTypeError(f"min_score is a number (cosines lie in [-1, 1]), got {min_score!r}")
+    if np.isnan(min_score):
+        raise InvalidArgumentError("min_score is NaN; give a number (cosines lie in [-1, 1])")
+    if max_per_query is None:
+        return float(min_score), 0
+    if isinstance(max_per_query, bool) or not isinstance(max_per_query, (int, np.integer)):
+        raise InvalidTypeError(f"max_per_query is None (no cap) or an int >= 1, got {max_per_query!r}")
+    if max_per_query < 1:
+        raise InvalidArgumentError(f"max_per_query is None (no cap) or an int >= 1, got {max_per_query}")
+    return float(min_score), int(max_per_query)
+
+
+def iter_range_search(
+    session_id: str,
+    queries: Any,
+    corpus: str,
+    min_score: float | None,
+    *,
+    max_per_query: int | None,
+    ids: bool | None,
+    batch_size: int,
+    timeout: float | None,
+    client_timeout: float,
+) -> Flow[None]:
+    """Emits a RangeResult of each reply's queries as they arrive, in order, every batch over one
+    ScoreRange stream. `ids`: True asks for the rows' corpus ids, None asks for them when the corpus
+    is a shared one that has ids (one ListCorpora call first). `timeout` as for iter_top_k."""
+    _check_name(corpus)
+    score, cap = _check_range_args(min_score, max_per_query)
+    batches, count = query_batches(queries, batch_size)
+    first = next(batches, None)
+    if first is None:
+        return
+    batches = itertools.chain([first], batches)
+    if ids is None:
+        ids = False
+        if corpus.startswith("@"):
+            listed = yield from corpora()
+            ids = any(c.name == corpus[1:] and c.id_type for c in listed)
+    if timeout is None:
+        timeout = client_timeout * (1 + count) if count is not None else _UNSIZED_STREAM_TIMEOUT
+    failure: list[BaseException] = []
+
+    def requests() -> Iterator[pb.RangeRequest]:
+        try:
+            for batch in batches:
+                rows = max(1, limits.INLINE_BYTES // max(1, batch[:1].nbytes))
+                for start in range(0, max(1, batch.shape[0]), rows):
+                    request = build_request(
+                        pb.RangeRequest, session_id=session_id, corpus=corpus, min_score=score, max_per_query=cap,
+                        with_ids=bool(ids),
+                    )  # fmt: skip
+                    tensors.to_wire(batch[start : start + rows], request.queries)
+                    yield request
+        except Exception as err:  # grpc would only report CANCELLED; keep the real cause
+            failure.append(err)
+            raise
+
+    try:
+        yield Call("ScoreRange", requests(), session=session_id, timeout=timeout, stream=True)
+        while (reply := (yield READ)) is not END:
+            yield Emit(range_result(reply))
+    except CosserveRpcError:
+        if failure:
+            raise failure[0] from None
+        raise
+
+
+def range_result(reply: pb.RangeResponse) -> RangeResult:
+    """A ScoreRange reply as a RangeResult; ProtocolError if its parts do not agree."""
+    lims, indices, scores, truncated = (tensors.from_wire(t) for t in (reply.lims, reply.indices, reply.scores, reply.truncated))
+    n = truncated.shape[0] if truncated.ndim == 1 else -1
+    if not (
+        lims.dtype == np.int64 and indices.dtype == np.int64 and truncated.dtype == np.bool_
+        and lims.shape == (n + 1,) and indices.ndim == 1 and scores.shape == indices.shape
+        and lims[0] == 0 and lims[-1] == indices.shape[0] and bool(np.all(np.diff(lims) >= 0))
+    ):  # fmt: skip
+        raise ProtocolError(
+            f"a ScoreRange reply whose parts disagree: lims {lims.dtype}{lims.shape}, indices {indices.dtype}{indices.shape}, "
+            f"scores {scores.shape}, truncated {truncated.dtype}{truncated.shape}"
+        )
+    return RangeResult(lims, indices, scores, truncated, corpus_ids(reply.ids, indices.shape[0]) if reply.HasField("ids") else None)
+
+
+def corpus_ids(message: pb.CorpusIds, count: int) -> np.ndarray:
+    """`count` corpus ids from the wire: int64, or an array of str objects."""
+    kind = message.WhichOneof("ids")
+    if kind == "int64_ids":
+        values = tensors.from_wire(message.int64_ids)
+        if values.dtype != np.int64 or values.shape != (count,):
+            raise ProtocolError(f"expected {count} int64 ids, got {values.dtype}{values.shape}")
+        return values
+    if kind == "string_ids":
+        offsets = tensors.from_wire(message.string_ids.offsets)
+        data = message.string_ids.utf8
+        if not (
+            offsets.dtype == np.int64 and offsets.shape == (count + 1,) and offsets[0] == 0
+            and offsets[-1] == len(data) and bool(np.all(np.diff(offsets) >= 0))
+        ):  # fmt: skip
+            raise ProtocolError(f"expected offsets of {count} string ids in {len(data)} bytes, got {offsets.dtype}{offsets.shape}")
+        strings = np.empty(count, dtype=object)
+        try:
+            strings[:] = [data[a:b].decode() for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+        except UnicodeDecodeError as err:
+            raise ProtocolError(f"a string id is not UTF-8: {err}") from None
+        return strings
+    raise ProtocolError("the reply carries no ids")
+
+
+def joined_range(results: Sequence[RangeResult], dtype: Any = np.float32) -> RangeResult:
+    """One RangeResult of consecutive queries from the RangeResults of their parts."""
+    if not results:
+        return RangeResult(np.zeros(1, np.int64), np.empty(0, np.int64), np.empty(0, dtype), np.empty(0, bool))
+    if len(results) == 1:
+        return results[0]
+    starts = np.cumsum([0] + [int(r.lims[-1]) for r in results[:-1]])
+    lims = np.concatenate([np.zeros(1, np.int64)] + [r.lims[1:] + start for r, start in zip(results, starts)])
+    with_ids = [r.ids for r in results if r.ids is not None]
+    return RangeResult(
+        lims,
+        np.concatenate([r.indices for r in results]),
+        np.concatenate([r.scores for r in results]),
+        np.concatenate([r.truncated for r in results]),
+        np.concatenate(with_ids) if len(with_ids) == len(results) else None,
+    )

@@ -8,19 +8,27 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar, overload
 
 import grpc
 import numpy as np
 
 from cosserve import calls, flows, limits, wire
-from cosserve.calls import CorpusInfo, GradientCheck, OpInfo, OpSpec
-from cosserve.errors import InvalidArgumentError
+from cosserve.calls import CorpusInfo, GradientCheck, OpInfo, OpSpec, RangeResult
+from cosserve.errors import ClientClosedError, InvalidArgumentError, InvalidTypeError
 from cosserve.v1 import cosserve_pb2 as pb
 from cosserve.v1 import cosserve_pb2_grpc as pb_grpc
 
 __all__ = [
-    "BaseClient", "BaseSession", "Client", "PemSource", "Session", "channel_credentials", "connection_options", "trace_metadata",
+    "BaseClient",
+    "BaseSession",
+    "Client",
+    "PemSource",
+    "Session",
+    "channel_credentials",
+    "check_target",
+    "connection_options",
+    "trace_metadata",
 ]
 
 T = TypeVar("T")
@@ -76,6 +84,20 @@ def connection_options(
     return credentials, ((("authorization", f"Bearer {token}"),) if token else ())
 
 
+def check_target(target: str) -> str:
+    """`target` if it is a server address grpc can dial (host:port, or a gRPC target such as
+    dns:///host:port or unix:PATH); InvalidArgumentError for a URL, which grpc would only fail to
+    resolve ("Misformatted domain name") at the first call."""
+    if not isinstance(target, str):
+        raise InvalidTypeError(f"the server address is a str, host:port, got {target!r}")
+    scheme = target.partition("://")[0].lower() if "://" in target else ""
+    if scheme in ("http", "https", "grpc", "grpcs"):
+        bare = target.partition("://")[2].rstrip("/")
+        tls = " with TLS (tls=True; --tls on the command line)" if scheme in ("https", "grpcs") else ""
+        raise InvalidArgumentError(f"{target!r} is a URL; the server address is host:port, here {bare!r}{tls}")
+    return target
+
+
 def trace_metadata() -> tuple[tuple[str, str], ...]:
     """The current OpenTelemetry context as W3C `traceparent` (and `tracestate`, `baggage`)
     metadata, so that the caller's trace continues into the server; nothing when the program has
@@ -105,8 +127,14 @@ class BaseClient(abc.ABC):
         client_cert: PemSource | None = None,
         client_key: PemSource | None = None,
     ) -> None:
-        self.target = target
+        self.target = check_target(target)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise InvalidTypeError(f"timeout is a number of seconds, got {timeout!r}")
+        if not 0 < timeout < float("inf"):
+            raise InvalidArgumentError(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
         self.timeout = timeout
+        self._closed = False
+        self._schemas: dict[str, tuple[str, ...]] = {}  # each op's input names, for compute (calls.schema_inputs)
         credentials, self._metadata = connection_options(
             credentials, token, tls=tls, root_certificates=root_certificates, client_cert=client_cert, client_key=client_key
         )
@@ -129,6 +157,9 @@ class BaseClient(abc.ABC):
 
     def _start(self, call: flows.Call) -> Any:
         """Start `call`: its reply (sync), an awaitable of it (asyncio), or its reply stream."""
+        if self._closed:
+            what = f"{call.method} (session {call.session})" if call.session else call.method
+            raise ClientClosedError(f"{what}: the client is closed; open a new Client (and session) to call the server")
         rpc = self._framed[call.method] if call.framed else getattr(self.stub, call.method)
         metadata = self._metadata_for(call.session)
         if call.idle is not None:  # no deadline: the shell cancels it when it idles
@@ -140,7 +171,8 @@ class Client(BaseClient):
     """A connection to a cosserve server.
 
     Args:
-        target: "host:port" of the server.
+        target: "host:port" of the server (or a gRPC target such as "dns:///host:port"; a URL
+            such as "http://host:port" is refused with InvalidArgumentError).
         timeout: default deadline in seconds of every call (streams get more per byte).
         credentials: channel credentials made by hand; None for the TLS options below, or plaintext.
         token: bearer token sent with every call, for servers started with an auth token.
@@ -164,6 +196,7 @@ class Client(BaseClient):
         self.close()
 
     def close(self) -> None:
+        self._closed = True
         self._watchdog.close()
         self._channel.close()
 
@@ -242,11 +275,17 @@ class Client(BaseClient):
     ) -> dict[str, np.ndarray]:
         """Run one operator on `inputs` ({name: array}) without a session; return {output: array}.
 
+        Inputs bind by name: each key is one of the op's input names (`operators()`; {"Q": q,
+        "C": c} and {"C": c, "Q": q} are the same call). A name the op does not have, or one of its
+        inputs left out, is an InvalidArgumentError listing its names. The first call asks the
+        server for its operators once (ListOperators).
+
         Tensors of any size: inputs that fit one message travel in one `Compute` request and the
         outputs in its reply; larger inputs, or outputs too large for one reply, go through a
         temporary session (fed streamed, `RunOperator`, fetched streamed, closed).
         """
-        return self._perform(calls.compute(op_type, inputs, outputs, args, device=device, client_timeout=self.timeout))
+        flow = calls.compute(op_type, inputs, outputs, args, device=device, client_timeout=self.timeout, schemas=self._schemas)
+        return self._perform(flow)
 
 
 class BaseSession(Generic[ClientT]):
@@ -394,6 +433,18 @@ class Session(BaseSession[Client]):
 
     # ---- scoring -------------------------------------------------------------------------
 
+    @overload
+    def top_k(
+        self, queries: Any, corpus: str = ..., k: int = ..., *, batch_size: int = ..., timeout: float | None = ...,
+        ids: Literal[False] = ...,
+    ) -> tuple[np.ndarray, np.ndarray]: ...  # fmt: skip
+
+    @overload
+    def top_k(
+        self, queries: Any, corpus: str = ..., k: int = ..., *, batch_size: int = ..., timeout: float | None = ...,
+        ids: Literal[True],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...  # fmt: skip
+
     def top_k(
         self,
         queries: Any,
@@ -402,27 +453,85 @@ class Session(BaseSession[Client]):
         *,
         batch_size: int = 256,
         timeout: float | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
+        ids: bool = False,
+    ) -> tuple[np.ndarray, ...]:
         """Exact cosine top-k of each query row among the rows of blob `corpus` (or of the
         server's shared corpus `"@NAME"`, see `Client.corpora`).
 
-        `queries` is an (N, D) array (numpy, torch or memory-mapped), sent in batches of
-        `batch_size` rows, or an iterable of (n, D) batches whose results are concatenated. All
-        batches go over one ScoreTopK stream, several in flight. Queries must have the corpus
-        dtype. Returns (scores (N, k) in the corpus dtype, int64 indices (N, k)), best first,
+        `queries` is one (N, D) array (numpy, torch, memory-mapped, or a nested list or tuple of
+        rows, as `feed_blob` takes it), sent in batches of `batch_size` rows, or an iterable of
+        (n, D) batches whose results are concatenated: an iterator or generator, or a list or tuple
+        whose first item is 2-D. All batches go over one ScoreTopK stream, several in flight.
+        Queries must have the corpus dtype. Returns (scores (N, k) in the corpus dtype, int64 indices (N, k)), best first,
         ties broken by the lower index; an iterable with no batches asks nothing of the server
         and gives (0, k) float32 scores. `timeout` bounds the whole call; by default it is the
-        client's timeout per batch (a day for an iterator of unknown length).
+        client's timeout per batch (a day for an iterator of unknown length). With `ids=True`
+        (a shared corpus whose rows have ids, `CorpusInfo.id_type`), (scores, indices, ids (N, k):
+        int64, or str objects).
         """
-        return calls.joined_top_k(list(self.iter_top_k(queries, corpus, k, batch_size=batch_size, timeout=timeout)), k)
+        pieces = list(self.iter_top_k(queries, corpus, k, batch_size=batch_size, timeout=timeout, ids=ids))
+        return calls.joined_top_k(pieces, k, ids)
 
     def iter_top_k(
-        self, queries: Any, corpus: str = "C", k: int = 10, *, batch_size: int = 256, timeout: float | None = None
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Like `top_k`, but yields (scores, indices) of each message's queries as they arrive, in order."""
+        self, queries: Any, corpus: str = "C", k: int = 10, *, batch_size: int = 256, timeout: float | None = None,
+        ids: bool = False,
+    ) -> Iterator[tuple[np.ndarray, ...]]:  # fmt: skip
+        """Like `top_k`, but yields (scores, indices) of each message's queries as they arrive, in
+        order ((scores, indices, ids) with `ids=True`)."""
         flow = calls.iter_top_k(
-            self.id, queries, corpus, k, batch_size=batch_size, timeout=timeout, client_timeout=self.client.timeout
+            self.id, queries, corpus, k, batch_size=batch_size, timeout=timeout, client_timeout=self.client.timeout, ids=ids
         )
+        return self.client._drive(flows.Run(flow))
+
+    def range_search(
+        self,
+        queries: Any,
+        corpus: str = "C",
+        min_score: float | None = None,
+        *,
+        max_per_query: int | None = None,
+        ids: bool | None = None,
+        batch_size: int = 256,
+        timeout: float | None = None,
+    ) -> RangeResult:
+        """Exact cosine range search: for each query row, every row of blob `corpus` (or shared
+        corpus `"@NAME"`) with cosine >= `min_score` (required), as a `RangeResult` in CSR form
+        (faiss's layout): query i's rows are `indices[lims[i]:lims[i + 1]]`, best first, equal
+        scores by the lower index.
+
+        Scores are the server's float32 cosines of the stored values (float64 for a float64
+        corpus), compared with `min_score` rounded to that type: a row is returned exactly when
+        the score `top_k` reports for it passes. `max_per_query` keeps the best that many per
+        query and sets `truncated[i]` where more passed. `ids`: True gives the rows' corpus ids
+        in `.ids` (a shared corpus loaded with ids), None gives them when the corpus has them.
+        `queries`, `batch_size` and `timeout` as for `top_k`, over one ScoreRange stream. One
+        message's rows must fit a reply (about 6.7 MB: 580,000 rows of float32): past that the
+        call fails with RESOURCE_EXHAUSTED; raise `min_score`, set `max_per_query` or lower
+        `batch_size`.
+        """
+        pieces = list(
+            self.iter_range_search(
+                queries, corpus, min_score, max_per_query=max_per_query, ids=ids, batch_size=batch_size, timeout=timeout
+            )
+        )
+        return calls.joined_range(pieces)
+
+    def iter_range_search(
+        self,
+        queries: Any,
+        corpus: str = "C",
+        min_score: float | None = None,
+        *,
+        max_per_query: int | None = None,
+        ids: bool | None = None,
+        batch_size: int = 256,
+        timeout: float | None = None,
+    ) -> Iterator[RangeResult]:
+        """Like `range_search`, but yields a `RangeResult` of each message's queries as it arrives, in order."""
+        flow = calls.iter_range_search(
+            self.id, queries, corpus, min_score, max_per_query=max_per_query, ids=ids, batch_size=batch_size,
+            timeout=timeout, client_timeout=self.client.timeout,
+        )  # fmt: skip
         return self.client._drive(flows.Run(flow))
 
 

@@ -2,7 +2,9 @@
 
 A call the server refused is a `CosserveRpcError` (`.code()`, `.details()`). A mistake the client
 catches before anything is sent derives from the matching built-in as well, so code that already
-catches `TypeError` or `ValueError` keeps working:
+catches `TypeError` or `ValueError` keeps working; what grpc raises itself before sending (not an
+RpcError) becomes the same: a TypeError an InvalidTypeError, a ValueError an InvalidArgumentError
+(see `cosserve.flows`):
 
     CosserveError
     ├── CosserveRpcError              the server answered with a status other than OK
@@ -14,6 +16,7 @@ catches `TypeError` or `ValueError` keeps working:
     │   │                             go together, an unreadable certificate file
     │   └── ShapeError                an array of the wrong rank or a ragged one (1-D queries)
     ├── ProtocolError (ValueError)    a reply the client cannot decode (a broken or foreign server)
+    ├── ClientClosedError (ValueError)  a call through a closed client (its sessions' calls too)
     └── SharedMemoryError (OSError)   a shared-memory region this host would not create
 """
 
@@ -23,6 +26,7 @@ import grpc
 
 __all__ = [
     "CosserveError",
+    "ClientClosedError",
     "CosserveRpcError",
     "InvalidArgumentError",
     "InvalidTypeError",
@@ -76,6 +80,10 @@ class ShapeError(InvalidArgumentError):
 
 class ProtocolError(CosserveError, ValueError):
     """A reply the client cannot decode: more bytes than announced, an unknown dtype code."""
+
+
+class ClientClosedError(CosserveError, ValueError):
+    """A call through a client after its `close()` (the calls of its sessions too); nothing was sent."""
 
 
 class SharedMemoryError(CosserveError, OSError):

@@ -11,9 +11,9 @@ from typing import Any, Generic, TypeAlias, TypeVar
 
 import grpc
 
-from cosserve.errors import CosserveRpcError
+from cosserve.errors import CosserveError, CosserveRpcError, InvalidArgumentError, InvalidTypeError
 
-__all__ = ["END", "READ", "Answer", "Call", "Emit", "Flow", "Read", "Run", "Step", "idle_error", "one", "rpc_error"]
+__all__ = ["END", "READ", "Answer", "Call", "Emit", "Flow", "Read", "Run", "Step", "grpc_raised", "idle_error", "one", "rpc_error"]
 
 T = TypeVar("T")
 
@@ -119,8 +119,10 @@ class Run(Generic[T]):
 
     def _seen(self, error: BaseException) -> BaseException:
         """What the flow sees of what answering its step raised: grpc's error as the client's (the
-        one place that turns one into the other), and a read cut short by its stream's idle time
-        (the sync shell's watchdog, asyncio.wait_for's TimeoutError) as DEADLINE_EXCEEDED."""
+        one place that turns one into the other), what grpc raised itself before sending (a
+        closed channel's ValueError, a TypeError of a bad timeout) as the client's too, and a read
+        cut short by its stream's idle time (the sync shell's watchdog, asyncio.wait_for's
+        TimeoutError) as DEADLINE_EXCEEDED."""
         if isinstance(error, GeneratorExit):
             return _CallerLeft()
         call = self._stream if isinstance(self.step, Read) else self.step
@@ -131,6 +133,8 @@ class Run(Generic[T]):
             return idle_error(call, error)
         if isinstance(error, grpc.RpcError):
             return rpc_error(error, call.method)
+        if isinstance(error, Exception) and not isinstance(error, CosserveError) and _raised_by_grpc(error):
+            return grpc_raised(error, call.method)
         return error
 
     def _resume(self, resume: Callable[[Any], Step], value: Any) -> None:
@@ -169,11 +173,41 @@ class Answer:
         return True  # the flow took the error: it went on to a next step, or raised out of _fail
 
 
+# What UNAVAILABLE (nothing answered at the address, or it is stopping) asks of the caller.
+UNAVAILABLE_ADVICE = (
+    "Is a cosserve server (`cosserve serve`) running at that address? The address is host:port, such as 127.0.0.1:50051"
+)
+
+
 def rpc_error(err: grpc.RpcError, method: str) -> CosserveRpcError:
-    """The client's error for grpc's, chained to it as `raise ... from err` would."""
-    error = CosserveRpcError(err.code(), err.details() or "", method)
+    """The client's error for grpc's, chained to it as `raise ... from err` would; UNAVAILABLE's
+    details say what to check."""
+    details = err.details() or ""
+    if err.code() == grpc.StatusCode.UNAVAILABLE:
+        details = f"{details.rstrip('.')}. {UNAVAILABLE_ADVICE}"
+    error = CosserveRpcError(err.code(), details, method)
     error.__cause__ = err
     return error
+
+
+def grpc_raised(err: Exception, method: str) -> CosserveError:
+    """The client's error for one grpc raised itself before sending anything (not an RpcError):
+    a TypeError as InvalidTypeError, a ValueError as InvalidArgumentError, anything else (grpc.aio's
+    UsageError) as CosserveError; chained to it."""
+    kind = InvalidTypeError if isinstance(err, TypeError) else InvalidArgumentError if isinstance(err, ValueError) else CosserveError
+    error = kind(f"{method}: grpc refused the call before sending it: {err}")
+    error.__cause__ = err
+    return error
+
+
+def _raised_by_grpc(error: BaseException) -> bool:
+    """Whether grpc raised `error` itself: an exception of its own, or one raised in its code."""
+    if type(error).__module__.partition(".")[0] == "grpc":
+        return True
+    innermost = error.__traceback__
+    while innermost is not None and innermost.tb_next is not None:
+        innermost = innermost.tb_next
+    return innermost is not None and str(innermost.tb_frame.f_globals.get("__name__", "")).partition(".")[0] == "grpc"
 
 
 def idle_error(call: Call, cause: BaseException) -> CosserveRpcError:

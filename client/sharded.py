@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 
 from cosserve import tensors
-from cosserve.calls import query_batches
+from cosserve.calls import RangeResult, joined_range, query_batches
 from cosserve.client import Client, Session
 from cosserve.errors import InvalidArgumentError, ProtocolError, ShapeError
 
-__all__ = ["ShardedScorer", "merge_top_k", "shard_bounds"]
+__all__ = ["ShardedScorer", "merge_range", "merge_top_k", "shard_bounds"]
 
 
 def shard_bounds(rows: int, shards: int) -> list[tuple[int, int]]:
@@ -38,6 +38,30 @@ def merge_top_k(parts: Sequence[tuple[np.ndarray, np.ndarray, int]], k: int) -> 
     # np.lexsort sorts by its last key first: NaN or not, then the score descending, then the index.
     order = np.lexsort((indices, -scores, ~np.isnan(scores)), axis=1)[:, :k]
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(indices, order, axis=1)
+
+
+def merge_range(parts: Sequence[tuple[RangeResult, int]], max_per_query: int | None = None) -> RangeResult:
+    """Every shard's range results for the same queries as one: `parts` are (a shard's RangeResult,
+    its first global row). Global indices, each query's rows by (-score, index) as the server
+    orders them, cut to `max_per_query` (truncated where a shard was, or the cut dropped rows)."""
+    n = len(parts[0][0])
+    if any(len(result) != n for result, _ in parts):
+        raise ProtocolError(f"servers answered different numbers of query rows: {[len(r) for r, _ in parts]}")
+    query = np.concatenate([np.repeat(np.arange(n), np.diff(r.lims)) for r, _ in parts])
+    indices = np.concatenate([r.indices + offset for r, offset in parts])
+    scores = np.concatenate([r.scores for r, _ in parts])
+    # np.lexsort sorts by its last key first: the query, then the score descending, then the index.
+    order = np.lexsort((indices, -scores, query))
+    counts = np.bincount(query, minlength=n)
+    truncated = np.logical_or.reduce([r.truncated for r, _ in parts])
+    if max_per_query is not None:
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        keep = np.arange(order.shape[0]) - starts[query[order]] < max_per_query
+        order = order[keep]
+        truncated = truncated | (counts > max_per_query)
+        counts = np.minimum(counts, max_per_query)
+    lims = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return RangeResult(lims, indices[order], scores[order], truncated)
 
 
 @dataclasses.dataclass
@@ -213,6 +237,72 @@ class ShardedScorer:
                             buffered[i] += answer[0].shape[0]
                 if all(finished) and any(buffered):
                     raise ProtocolError(f"servers answered different numbers of query rows: {buffered}")  # a reply we cannot use
+        finally:
+            stop.set()
+            for pump in pumps:
+                pump.join(timeout=5)
+
+
+    def range_search(
+        self, queries: Any, min_score: float | None = None, *, max_per_query: int | None = None, batch_size: int = 256,
+        timeout: float | None = None,
+    ) -> RangeResult:  # fmt: skip
+        """For each query row, every row of the whole corpus with cosine >= `min_score`, with
+        global row indices: the same `RangeResult` as `Session.range_search` of one server holding
+        the whole corpus (see there for `max_per_query`)."""
+        results = list(self.iter_range_search(queries, min_score, max_per_query=max_per_query, batch_size=batch_size, timeout=timeout))
+        return joined_range(results, self.dtype or np.float32)
+
+    def iter_range_search(
+        self, queries: Any, min_score: float | None = None, *, max_per_query: int | None = None, batch_size: int = 256,
+        timeout: float | None = None,
+    ) -> Iterator[RangeResult]:  # fmt: skip
+        """Like `range_search`, but yields the `RangeResult` of consecutive query rows as every
+        server has answered them, in order."""
+        if not self._shards:
+            raise InvalidArgumentError("ShardedScorer: feed a corpus first")
+
+        def stream(session: Session, batches: Iterator[np.ndarray], timeout: float | None) -> Iterator[RangeResult]:
+            return session.iter_range_search(
+                batches, self.blob, min_score, max_per_query=max_per_query, ids=False, batch_size=batch_size, timeout=timeout
+            )
+
+        # Every server splits each batch into the same messages (by rows and bytes alone), so
+        # their answers pair up one to one.
+        for answers in self._scatter(queries, batch_size, timeout, stream):
+            yield merge_range([(answer, shard.start) for answer, shard in zip(answers, self._shards)], max_per_query)
+
+    def _scatter(
+        self, queries: Any, batch_size: int, timeout: float | None, stream: Callable[[Session, Iterator[np.ndarray], float | None], Iterator[Any]]
+    ) -> Iterator[list[Any]]:
+        """Each server's next answer, together, from one `stream` per server over the same query
+        batches (read once), all servers at once; ProtocolError if one answers more than another."""
+        batches, count = query_batches(queries, batch_size)
+        shared = _Tee(batches, len(self._shards))
+        stop = threading.Event()
+        answers: list[queue.Queue[Any]] = [queue.Queue(_QUEUED_ANSWERS) for _ in self._shards]
+        pumps = []
+        for i, shard in enumerate(self._shards):
+            if timeout is None and count is not None:
+                timeout = shard.session.client.timeout * (1 + count)
+            pumps.append(threading.Thread(
+                target=_pump, args=(stream(shard.session, shared.reader(i), timeout), answers[i], stop),
+                name=f"cosserve-shard-{i}", daemon=True,
+            ))  # fmt: skip
+        for pump in pumps:
+            pump.start()
+        try:
+            while True:
+                got = [queue_.get() for queue_ in answers]  # bounded: each stream ends by its deadline at the latest
+                for answer in got:
+                    if isinstance(answer, BaseException):
+                        raise answer
+                ended = [answer is _END for answer in got]
+                if all(ended):
+                    return
+                if any(ended):
+                    raise ProtocolError("servers answered different numbers of messages")
+                yield got
         finally:
             stop.set()
             for pump in pumps:

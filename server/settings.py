@@ -28,8 +28,10 @@ __all__ = [
     "add_arguments",
     "check_corpus_name",
     "check_files",
+    "derived_total_bytes",
     "format_size",
     "from_args",
+    "memory_limit",
     "parse_corpus_spec",
     "parse_size",
     "read_tls_files",
@@ -163,19 +165,25 @@ def check_corpus_name(name: str) -> str:
     return name
 
 
+# What --corpus takes: files by their suffix, or a folder (of .parquet files or .npy shards).
+CORPUS_FILES = "a .npy, .safetensors or .parquet file, or a folder of .parquet files or .npy shards"
+
+
 def parse_corpus_spec(spec: str) -> tuple[str, str, str]:
-    """(name, path, safetensors key or "") of `NAME=FILE` or `NAME=FILE.safetensors:KEY`; ValueError with the reason."""
+    """(name, path, safetensors key or "") of `NAME=FILE`, `NAME=FILE.safetensors:KEY` or
+    `NAME=FOLDER` (a path ending in '/' or without a file suffix); ValueError with the reason."""
     name, sep, rest = spec.partition("=")
     if not sep or not rest:
-        raise ValueError(f"{spec[:80]!r} must be NAME=FILE (a .npy or .safetensors file)")
+        raise ValueError(f"{spec[:80]!r} must be NAME=FILE ({CORPUS_FILES})")
     check_corpus_name(name)
     path, key = rest, ""
-    if not rest.endswith((".npy", ".safetensors")):
+    folder = rest.endswith("/") or "." not in rest.rsplit("/", 1)[-1]
+    if not rest.endswith((".npy", ".safetensors", ".parquet")) and not folder:
         head, colon, tail = rest.rpartition(":")
         if colon and head.endswith(".safetensors") and tail:
             path, key = head, tail
         else:
-            raise ValueError(f"{rest[:80]!r} must be a .npy or .safetensors file (FILE.safetensors:KEY for one tensor of several)")
+            raise ValueError(f"{rest[:80]!r} must be {CORPUS_FILES} (FILE.safetensors:KEY for one tensor of several)")
     if "\0" in path:
         raise ValueError("must be a file path")
     return name, path, key
@@ -223,10 +231,11 @@ class Settings:
     )
     max_sessions: int = _setting(1024, "open sessions at most; more answer RESOURCE_EXHAUSTED", _at_least(1))
     max_session_bytes: int = _setting(16 * 1024**3, "bytes of blobs one session may hold", _at_least(1), size=True)
+    # The command's default is "auto" (derived_total_bytes); 0 here, for Settings made in Python.
     max_total_bytes: int = _setting(
         0,
-        "bytes of blobs all sessions together may hold, whoever owns them; set it under the host's or "
-        "container's memory (0: no limit)",
+        "bytes of blobs all sessions together may hold, whoever owns them (0: no limit; auto: 3/4 of the "
+        "memory this process may use: its cgroup's limit, a container's, else the host's memory)",
         _at_least(0),
         size=True,
     )
@@ -275,8 +284,9 @@ class Settings:
     )
     corpus: tuple[str, ...] = _setting(
         (),
-        "NAME=FILE (.npy, .safetensors, or FILE.safetensors:KEY): a read-only corpus every session reads as @NAME, "
-        "memory-mapped, held once; repeat the flag for more (variable: entries separated by ',')",
+        "NAME=FILE (.npy, .safetensors, or FILE.safetensors:KEY, memory-mapped; .parquet, or a folder of .parquet "
+        "files or .npy shards, read into memory, with the rows' ids from a Parquet id column): a read-only corpus "
+        "every session reads as @NAME, held once; repeat the flag for more (variable: entries separated by ',')",
         _corpus_specs,
     )
     max_published_bytes: int = _setting(
@@ -372,23 +382,84 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# ---- defaults that fit the machine ----
+
+# The share of the memory this process may use that --max-total-bytes auto lets sessions hold; the
+# rest is the server's own (torch, the buffers of calls in flight) and the host's.
+TOTAL_BYTES_SHARE = (3, 4)
+
+
+def memory_limit(cgroup_root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> tuple[int, str]:
+    """(the bytes this process may use, where that comes from): the lowest memory limit of its cgroup
+    and the cgroups above it (v2 memory.max, v1 memory.limit_in_bytes) below the host's physical
+    memory, else that memory."""
+    lowest, source = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "the host's physical memory"
+    for path in _cgroup_limit_files(cgroup_root, proc_cgroup):
+        try:
+            with open(path) as file:
+                text = file.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < lowest:  # "max" (v2) or a huge number (v1): no limit
+            lowest, source = int(text), f"the cgroup memory limit in {path}"
+    return lowest, source
+
+
+def _cgroup_limit_files(cgroup_root: str, proc_cgroup: str) -> list[str]:
+    """The memory-limit files of this process's cgroups and their ancestors, v2 and v1."""
+    try:
+        with open(proc_cgroup) as file:
+            lines = file.read().splitlines()
+    except OSError:
+        return []
+    paths = []
+    for line in lines:
+        _, controllers, cgroup = line.split(":", 2) if line.count(":") >= 2 else ("", "-", "")
+        if controllers == "":
+            base, name = cgroup_root, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = os.path.join(cgroup_root, "memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        parts = [part for part in cgroup.split("/") if part and part != ".."]
+        paths += [os.path.join(base, *parts[:depth], name) for depth in range(len(parts), -1, -1)]
+    return paths
+
+
+def derived_total_bytes() -> int:
+    """--max-total-bytes auto, the command's default: TOTAL_BYTES_SHARE of `memory_limit()`."""
+    share, whole = TOTAL_BYTES_SHARE
+    return memory_limit()[0] * share // whole
+
+
+# Settings whose flag's default, and the value "auto", is derived from the machine at start.
+_DERIVED: Mapping[str, Callable[[], Any]] = {"max_total_bytes": derived_total_bytes}
+
+
 # ---- text <-> values ----
 
+# The units a size may have, in any case, as people write them: K, M, G, T (and KB, MB, GB, TB)
+# are powers of 1000, Ki, Mi, Gi, Ti (Kubernetes' spelling) and KiB, MiB, GiB, TiB powers of 1024.
+# README.md, "Running the server", says the same: the one place sizes are documented.
 _SIZE_UNITS = {
     "": 1,
     "b": 1,
-    **{f"{p}b": 1000 ** (i + 1) for i, p in enumerate("kmgt")},
-    **{f"{p}ib": 1024 ** (i + 1) for i, p in enumerate("kmgt")},
+    **{unit: 1000 ** (i + 1) for i, p in enumerate("kmgt") for unit in (p, f"{p}b")},
+    **{unit: 1024 ** (i + 1) for i, p in enumerate("kmgt") for unit in (f"{p}i", f"{p}ib")},
 }
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
-    """Bytes from "1048576", "16GiB" (1024-based: KiB, MiB, GiB, TiB) or "16GB" (1000-based)."""
+    """Bytes from "1048576", "16Gi" or "16GiB" (1024-based), "16G" or "16GB" (1000-based), any case
+    (see _SIZE_UNITS)."""
     match = _SIZE.fullmatch(text)
     unit = match and _SIZE_UNITS.get(match.group(2).lower())
     if match is None or unit is None:
-        raise ValueError("must be a number of bytes, e.g. 1048576, 512MiB, 16GiB or 16GB")
+        raise ValueError(
+            "must be a number of bytes with an optional unit, any case: 16Gi or 16GiB (1024-based: Ki, Mi, Gi, Ti), "
+            "16G or 16GB (1000-based: K, M, G, T)"
+        )
     whole, _, fraction = match.group(1).partition(".")
     scaled = int(whole) * unit + int(fraction or "0") * unit // 10 ** len(fraction)
     if fraction and int(fraction or "0") * unit % 10 ** len(fraction):
@@ -428,6 +499,8 @@ def _parse_bool(text: str) -> bool:
 
 def _parse(name: str, kind: type, text: str) -> Any:
     """A field's value from its text; ValueError with the reason."""
+    if name in _DERIVED and text.strip().lower() == "auto":
+        return _DERIVED[name]()
     if kind is bool:
         return _parse_bool(text)
     if kind is int:
@@ -490,6 +563,8 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | 
             shown = "none"
         elif var in env:
             shown = f"{shlex.quote(env[var])} (from the environment)"
+        elif name in _DERIVED:
+            shown = "auto"
         else:
             shown = shlex.quote(_readable(name, getattr(defaults, name))) if getattr(defaults, name) != "" else "none"
         help_text = f"{meta['help']} [env {var}; default {shown}]"
@@ -509,7 +584,7 @@ def _metavar(name: str, kind: type, meta: Mapping[str, Any]) -> str:
     if meta["size"]:
         return "BYTES"
     if meta["check"] is _path:
-        return "FILE"
+        return "DIR" if name.endswith("_dir") else "FILE"
     if kind is float:
         return "SECONDS"
     return "N" if kind is int else name.rsplit("_", 1)[-1].upper()
@@ -520,6 +595,8 @@ def from_args(ns: argparse.Namespace) -> Settings:
     values: dict[str, Any] = {}
     for name, kind, meta in _fields():
         raw = getattr(ns, name)
+        if raw is _UNSET and name in _DERIVED:
+            raw = "auto"
         if raw is _UNSET:
             continue
         from_environment = isinstance(raw, _FromEnvironment)

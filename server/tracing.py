@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 __all__ = [
-    "ENDPOINT_VARIABLES", "EXTRA", "NO_SPAN", "TEXT_LIMIT", "AttributeValue", "Span", "configure", "enabled", "server_span", "shutdown", "span", "text",
+    "ENDPOINT_VARIABLES", "INSTALL", "NO_SPAN", "TEXT_LIMIT", "AttributeValue", "Span", "configure", "enabled", "server_span", "shutdown", "span", "text",
 ]
 
 log = logging.getLogger("cosserve.server")
@@ -34,8 +34,9 @@ log = logging.getLogger("cosserve.server")
 # Either turns traces on; the first is the traces-only one, which the SDK prefers too.
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 _PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
-# The optional dependencies that traces need (pyproject's [otel]).
-EXTRA = "cosserve[otel]"
+# How README's "Tracing" installs the optional dependencies traces need (pyproject's [otel]): from
+# a clone, as every install there is.
+INSTALL = 'python3 -m pip install -e ".[server,otel]"'
 # The longest string a span attribute takes from a request (an op type, a blob or corpus name).
 TEXT_LIMIT = 64
 
@@ -195,7 +196,7 @@ def configure() -> bool:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError as err:
-        log.error("traces: off: %s is set, but OpenTelemetry's SDK is not installed (%s); pip install '%s'", variable, err, EXTRA)
+        log.error("traces: off: %s is set, but OpenTelemetry's SDK is not installed (%s); in a clone of cosserve: %s", variable, err, INSTALL)
         return False
     # The installed distribution's version (the cosserve package itself loads grpc, which this layer may not).
     try:

@@ -30,6 +30,44 @@ def start_server(**overrides: object) -> RunningServer:
     return build_server(settings)
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now. Another process may take it before ours binds it
+    (six suites share this machine): start what binds it with `retry_on_taken_port`."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_server_with_metrics(**overrides: object) -> RunningServer:
+    """start_server with its metrics on a free port (which --metrics-port cannot pick itself), taking
+    another port when the one probed free was taken in between (a SettingError naming it)."""
+    from cosserve.server.settings import SettingError
+
+    for attempt in range(5):
+        try:
+            return start_server(metrics_port=free_port(), **overrides)
+        except SettingError as err:
+            if err.name != "metrics_port" or attempt == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
+def scrape_metrics(port: int, *, showing: str = "", timeout_s: float = 10.0) -> str:
+    """The /metrics text of the server with metrics on `port`; with `showing`, scraped again until it
+    has that text (at most `timeout_s`): a call's status reaches its client before the server's
+    interceptor has counted the call, so a scrape right after a call may not count it yet."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        if showing in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
+
+
 def start_process(
     *flags: str, env: dict[str, str] | None = None, gc_off: bool = False, log: list[str] | None = None
 ) -> tuple[subprocess.Popen, str]:

@@ -35,16 +35,28 @@ _TRACING = """
 traces:
   OTEL_EXPORTER_OTLP_ENDPOINT (an OTLP/gRPC collector, e.g. http://collector:4317) turns on
   OpenTelemetry traces, with OpenTelemetry's other OTEL_* variables (OTEL_TRACES_SAMPLER,
-  OTEL_TRACES_SAMPLER_ARG, OTEL_SERVICE_NAME, ...); they need pip install 'cosserve[otel]'.
+  OTEL_TRACES_SAMPLER_ARG, OTEL_SERVICE_NAME, ...); they need the otel extra, in a clone of
+  cosserve: python3 -m pip install -e ".[server,otel]".
 """
 
-_NEEDS_SERVER = "this command needs the server extra (torch): pip install 'cosserve[server]'"
+# The install of the README's Quickstart: from a clone, and torch's CPU build first on a machine
+# without a GPU (a plain `pip install 'cosserve[server]'` would fetch CUDA torch from PyPI).
+INSTALL_SERVER = 'in a clone of cosserve: python3 -m pip install -e ".[server]" (README, Quickstart: torch\'s CPU build first on a machine without a GPU)'
+_NEEDS_SERVER = f"this command needs the server extra (torch); {INSTALL_SERVER}"
+# The server and tritonclient in one environment, resolved together (README, "Open Inference
+# Protocol"): tritonclient[grpc] needs protobuf < 7, and grpcio-health-checking and
+# grpcio-reflection past 1.81 are generated for protobuf 7, so pip must choose both at once.
+INSTALL_WITH_TRITONCLIENT = 'python3 -m pip install -e ".[server]" "tritonclient[grpc]"'
+
+# The exit status of a command stopped by Ctrl-C (SIGINT), as a shell reports it: 128 + 2.
+INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cosserve",
         description="Caffe2's cosine operators as a gRPC service on torch.",
+        epilog="Every command exits 130 after Ctrl-C (SIGINT), with one line: what it opened is closed first.",
     )
     parser.add_argument("--version", action="version", version=f"cosserve {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -87,13 +99,17 @@ def _health(ns: argparse.Namespace) -> int:
 
     from cosserve.client import channel_credentials
 
+    from cosserve.client import check_target
+    from cosserve.errors import CosserveError
+
     server, timeout = ns.server, ns.timeout
     tls = ns.tls or any((ns.root_certificates, ns.client_cert, ns.client_key))
     try:
+        check_target(server)
         credentials = channel_credentials(
             root_certificates=ns.root_certificates, client_cert=ns.client_cert, client_key=ns.client_key
         ) if tls else None
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, CosserveError) as err:
         print(f"cosserve health: {err}", file=sys.stderr)
         return 2
     # grpc.health.v1.Health/Check with an empty HealthCheckRequest; the reply SERVING encodes
@@ -111,13 +127,41 @@ def _health(ns: argparse.Namespace) -> int:
     return 0 if serving else 1
 
 
+def _older_protobuf(err: Exception) -> str:
+    """What to do when a package's generated code needs a newer protobuf than the one installed:
+    what installing tritonclient[grpc] after the server does to grpcio-health-checking."""
+    import re
+
+    found = re.search(r"loading (\S+): gencode (\S+) runtime (\S+?)\.? ", str(err))
+    what = f"{found[1]} was generated for protobuf {found[2]}, but protobuf {found[3]} is installed" if found else str(err)
+    return (
+        f"{what} (installing tritonclient[grpc] after the server downgrades protobuf); install the server and "
+        f"tritonclient together, in a clone of cosserve: {INSTALL_WITH_TRITONCLIENT}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
+    try:
+        return _run(ns)
+    except KeyboardInterrupt:
+        # Ctrl-C: what the command opened was closed on the way here (a score's sessions and its
+        # embedded server); one line and the shell's status for SIGINT, not a traceback.
+        print(f"cosserve {ns.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _run(ns: argparse.Namespace) -> int:
     if ns.command == "serve":
         try:
             from cosserve.server.edge import app
         except ImportError as err:
             print(f"cosserve: {_NEEDS_SERVER} ({err})", file=sys.stderr)
+            return 2
+        except Exception as err:  # noqa: BLE001  (protobuf's VersionError, by name: its module may be absent)
+            if type(err).__name__ != "VersionError":
+                raise
+            print(f"cosserve: {_older_protobuf(err)}", file=sys.stderr)
             return 2
         return app.run(ns)
     if ns.command == "health":

@@ -20,6 +20,7 @@ from cosserve.errors import CosserveError, CosserveRpcError, InvalidArgumentErro
 
 __all__ = [
     "CORPUS_BLOB",
+    "OUT_SUFFIXES",
     "Corpus",
     "ScorerFactory",
     "SessionScorer",
@@ -33,8 +34,10 @@ __all__ = [
 
 CORPUS_BLOB = "corpus"
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-_NEEDS_SERVER = "an embedded server needs the server extra (torch): pip install 'cosserve[server]', or pass --server"
-_NEEDS_SAFETENSORS = "reading it needs the safetensors package: pip install safetensors (it comes with 'cosserve[server]')"
+_NEEDS_SERVER = 'an embedded server needs the server extra (torch): pass --server, or install it in a clone of cosserve: python3 -m pip install -e ".[server]" (README, Quickstart)'
+_NEEDS_SAFETENSORS = "reading it needs the safetensors package: pip install safetensors (the server extra has it)"
+# The suffixes --out may have: the one format written.
+OUT_SUFFIXES = (".npz",)
 # Queries handed to the scorer at a time: the scoring bar moves once per slice.
 _SLICE_BATCHES = 8
 _NPY_MAGIC = b"\x93NUMPY"
@@ -77,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--queries", required=True, metavar="FILE", help="(N, D) floating .npy or .safetensors file (cast to the corpus dtype)"
     )
     parser.add_argument("--k", type=int, default=10, help="corpus rows kept per query, 1 <= k <= M [default 10]")
-    parser.add_argument("--out", required=True, metavar="NPZ", help="write arrays 'scores' (N, k) and 'indices' (N, k) here")
+    parser.add_argument("--out", required=True, metavar="NPZ", help="write arrays 'scores' (N, k) and 'indices' (N, k) here, an .npz file")
     parser.add_argument("--batch-size", type=int, default=256, help="queries per streamed batch [default 256]")
     parser.add_argument(
         "--server",
@@ -133,9 +136,9 @@ def _load_npy(path: str, what: str) -> np.ndarray:
     except ValueError as err:
         if "pickled" in str(err) or "Python objects" in str(err):  # an object array: it would need unpickling
             raise UsageError(f"{what} file {path!r} holds Python objects (an object .npy); save a float array") from None
-        raise UsageError(f"{what} file {path!r} is not a readable .npy array ({err})") from None
+        raise UsageError(f"{what} file {path!r} is a damaged .npy file ({err})") from None
     except OSError as err:
-        raise UsageError(f"{what} file {path!r} is not a readable .npy array ({err})") from None
+        raise UsageError(f"{what} file {path!r} is a damaged .npy file ({err})") from None
     return array
 
 
@@ -174,6 +177,9 @@ def _load(path: str, what: str) -> np.ndarray:
         array = _load_safetensors(path, key, what)
     elif kind == "npz":
         raise UsageError(f"{what} file {path!r} is an .npz archive; give one array, as a .npy or a .safetensors file")
+    elif path.lower().endswith((".npy", ".safetensors")):  # named as one, but its first bytes are not
+        suffix = os.path.splitext(path)[1]
+        raise UsageError(f"{what} file {path!r} is a damaged {suffix} file: it does not start as a {suffix} file does")
     else:
         raise UsageError(f"{what} file {path!r} is neither a .npy nor a .safetensors file")
     if array.dtype.newbyteorder("=") not in _FLOAT_DTYPES:
@@ -327,6 +333,8 @@ def run(ns: argparse.Namespace, make_scorer: ScorerFactory | None = None) -> int
     try:
         if ns.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {ns.batch_size}")
+        if os.path.splitext(ns.out)[1].lower() not in OUT_SUFFIXES:
+            raise UsageError(f"--out {ns.out!r} must end in {' or '.join(OUT_SUFFIXES)}, the format written")
         out_dir = os.path.dirname(os.path.abspath(ns.out))
         if not os.path.isdir(out_dir):
             raise UsageError(f"the directory of --out {ns.out!r} does not exist")

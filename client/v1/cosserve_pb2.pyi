@@ -375,24 +375,74 @@ class CheckGradientResponse(_message.Message):
     def __init__(self, inputs: _Optional[_Iterable[_Union[InputGradientError, _Mapping]]] = ..., max_abs_error: _Optional[float] = ...) -> None: ...
 
 class TopKRequest(_message.Message):
-    __slots__ = ("session_id", "corpus", "k", "queries")
+    __slots__ = ("session_id", "corpus", "k", "queries", "with_ids")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CORPUS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
+    WITH_IDS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     corpus: str
     k: int
     queries: Tensor
-    def __init__(self, session_id: _Optional[str] = ..., corpus: _Optional[str] = ..., k: _Optional[int] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    with_ids: bool
+    def __init__(self, session_id: _Optional[str] = ..., corpus: _Optional[str] = ..., k: _Optional[int] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., with_ids: bool = ...) -> None: ...
 
 class TopKResponse(_message.Message):
-    __slots__ = ("scores", "indices")
+    __slots__ = ("scores", "indices", "ids")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
     scores: Tensor
     indices: Tensor
-    def __init__(self, scores: _Optional[_Union[Tensor, _Mapping]] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    ids: CorpusIds
+    def __init__(self, scores: _Optional[_Union[Tensor, _Mapping]] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ..., ids: _Optional[_Union[CorpusIds, _Mapping]] = ...) -> None: ...
+
+class CorpusIds(_message.Message):
+    __slots__ = ("int64_ids", "string_ids")
+    INT64_IDS_FIELD_NUMBER: _ClassVar[int]
+    STRING_IDS_FIELD_NUMBER: _ClassVar[int]
+    int64_ids: Tensor
+    string_ids: StringIds
+    def __init__(self, int64_ids: _Optional[_Union[Tensor, _Mapping]] = ..., string_ids: _Optional[_Union[StringIds, _Mapping]] = ...) -> None: ...
+
+class StringIds(_message.Message):
+    __slots__ = ("offsets", "utf8")
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    UTF8_FIELD_NUMBER: _ClassVar[int]
+    offsets: Tensor
+    utf8: bytes
+    def __init__(self, offsets: _Optional[_Union[Tensor, _Mapping]] = ..., utf8: _Optional[bytes] = ...) -> None: ...
+
+class RangeRequest(_message.Message):
+    __slots__ = ("session_id", "corpus", "min_score", "max_per_query", "queries", "with_ids")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CORPUS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PER_QUERY_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    WITH_IDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    corpus: str
+    min_score: float
+    max_per_query: int
+    queries: Tensor
+    with_ids: bool
+    def __init__(self, session_id: _Optional[str] = ..., corpus: _Optional[str] = ..., min_score: _Optional[float] = ..., max_per_query: _Optional[int] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., with_ids: bool = ...) -> None: ...
+
+class RangeResponse(_message.Message):
+    __slots__ = ("lims", "indices", "scores", "truncated", "ids")
+    LIMS_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    lims: Tensor
+    indices: Tensor
+    scores: Tensor
+    truncated: Tensor
+    ids: CorpusIds
+    def __init__(self, lims: _Optional[_Union[Tensor, _Mapping]] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., truncated: _Optional[_Union[Tensor, _Mapping]] = ..., ids: _Optional[_Union[CorpusIds, _Mapping]] = ...) -> None: ...
 
 class SaveWorkspaceRequest(_message.Message):
     __slots__ = ("session_id", "name")
@@ -431,18 +481,20 @@ class ListCorporaRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CorpusInfo(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "bytes", "source")
+    __slots__ = ("name", "dtype", "shape", "bytes", "source", "id_type")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ID_TYPE_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     bytes: int
     source: str
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., bytes: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+    id_type: str
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., bytes: _Optional[int] = ..., source: _Optional[str] = ..., id_type: _Optional[str] = ...) -> None: ...
 
 class ListCorporaResponse(_message.Message):
     __slots__ = ("corpora",)

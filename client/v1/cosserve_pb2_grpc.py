@@ -125,6 +125,11 @@ class CosserveStub(object):
                 request_serializer=cosserve_dot_v1_dot_cosserve__pb2.TopKRequest.SerializeToString,
                 response_deserializer=cosserve_dot_v1_dot_cosserve__pb2.TopKResponse.FromString,
                 _registered_method=True)
+        self.ScoreRange = channel.stream_stream(
+                '/cosserve.v1.Cosserve/ScoreRange',
+                request_serializer=cosserve_dot_v1_dot_cosserve__pb2.RangeRequest.SerializeToString,
+                response_deserializer=cosserve_dot_v1_dot_cosserve__pb2.RangeResponse.FromString,
+                _registered_method=True)
         self.SaveWorkspace = channel.unary_unary(
                 '/cosserve.v1.Cosserve/SaveWorkspace',
                 request_serializer=cosserve_dot_v1_dot_cosserve__pb2.SaveWorkspaceRequest.SerializeToString,
@@ -278,6 +283,14 @@ class CosserveServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScoreRange(self, request_iterator, context):
+        """Exact cosine range search of streamed query batches against a corpus blob: every row with
+        cosine >= min_score (optionally capped per query); one response per request, in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SaveWorkspace(self, request, context):
         """Save every blob of a session as a named snapshot under the server's --state-dir.
         """
@@ -398,6 +411,11 @@ def add_CosserveServicer_to_server(servicer, server):
                     servicer.ScoreTopK,
                     request_deserializer=cosserve_dot_v1_dot_cosserve__pb2.TopKRequest.FromString,
                     response_serializer=cosserve_dot_v1_dot_cosserve__pb2.TopKResponse.SerializeToString,
+            ),
+            'ScoreRange': grpc.stream_stream_rpc_method_handler(
+                    servicer.ScoreRange,
+                    request_deserializer=cosserve_dot_v1_dot_cosserve__pb2.RangeRequest.FromString,
+                    response_serializer=cosserve_dot_v1_dot_cosserve__pb2.RangeResponse.SerializeToString,
             ),
             'SaveWorkspace': grpc.unary_unary_rpc_method_handler(
                     servicer.SaveWorkspace,
@@ -907,6 +925,33 @@ class Cosserve(object):
             '/cosserve.v1.Cosserve/ScoreTopK',
             cosserve_dot_v1_dot_cosserve__pb2.TopKRequest.SerializeToString,
             cosserve_dot_v1_dot_cosserve__pb2.TopKResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScoreRange(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/cosserve.v1.Cosserve/ScoreRange',
+            cosserve_dot_v1_dot_cosserve__pb2.RangeRequest.SerializeToString,
+            cosserve_dot_v1_dot_cosserve__pb2.RangeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from cosserve.limits import readable_bytes
 from cosserve.server import tracing
 from cosserve.server.compute import ops as _ops  # noqa: F401  (fills the registry)
 from cosserve.server.compute.registry import REGISTRY, ArgType, InputKind, Operator, lookup
@@ -256,7 +257,7 @@ def compute(
     size = Workspace.bytes_of(dict(zip(call.outputs, outputs)))
     if size > max_output_bytes:
         raise ResourceExhausted(
-            f"{call.type}: the outputs are {size} bytes, more than the {max_output_bytes} of one reply; "
+            f"{call.type}: the outputs are {readable_bytes(size)}, more than the {readable_bytes(max_output_bytes)} of one reply; "
             "run it in a session and fetch the outputs (streamed)"
         )
     return outputs

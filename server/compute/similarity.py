@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from cosserve.limits import readable_bytes
 from cosserve.server.compute.numerics import NORM_FLOOR, check_query_corpus, compute_dtype
 from cosserve.server.errors import InvalidArgument, ResourceExhausted
 from cosserve.server.memory import FLOAT_DTYPES, dtype_name, is_out_of_memory
@@ -437,8 +438,8 @@ def check_batch(corpus_name: str, corpus: torch.Tensor, queries: torch.Tensor, k
             "outputs with FetchBlobStream, as cosserve's Client.top_k does for such a k"
         )
         raise ResourceExhausted(
-            f"ScoreTopK: {queries.shape[0]} queries with k={k} give a {result_bytes}-byte reply, above the "
-            f"{max_result_bytes} bytes a ScoreTopK reply may carry; {advice}"
+            f"ScoreTopK: {queries.shape[0]} queries with k={k} give a reply of {readable_bytes(result_bytes)}, above the "
+            f"{readable_bytes(max_result_bytes)} a ScoreTopK reply may carry; {advice}"
         )
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from concurrent import futures
 
@@ -25,7 +27,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from cosserve import limits
+from cosserve import datasets, limits
+from cosserve.limits import readable_bytes
 from cosserve.server import settings as settings_mod
 from cosserve.server import tracing
 from cosserve.server.compute.scorer import Scorer
@@ -55,6 +58,8 @@ log = logging.getLogger("cosserve.server")
 
 # Name prefixes of the threads that run calls' work (Workers, Scorer).
 _WORK_THREADS = ("cosserve-work", "cosserve-score")
+# How long the idle threads of the stopped work pools get to end (they take milliseconds).
+_IDLE_THREADS_EXIT_S = 1.0
 # The longest wait between two looks for idle sessions: an expired session's memory is freed
 # within this of its expiry, with no call needed (a shorter timeout looks twice per timeout).
 _EXPIRY_PERIOD_S = 0.5
@@ -195,7 +200,7 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
     corpora = Corpora(settings.max_published_bytes)
     for spec in settings.corpus:
         try:
-            corpus = corpora.add_file(spec)
+            corpus = corpora.add_file(spec, functools.partial(datasets.open_source, what="corpus"))
         except ValueError as err:
             raise settings_mod.SettingError("corpus", spec, str(err)) from None
         log.info("corpus @%s: %s %s from %s", corpus.name, dtype_name(corpus.tensor.dtype), tuple(corpus.tensor.shape), corpus.source)
@@ -278,15 +283,24 @@ async def _expire_idle(store: SessionStore) -> None:
 
 
 def serve(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT, then drain in-flight calls and return 0."""
+    """Run until SIGTERM or SIGINT, then drain in-flight calls; 0 after SIGTERM, 130 after SIGINT
+    (Ctrl-C), as the `cosserve` command exits after it."""
     running = build_server(settings)
     log.info("cosserve listening on %s (default device %s)", running.address, settings.device)
+    memory, source = settings_mod.memory_limit()
+    total = readable_bytes(settings.max_total_bytes) if settings.max_total_bytes else "no limit"
+    log.info(
+        "sessions may hold %s in all (--max-total-bytes), %s each (--max-session-bytes); this process may use %s (%s)",
+        total, readable_bytes(settings.max_session_bytes), readable_bytes(memory), source,
+    )  # fmt: skip
     if running.metrics_port:
         log.info("metrics at http://%s:%d/metrics", settings.host, running.metrics_port)
     stop = threading.Event()
+    received: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
         log.info("received %s; draining for up to %.0f s", signal.Signals(signum).name, settings.grace_s)
+        received.append(signum)
         stop.set()
 
     def on_hangup(signum: int, frame: object) -> None:
@@ -306,9 +320,8 @@ def serve(settings: Settings) -> int:
     running.stop(settings.grace_s)
     tracing.shutdown()  # the last spans (the drain, the final snapshots) before any os._exit
     log.info("cosserve stopped")
-    # Threads of the work pools inherit the loop thread's daemon flag, but concurrent.futures
-    # still joins them at exit: any that is alive now is computing for a call that is over.
-    running_threads = [t.name for t in threading.enumerate() if t.name.startswith(_WORK_THREADS) and t.is_alive()]
+    status = 128 + signal.SIGINT if received[:1] == [signal.SIGINT] else 0
+    running_threads = _threads_still_working()
     if running_threads:
         # Work still computing on a worker or scoring thread cannot be interrupted, and the
         # interpreter would wait for it at exit: leave now, its clients have already been told.
@@ -316,8 +329,21 @@ def serve(settings: Settings) -> int:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
-    return 0
+        os._exit(status)
+    return status
+
+
+def _threads_still_working() -> list[str]:
+    """The work pools' threads that are still computing, after their pools were shut down.
+
+    Threads of the work pools inherit the loop thread's daemon flag, but concurrent.futures still
+    joins them at exit. A shut-down pool's idle threads end at once; one still alive a moment
+    later is computing for a call that is over."""
+    threads = [t for t in threading.enumerate() if t.name.startswith(_WORK_THREADS)]
+    deadline = time.monotonic() + _IDLE_THREADS_EXIT_S
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [t.name for t in threads if t.is_alive()]
 
 
 def run(ns: argparse.Namespace) -> int:

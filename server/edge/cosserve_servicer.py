@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from collections.abc import AsyncIterator
@@ -13,7 +14,7 @@ from grpc import aio
 
 from cosserve import limits, wire
 from cosserve.server import memory
-from cosserve.server.compute import engine
+from cosserve.server.compute import engine, range_search
 from cosserve.server.compute.registry import REGISTRY, ArgType, InputKind, OpSchema
 from cosserve.server.compute.scorer import Batch, Scorer
 from cosserve.server.compute.workers import Stopped, StopSignal, Workers
@@ -24,6 +25,8 @@ from cosserve.server.protocols import caffe2_format, codec, shm
 from cosserve.server.settings import Settings
 from cosserve.server.state import identity, snapshots
 from cosserve.server.state.corpora import is_corpus
+from cosserve.server.state.norm_cache import NormCache
+from cosserve.server.state.row_ids import RowIds
 from cosserve.server.state.sessions import SessionStore
 from cosserve.server.state.workspace import Workspace, resolve_device
 from cosserve.v1 import cosserve_pb2 as pb
@@ -172,7 +175,7 @@ class CosserveServicer:
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes > limits.INLINE_BYTES:
             raise ResourceExhausted(
-                f"blob {request.name!r} is {nbytes} bytes, above the {limits.INLINE_BYTES} of one message; "
+                f"blob {request.name!r} is {limits.readable_bytes(nbytes)}, above the {limits.readable_bytes(limits.INLINE_BYTES)} of one message; "
                 "use FetchBlobStream"
             )
         self._count("out", "FetchBlob", nbytes)
@@ -305,25 +308,76 @@ class CosserveServicer:
         # Batches of every stream that wait for the same corpus at once are scored in one pass.
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
+        # The ids each batch asked for (None: none), in the order the scorer answers the batches.
+        wanted: collections.deque[tuple[Workspace, RowIds | None]] = collections.deque()
         try:
-            async for scores, indices in self.scorer.score(self._batches(requests, deadline)):
+            async for scores, indices in self.scorer.score(self._batches(requests, wanted, deadline)):
                 response = pb.TopKResponse()
                 codec.tensor_to_wire(scores, response.scores)
                 codec.tensor_to_wire(indices, response.indices)
-                self._count("out", "ScoreTopK", len(response.scores.data) + len(response.indices.data))
+                workspace, ids = wanted.popleft()
+                if ids is not None:
+                    rows = indices.reshape(-1).cpu().numpy()
+                    room = range_search.MAX_REPLY_BYTES - len(response.scores.data) - len(response.indices.data)
+                    with workspace.transaction() as held:  # the ids are charged while they are held
+                        held.expect((), ids.bytes_of(rows), "ScoreTopK's ids")
+                        codec.ids_to_wire(ids.take_within(rows, room, "ScoreTopK"), response.ids)
+                self._count("out", "ScoreTopK", len(response.scores.data) + len(response.indices.data) + _ids_bytes(response.ids))
                 yield response
         except Stopped:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "ScoreTopK: the deadline passed before the batch was scored")
 
-    async def _batches(self, requests: AsyncIterator[pb.TopKRequest], deadline: float | None) -> AsyncIterator[Batch]:
+    async def _batches(
+        self,
+        requests: AsyncIterator[pb.TopKRequest],
+        wanted: collections.deque[tuple[Workspace, RowIds | None]],
+        deadline: float | None,
+    ) -> AsyncIterator[Batch]:
         async for request in requests:
             workspace = self._session(request.session_id)
             corpus = workspace.get(request.corpus)
-            # A shared corpus's norms are computed once for every session, a blob's for its session.
-            norms = workspace.corpora.norms if is_corpus(request.corpus) and workspace.corpora is not None else workspace.norms
             queries = codec.tensor_from_wire("ScoreTopK queries", request.queries, _CPU)
             self._count("in", "ScoreTopK", len(request.queries.data))
-            yield Batch(workspace, request.corpus, corpus, queries, request.k, norms, deadline)
+            wanted.append((workspace, _ids(workspace, request.corpus, request.with_ids, "ScoreTopK")))
+            yield Batch(workspace, request.corpus, corpus, queries, request.k, _norms(workspace, request.corpus), deadline)
+
+    async def ScoreRange(
+        self, requests: AsyncIterator[pb.RangeRequest], context: aio.ServicerContext
+    ) -> AsyncIterator[pb.RangeResponse]:
+        async for request in requests:
+            workspace = self._session(request.session_id)
+            corpus = workspace.get(request.corpus)
+            ids = _ids(workspace, request.corpus, request.with_ids, "ScoreRange")
+            queries = codec.tensor_from_wire("ScoreRange queries", request.queries, workspace.device)
+            self._count("in", "ScoreRange", len(request.queries.data))
+            # The hits, while found and until their reply is sent, are charged to the session.
+            with workspace.transaction() as held:
+                hits, found_ids = await self.workers.run(
+                    corpus.numel() * corpus.element_size(),
+                    range_search.score_range,
+                    request.corpus,
+                    corpus,
+                    queries,
+                    request.min_score,
+                    request.max_per_query,
+                    _norms(workspace, request.corpus),
+                    range_search.MAX_REPLY_BYTES,
+                    lambda nbytes: held.expect((), nbytes, "ScoreRange's results"),
+                    ids,
+                )
+                response = pb.RangeResponse()
+                for tensor, field in (
+                    (hits.lims, response.lims),
+                    (hits.indices, response.indices),
+                    (hits.scores, response.scores),
+                    (hits.truncated, response.truncated),
+                ):
+                    codec.tensor_to_wire(tensor, field)
+                if found_ids is not None:
+                    codec.ids_to_wire(found_ids, response.ids)
+                self._count("out", "ScoreRange", sum(len(t.data) for t in (response.lims, response.indices, response.scores, response.truncated)) + _ids_bytes(response.ids))
+                del hits, found_ids
+                yield response
 
 
     # ---- snapshots and shared corpora (issue 10; filled in by its work) --------------------
@@ -344,7 +398,12 @@ class CosserveServicer:
         return pb.ListCorporaResponse(
             corpora=[
                 pb.CorpusInfo(
-                    name=c.name, dtype=codec.WIRE_DTYPES[c.tensor.dtype], shape=c.tensor.shape, bytes=c.nbytes, source=c.source
+                    name=c.name,
+                    dtype=codec.WIRE_DTYPES[c.tensor.dtype],
+                    shape=c.tensor.shape,
+                    bytes=c.nbytes,
+                    source=c.source,
+                    id_type=c.ids.kind if c.ids is not None else "",
                 )
                 for c in (self.store.corpora.list() if self.store.corpora is not None else [])
             ]
@@ -373,6 +432,28 @@ def _check_routed(session_id: str) -> None:
                 f"the {limits.SESSION_ID_METADATA!r} metadata names session {quoted(value)} but the request names "
                 f"{quoted(session_id)}; a load balancer routes the call on the metadata, so send the request's id there"
             )
+
+
+def _norms(workspace: Workspace, corpus: str) -> NormCache:
+    """Where the norms of `corpus` are kept: a shared corpus's once for every session, a blob's for its session."""
+    return workspace.corpora.norms if is_corpus(corpus) and workspace.corpora is not None else workspace.norms
+
+
+def _ids(workspace: Workspace, corpus: str, with_ids: bool, method: str) -> RowIds | None:
+    """The row ids of `corpus` when the request asks for them; InvalidArgument if it has none."""
+    if not with_ids:
+        return None
+    ids = workspace.corpora.ids(corpus) if is_corpus(corpus) and workspace.corpora is not None else None
+    if ids is None:
+        raise InvalidArgument(
+            f"{method}: corpus {quoted(corpus)} has no row ids (only a shared corpus loaded from a file with an id "
+            "column has them: ListCorpora's id_type); ask without ids"
+        )
+    return ids
+
+
+def _ids_bytes(ids: pb.CorpusIds) -> int:
+    return len(ids.int64_ids.data) + len(ids.string_ids.offsets.data) + len(ids.string_ids.utf8)
 
 
 def _decoded(method: str, decode: Any, raw: bytes) -> Any:

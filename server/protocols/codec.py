@@ -8,9 +8,11 @@ import typing
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from cosserve import wire
+from cosserve.limits import readable_bytes
 from cosserve.server import memory
 from cosserve.server.errors import InvalidArgument, ResourceExhausted
 from cosserve.v1 import cosserve_pb2 as pb
@@ -20,6 +22,7 @@ __all__ = [
     "WIRE_DTYPES",
     "ChunkAssembler",
     "check_header",
+    "ids_to_wire",
     "stream_chunks",
     "tensor_from_frame",
     "tensor_from_wire",
@@ -51,7 +54,7 @@ def check_header(what: str, dtype_code: int, shape: Sequence[int], max_bytes: in
     nbytes = math.prod(shape) * TORCH_DTYPES[dtype_code].itemsize
     if max_bytes is not None and nbytes > max_bytes:
         raise ResourceExhausted(
-            f"{what}: {nbytes} bytes is more than the {max_bytes} a session may hold (--max-session-bytes)"
+            f"{what}: {readable_bytes(nbytes)} is more than the {readable_bytes(max_bytes)} a session may hold (--max-session-bytes)"
         )
     return nbytes
 
@@ -119,6 +122,24 @@ def tensor_to_wire(tensor: torch.Tensor, out: pb.Tensor) -> pb.Tensor:
     out.shape[:] = tensor.shape
     out.data = memory.tensor_bytes(tensor).tobytes()
     return out
+
+
+def ids_to_wire(ids: pa.Array, out: pb.CorpusIds) -> pb.CorpusIds:
+    """Corpus ids (an int64 or large_string Arrow array, no nulls) as a CorpusIds message."""
+    if pa.types.is_int64(ids.type):
+        _int64_to_wire(ids.to_numpy(zero_copy_only=False), out.int64_ids)
+        return out
+    offsets = np.frombuffer(ids.buffers()[1], np.int64)[ids.offset : ids.offset + len(ids) + 1]
+    start, end = int(offsets[0]), int(offsets[-1])
+    _int64_to_wire(offsets - start, out.string_ids.offsets)
+    out.string_ids.utf8 = ids.buffers()[2].slice(start, end - start).to_pybytes() if end > start else b""
+    return out
+
+
+def _int64_to_wire(values: np.ndarray, out: pb.Tensor) -> None:
+    out.dtype = pb.INT64
+    out.shape[:] = values.shape
+    out.data = values.astype("<i8", copy=False).tobytes()
 
 
 def stream_chunks(tensor: torch.Tensor, chunk_bytes: int) -> Iterator[memoryview]:

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from cosserve.limits import SHM_PREFIX
+from cosserve.limits import SHM_PREFIX, readable_bytes
 from cosserve.server import memory, tracing
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from cosserve.server.protocols import codec
@@ -248,7 +248,7 @@ def feed(workspace: Workspace, name: str, dtype_code: int, shape: Sequence[int],
         with _Region(shm_name, writable=False, session_id=workspace.id) as region:
             region.check_span(offset, nbytes, what)
             # ResourceExhausted when the host or device cannot allocate what the limits allowed.
-            tensor = memory.empty(codec.TORCH_DTYPES[dtype_code], shape, workspace.device, f"{what} ({nbytes} bytes)")
+            tensor = memory.empty(codec.TORCH_DTYPES[dtype_code], shape, workspace.device, f"{what} of {readable_bytes(nbytes)}")
             if nbytes:
                 with tracing.span("cosserve.shm.read", {"cosserve.bytes": nbytes}):
                     region.read_into(tensor, offset, what)

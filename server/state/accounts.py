@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+from cosserve.limits import readable_bytes
 from cosserve.server.errors import ResourceExhausted
 
 __all__ = ["Account"]
@@ -35,8 +36,8 @@ class Account:
             after = self._held + nbytes
             if self.max_bytes and nbytes > 0 and after > self.max_bytes:
                 raise ResourceExhausted(
-                    f"{what} would take {self.name[:64]} to {after} bytes, above its limit of "
-                    f"{self.max_bytes} ({self.flag}); remove blobs or close sessions"
+                    f"{what} would take {self.name[:64]} to {readable_bytes(after)}, above its limit of "
+                    f"{readable_bytes(self.max_bytes)} ({self.flag}); remove blobs or close sessions"
                 )
             if self.parent is not None:
                 self.parent.charge(nbytes, what)

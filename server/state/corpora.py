@@ -1,8 +1,10 @@
 """Shared corpora: read-only tensors every session names as `@NAME`, held once by the server.
 
 A corpus comes from a file given at start (`--corpus NAME=FILE`: `.npy`, or `.safetensors` with
-one tensor or `NAME=FILE:KEY`), memory-mapped so that start-up reads only its header, or from a
-session's blob (`PublishCorpus`), moved out of the session without a copy. No gRPC here.
+one tensor or `NAME=FILE:KEY`), memory-mapped so that start-up reads only its header; from a
+`.parquet` file or a folder of them or of `.npy` shards, read into memory by `cosserve.datasets`,
+with the rows' ids (int64 or strings) when an id column holds them; or from a session's blob
+(`PublishCorpus`), moved out of the session without a copy. No gRPC here.
 """
 
 from __future__ import annotations
@@ -13,23 +15,29 @@ import math
 import os
 import struct
 import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from cosserve.limits import readable_bytes
 from cosserve.server import settings
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, quoted
 from cosserve.server.memory import STORED_DTYPES, dtype_name
 from cosserve.server.settings import parse_corpus_spec
 from cosserve.server.state.norm_cache import NormCache
+from cosserve.server.state.row_ids import RowIds
 
 __all__ = [
     "CORPUS_PREFIX",
     "READ_ONLY",
     "Corpora",
     "Corpus",
+    "RowSource",
     "check_corpus_name",
     "is_corpus",
+    "load_dataset",
     "load_file",
 ]
 
@@ -72,6 +80,7 @@ class Corpus:
     name: str
     tensor: torch.Tensor
     source: str  # the file (and key), or "published by <identity>"
+    ids: RowIds | None = None  # the rows' ids, when its file has an id column
 
     @property
     def nbytes(self) -> int:
@@ -145,8 +154,56 @@ def _load_safetensors(path: str, key: str) -> tuple[torch.Tensor, str]:
     return torch.from_numpy(raw).view(dtype).view(shape), key
 
 
-def load_file(name: str, path: str, key: str = "") -> Corpus:
-    """The corpus `name` from a .npy or .safetensors file, memory-mapped; ValueError with the reason."""
+class RowSource(Protocol):
+    """What `load_dataset` reads: cosserve.datasets.Source, opened by the edge (the client's
+    modules raise the client's errors, which import grpc, so state never imports them)."""
+
+    @property
+    def rows(self) -> int: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+    @property
+    def id_kind(self) -> str: ...  # "row": no ids (the row number); "int64" or "string"
+
+    def batches(self) -> Iterator[Any]: ...  # .start, .vectors (n, dim) in order
+
+    def ids(self) -> np.ndarray: ...
+
+
+def load_dataset(name: str, path: str, open_source: Callable[[str], RowSource]) -> Corpus:
+    """The corpus `name` from a .parquet file or a folder (of .parquet files or .npy shards), read
+    into memory in bounded pieces from `open_source(path)`, with the rows' ids when a Parquet id
+    column holds them; ValueError with the reason."""
+    try:
+        source = open_source(path)
+        try:
+            tensor = torch.empty((source.rows, source.dim), dtype=getattr(torch, source.dtype.name))
+        except RuntimeError as err:  # torch's out of memory
+            raise ValueError(f"({source.rows} x {source.dim} {source.dtype}) does not fit in memory: {err}") from None
+        rows = tensor.numpy()  # the tensor's memory: each batch is copied in once
+        for batch in source.batches():
+            rows[batch.start : batch.start + len(batch.vectors)] = batch.vectors
+        ids = None if source.id_kind == "row" else RowIds.of(source.ids(), source.rows)
+    except OSError as err:
+        raise ValueError(f"cannot read {path[:200]!r}: {err.strerror or err}") from None
+    except ValueError as err:  # cosserve.datasets.DatasetError included: its message names the file
+        message = str(err) if path[:200] in str(err) else f"{path[:200]!r} {err}"
+        raise ValueError(message[:400]) from None
+    return Corpus(name, tensor, path, ids)
+
+
+def load_file(name: str, path: str, key: str = "", open_source: Callable[[str], RowSource] | None = None) -> Corpus:
+    """The corpus `name` from a .npy or .safetensors file, memory-mapped, or through `load_dataset`
+    from a .parquet file or a folder; ValueError with the reason."""
+    if path.endswith(".parquet") or os.path.isdir(path):
+        if open_source is None:
+            raise ValueError(f"{path[:200]!r}: this server reads no Parquet files or folders")
+        return load_dataset(name, path, open_source)
     try:
         if path.endswith(".npy"):
             tensor, source = _load_npy(path), path
@@ -181,10 +238,11 @@ class Corpora:
         self._copies: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._published = 0  # data bytes of the published corpora
 
-    def add_file(self, spec: str) -> Corpus:
-        """Add the corpus of one `--corpus NAME=FILE` entry, mapped (not read); ValueError with the reason."""
+    def add_file(self, spec: str, open_source: Callable[[str], RowSource] | None = None) -> Corpus:
+        """Add the corpus of one `--corpus NAME=FILE` entry, mapped (not read; Parquet and folders
+        are read through `open_source`); ValueError with the reason."""
         name, path, key = parse_corpus_spec(spec)
-        corpus = load_file(name, path, key)
+        corpus = load_file(name, path, key, open_source)
         with self._lock:
             if name in self._corpora:
                 raise ValueError(f"corpus name {name!r} is given twice")
@@ -214,6 +272,12 @@ class Corpora:
                 copy = self._copies[(name, device)] = corpus.tensor.to(device)
             return copy
 
+    def ids(self, blob: str) -> RowIds | None:
+        """The row ids of corpus `@NAME` (None: it has none, or there is no such corpus)."""
+        with self._lock:
+            corpus = self._corpora.get(blob[len(CORPUS_PREFIX) :] if is_corpus(blob) else blob)
+        return None if corpus is None else corpus.ids
+
     def nbytes(self, blob: str) -> int:
         """Data bytes of corpus `@NAME`, 0 if there is none (for sizing work, never for charging)."""
         with self._lock:
@@ -237,8 +301,8 @@ class Corpora:
             after = self._published + nbytes
             if after > self.max_published_bytes:
                 raise ResourceExhausted(
-                    f"publishing {quoted(CORPUS_PREFIX + name)} ({nbytes} bytes) would take the published corpora to "
-                    f"{after} bytes, above the server's {self.max_published_bytes} (--max-published-bytes)"
+                    f"publishing {quoted(CORPUS_PREFIX + name)} of {readable_bytes(nbytes)} would take the published corpora to "
+                    f"{readable_bytes(after)}, above the server's {readable_bytes(self.max_published_bytes)} (--max-published-bytes)"
                 )
             corpus = self._corpora[name] = Corpus(name, tensor, source)
             self._published = after

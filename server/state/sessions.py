@@ -136,7 +136,7 @@ class SessionStore:
         with self._lock:
             if session_id in self._sessions or session_id in self._unrestorable or session_id in self._retired:
                 raise AlreadyExists(
-                    f"CreateSession: session id {quoted(session_id)} is taken on this replica; "
+                    f"CreateSession: session id {quoted(session_id)} is taken on this server; "
                     "propose another, of 128 fresh random bits (secrets.token_hex(16))"
                 )
             if len(self._sessions) >= self.settings.max_sessions:
@@ -256,6 +256,6 @@ class SessionStore:
         # exists. Behind a balancer, a session whose replica stopped is rehashed to one that never
         # held it: this says so, where an empty workspace would silently lose its blobs.
         return NotFound(
-            f"session {quoted(session_id)} does not exist on this replica: it was closed, expired or never "
-            "created, or it was held by another replica (one that stopped loses its sessions); create a new session"
+            f"session {quoted(session_id)} does not exist on this server: it was closed, expired or never created "
+            "(or, behind a load balancer, another replica held it and stopped, losing its sessions); create a new session"
         )

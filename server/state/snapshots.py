@@ -23,6 +23,7 @@ from typing import Any, BinaryIO, TypeGuard
 
 import torch
 
+from cosserve.limits import readable_bytes
 from cosserve.server import memory, tracing
 from cosserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, SnapshotError, quoted
 from cosserve.server.state.workspace import Workspace, blob_charge
@@ -349,8 +350,8 @@ def _check_room(directory: Path, data_bytes: int, stem: str) -> None:
     needed = data_bytes + MAX_MANIFEST_BYTES // 16 + DISK_MARGIN_BYTES
     if free < needed:
         raise ResourceExhausted(
-            f"snapshot {stem!r} needs {data_bytes} bytes on disk (and a {DISK_MARGIN_BYTES}-byte margin), "
-            f"but the state directory's disk has {free} free"
+            f"snapshot {stem!r} needs {readable_bytes(data_bytes)} on disk (and a {readable_bytes(DISK_MARGIN_BYTES)} margin), "
+            f"but the state directory's disk has {readable_bytes(free)} free"
         )
 
 

@@ -10,6 +10,7 @@ from types import TracebackType
 
 import torch
 
+from cosserve.limits import readable_bytes
 from cosserve.server.errors import CosserveError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, quoted
 from cosserve.server.state.accounts import Account
 from cosserve.server.state.corpora import CORPUS_PREFIX, READ_ONLY, Corpora, is_corpus
@@ -169,8 +170,8 @@ class Workspace:
         after = self._stored + self._reserved + delta
         if delta > 0 and after > self.max_bytes:
             raise ResourceExhausted(
-                f"{what} would take session {self.id} to {after} bytes, above its limit of {self.max_bytes} "
-                f"(--max-session-bytes); {tail}"
+                f"{what} would take session {self.id} to {readable_bytes(after)}, above its limit of "
+                f"{readable_bytes(self.max_bytes)} (--max-session-bytes); {tail}"
             )
         if self.account is not None:
             if delta >= 0:
@@ -195,7 +196,7 @@ class Workspace:
         charge = blob_charge(name, nbytes)
         with self._lock:
             self._ensure_open()
-            self._charge(charge, f"blob {name!r} ({nbytes} bytes)", "remove blobs or raise the limit")
+            self._charge(charge, f"blob {name!r} of {readable_bytes(nbytes)}", "remove blobs or raise the limit")
             self._reserved += charge
         return Reservation(self, name, charge)
 
@@ -381,7 +382,7 @@ class Transaction:
             self.workspace._reserve(delta, what, "nothing was changed")
         elif delta > 0 and target > self.max_bytes:
             raise ResourceExhausted(
-                f"{what} would take the reply to {target} bytes, above the {self.max_bytes} of one message; "
+                f"{what} would take the reply to {readable_bytes(target)}, above the {readable_bytes(self.max_bytes)} of one message; "
                 "run it in a session and fetch the outputs (streamed)"
             )
         self._reserved = target
@@ -390,7 +391,7 @@ class Transaction:
         """Take room for outputs `names` of nbytes in all before an op allocates them."""
         names = list(names)
         charge = nbytes + sum(blob_charge(name, 0) for name in names)
-        self._settle(self._staged_charge + charge, f"{what}: its outputs ({nbytes} bytes)")
+        self._settle(self._staged_charge + charge, f"{what}: its outputs of {readable_bytes(nbytes)}")
 
     def stage(self, name: str, tensor: torch.Tensor) -> None:
         self.stage_outputs({name: tensor}, f"output {name!r}")
@@ -401,7 +402,7 @@ class Transaction:
         replaced = sum(blob_charge(name, _nbytes(self.staged[name])) for name in outputs if name in self.staged)
         added = sum(blob_charge(name, _nbytes(tensor)) for name, tensor in outputs.items())
         target = self._staged_charge - replaced + added
-        self._settle(target, f"{what}: its outputs ({Workspace.bytes_of(outputs)} bytes)")
+        self._settle(target, f"{what}: its outputs of {readable_bytes(Workspace.bytes_of(outputs))}")
         self._staged_charge = target
         self._view.update(outputs)
         self.staged.update(outputs)

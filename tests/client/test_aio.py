@@ -41,7 +41,7 @@ def test_the_same_public_methods_as_the_sync_client():
             attr = getattr(async_cls, name)
             if not callable(attr) or name == "session":
                 continue
-            if name == "iter_top_k":
+            if name.startswith("iter_"):
                 assert inspect.isasyncgenfunction(attr)
             else:
                 assert inspect.iscoroutinefunction(attr), name

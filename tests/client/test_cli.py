@@ -5,10 +5,15 @@ k = M, and a client-only environment (no torch, no safetensors)."""
 from __future__ import annotations
 
 import os
+import pathlib
 import re
+import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -131,7 +136,7 @@ def test_files_that_are_neither_npy_nor_safetensors(files, address):
     np.savez(tmp_path / "archive.npz", a=corpus)
     cases = {
         "notes.txt": "is neither a .npy nor a .safetensors file",
-        "fake.npy": "is neither a .npy nor a .safetensors file",
+        "fake.npy": "is a damaged .npy file: it does not start as a .npy file does",
         "objects.npy": "holds Python objects (an object .npy); save a float array",
         "archive.npz": "is an .npz archive; give one array, as a .npy or a .safetensors file",
     }
@@ -186,3 +191,120 @@ def test_score_over_several_servers_shards_the_corpus(files, capsys):
     finally:
         for running in servers:
             running.stop(0)
+
+
+# ---- Ctrl-C, --out, damaged files, install hints (issue 21, items 5, 12 and 13) -------------
+
+
+def _command(*args: str) -> subprocess.Popen[bytes]:
+    script = "import sys; from cosserve.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen([sys.executable, "-c", script, *args], stderr=subprocess.PIPE, env={**os.environ, "COSSERVE_AUTH_TOKEN": ""})
+
+
+def _interrupted(proc: subprocess.Popen[bytes], ready: Callable[[str], bool]) -> tuple[int, str]:
+    """SIGINT to `proc` once `ready(stderr so far)`; its exit status and stderr."""
+    seen: list[bytes] = []
+    assert proc.stderr is not None
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: os.read(proc.stderr.fileno(), 4096), b"")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not ready(b"".join(seen).decode(errors="replace")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, b"".join(seen).decode(errors="replace")
+    proc.send_signal(signal.SIGINT)
+    try:
+        status = proc.wait(60)
+    finally:
+        proc.kill()
+    reader.join(10)
+    return status, b"".join(seen).decode(errors="replace")
+
+
+def test_ctrl_c_during_score_exits_130_with_one_line(tmp_path):
+    """It printed a 25-line traceback. The embedded server and the session are closed on the way out."""
+    rng = np.random.default_rng(5)
+    np.save(tmp_path / "c.npy", rng.standard_normal((200_000, 64)).astype(np.float32))
+    np.save(tmp_path / "q.npy", rng.standard_normal((40_000, 64)).astype(np.float32))
+    proc = _command("score", "--corpus", str(tmp_path / "c.npy"), "--queries", str(tmp_path / "q.npy"),
+                    "--device", "cpu", "--out", str(tmp_path / "r.npz"), "--progress")
+    status, stderr = _interrupted(proc, lambda text: "scoring:" in text)
+    assert status == 130, stderr
+    assert "Traceback" not in stderr and stderr.rstrip().splitlines()[-1].split("\r")[-1] == "cosserve score: interrupted"
+    assert not (tmp_path / "r.npz").exists()
+
+
+def test_ctrl_c_during_health_exits_130_with_one_line():
+    with socket.socket() as silent:  # accepts the connection and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(60)
+        proc = _command("health", "--server", "127.0.0.1:%d" % silent.getsockname()[1], "--timeout", "60")
+        connection, _ = silent.accept()  # health is waiting for its answer now
+        with connection:
+            time.sleep(0.3)
+            status, stderr = _interrupted(proc, lambda text: True)
+    assert status == 130 and stderr.strip() == "cosserve health: interrupted", stderr
+
+
+def test_ctrl_c_stops_serve_with_130():
+    proc = _command("serve", "--port", "0", "--device", "cpu")
+    status, stderr = _interrupted(proc, lambda text: "listening on" in text)
+    assert status == 130, stderr
+    assert "received SIGINT" in stderr and "cosserve stopped" in stderr and "Traceback" not in stderr
+
+
+def test_out_must_end_in_npz(files, capsys):
+    """--out r.txt silently wrote an npz named r.txt."""
+    from cosserve import cli
+
+    tmp_path, _, _ = files
+    for out in ("r.txt", "r", "r.npy"):
+        argv = ["score", "--corpus", str(tmp_path / "corpus.npy"), "--queries", str(tmp_path / "queries.npy"),
+                "--server", "127.0.0.1:1", "--out", str(tmp_path / out)]
+        assert cli.main(argv) == 2
+        stderr = capsys.readouterr().err
+        assert stderr.strip() == f"cosserve score: --out {str(tmp_path / out)!r} must end in .npz, the format written"
+        assert not (tmp_path / out).exists()
+
+
+def test_a_damaged_npy_is_named_damaged(files, address):
+    """A .npy whose header was damaged was "neither a .npy nor a .safetensors file"."""
+    tmp_path, corpus, _ = files
+    good = (tmp_path / "corpus.npy").read_bytes()
+    (tmp_path / "header.npy").write_bytes(b"\0" * 16 + good[16:])
+    (tmp_path / "short.npy").write_bytes(good[: len(good) // 2])  # cut off: fewer bytes than its shape needs
+    for name in ("header.npy", "short.npy"):
+        done = score("--corpus", str(tmp_path / name), "--queries", str(tmp_path / "queries.npy"),
+                     "--server", address, "--out", str(tmp_path / "r.npz"))
+        assert done.returncode == 2, done.stderr
+        assert f"corpus file {str(tmp_path / name)!r} is a damaged .npy file" in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+
+
+README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_install_hints_are_the_readmes_command(files):
+    """The client-only install said `pip install 'cosserve[server]'`, which pulls CUDA torch and is
+    not how the README installs."""
+    readme_install = re.search(r"^(python3 -m pip install -e \"\.\[server\]\")", README.read_text(), re.M)
+    assert readme_install, "the README's install command moved"
+    tmp_path, _, _ = files
+    no_torch = "import sys; sys.modules['torch'] = None; from cosserve.cli import main; sys.exit(main(sys.argv[1:]))"
+    runs = {
+        "serve": [sys.executable, "-c", no_torch, "serve", "--port", "0"],
+        "score": [sys.executable, "-c", no_torch, "score", "--corpus", str(tmp_path / "corpus.npy"),
+                  "--queries", str(tmp_path / "queries.npy"), "--out", str(tmp_path / "r.npz")],
+    }
+    for command, argv in runs.items():
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, (command, done.stderr)
+        assert readme_install.group(1) in done.stderr and "'cosserve[server]'" not in done.stderr, (command, done.stderr)
+
+
+def test_health_refuses_a_url_naming_host_port():
+    """grpc's "Misformatted domain name" was all `--server http://...` got (issue 21, item 4)."""
+    done = subprocess.run([sys.executable, "-m", "cosserve.cli", "health", "--server", "http://127.0.0.1:50051"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "cosserve health: 'http://127.0.0.1:50051' is a URL; the server address is host:port, here '127.0.0.1:50051'"

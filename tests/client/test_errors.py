@@ -4,7 +4,11 @@ mistakes also the matching TypeError/ValueError, server refusals CosserveRpcErro
 from __future__ import annotations
 
 import ast
+import asyncio
 import pathlib
+import re
+import socket
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -21,6 +25,7 @@ from cosserve import (
     ProtocolError,
     ShapeError,
     UnsupportedDtypeError,
+    aio,
     wire,
 )
 from cosserve.calls import FetchAssembler
@@ -177,3 +182,113 @@ def test_replies_the_client_cannot_decode_are_protocol_errors():
         FetchAssembler("B", b"\xff\xff\xff")
     with pytest.raises(ProtocolError, match="unknown dtype code 99"):
         FetchAssembler("B", pb.FetchBlobChunk(dtype=99, shape=[1], data=b"\0").SerializeToString())
+
+
+# ---- errors grpc raises itself, and a server that is not there (issue 21, items 3 and 4) ----
+
+
+def _every_client_call(client: Client, ws: cosserve.Session) -> dict[str, Callable[[], object]]:
+    x = np.ones((2, 3), np.float32)
+    return {
+        "session": lambda: client.session("cpu"),
+        "operators": client.operators,
+        "compute": lambda: client.compute("Cos", {"X": x}, ["Y"]),
+        "feed_blob": lambda: ws.feed_blob("X", x),
+        "fetch_blob": lambda: ws.fetch_blob("X"),
+        "top_k": lambda: ws.top_k(x, "X", k=1),
+        "close": ws.close,
+    }
+
+
+def test_a_closed_client_and_its_sessions_raise_client_closed_error(server):
+    """grpc raised a plain ValueError ("Cannot invoke RPC on closed channel!") for these."""
+    client = Client(server.address)
+    ws = client.session("cpu")
+    client.close()
+    for name, call in _every_client_call(client, ws).items():
+        with pytest.raises(cosserve.ClientClosedError, match="the client is closed") as err:
+            call()
+        assert isinstance(err.value, CosserveError) and isinstance(err.value, ValueError), name
+
+
+def test_a_closed_aio_client_and_its_sessions_raise_client_closed_error(server):
+    """grpc.aio raised its UsageError ("Channel is closed."), outside every family."""
+    x = np.ones((2, 3), np.float32)
+
+    async def main() -> list[str]:
+        client = aio.Client(server.address)
+        ws = await client.session("cpu")
+        await client.close()
+        calls = {
+            "session": lambda: client.session("cpu"),
+            "compute": lambda: client.compute("Cos", {"X": x}, ["Y"]),
+            "feed_blob": lambda: ws.feed_blob("X", x),
+            "fetch_blob": lambda: ws.fetch_blob("X"),
+            "top_k": lambda: ws.top_k(x, "X", k=1),
+            "close": ws.close,
+        }
+        wrong = []
+        for name, call in calls.items():
+            try:
+                await call()
+            except cosserve.ClientClosedError as err:
+                assert "the client is closed" in str(err)
+            except BaseException as err:  # noqa: BLE001
+                wrong.append(f"{name}: {type(err).__name__}: {err}")
+            else:
+                wrong.append(f"{name}: nothing raised")
+        return wrong
+
+    assert asyncio.run(main()) == []
+
+
+def test_a_closed_session_is_refused_within_the_family(client):
+    ws = client.session("cpu")
+    ws.close()
+    with pytest.raises(CosserveRpcError) as err:
+        ws.feed_blob("X", np.ones(2, np.float32))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # Worded for one server as for replicas behind a balancer (it spoke of replicas only; issue 21, item 14).
+    assert "does not exist on this server: it was closed, expired or never created" in err.value.details()
+
+
+def test_what_grpc_raises_itself_is_of_the_family(server):
+    """A call's timeout grpc cannot add to its clock: grpc raised TypeError("unsupported operand
+    type(s) for +: 'float' and 'str'"), sync and asyncio."""
+    with Client(server.address) as client, client.session("cpu") as ws:
+        with pytest.raises(InvalidTypeError, match="SaveWorkspace: grpc refused the call before sending it") as err:
+            ws.save("snap", timeout="5")  # type: ignore[arg-type]
+        assert isinstance(err.value.__cause__, TypeError)
+
+    async def main() -> None:
+        async with aio.Client(server.address) as client, client.session("cpu") as ws:
+            with pytest.raises(InvalidTypeError, match="SaveWorkspace: grpc refused the call before sending it"):
+                await ws.save("snap", timeout="5")  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    # The client's own timeout is checked when the client is made.
+    for make in (Client, aio.Client):
+        with pytest.raises(InvalidTypeError, match="timeout is a number of seconds, got '5'"):
+            make(server.address, timeout="5")  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError, match="timeout must be a positive, finite number of seconds, got 0"):
+            make(server.address, timeout=0)
+
+
+def test_no_server_at_the_address_says_what_to_do():
+    with socket.socket() as bound:  # bound, never listening: a connection to it is refused
+        bound.bind(("127.0.0.1", 0))
+        address = "127.0.0.1:%d" % bound.getsockname()[1]
+        with Client(address, timeout=5) as client, pytest.raises(CosserveRpcError) as err:
+            client.session("cpu")
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "Connection refused" in err.value.details()
+    assert "Is a cosserve server (`cosserve serve`) running at that address? The address is host:port" in str(err.value)
+
+
+@pytest.mark.parametrize("url, bare", [("http://127.0.0.1:50051", "'127.0.0.1:50051'"), ("https://example.org:443/", "'example.org:443' with TLS")])
+def test_a_url_is_refused_naming_host_port(url, bare):
+    """grpc said only "Misformatted domain name", at the first call."""
+    for make in (Client, aio.Client):
+        with pytest.raises(InvalidArgumentError, match="is a URL; the server address is host:port, here " + re.escape(bare)):
+            make(url)
+    assert Client("dns:///127.0.0.1:1").target == "dns:///127.0.0.1:1"  # gRPC's own target syntax stays

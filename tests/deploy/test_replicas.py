@@ -194,7 +194,7 @@ def test_a_killed_replica_s_sessions_are_not_found_saying_so_and_the_others_carr
                     with pytest.raises(CosserveRpcError) as err:
                         session.has_blob("x")
                     assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value
-                    assert "does not exist on this replica" in err.value.details()
+                    assert "does not exist on this server" in err.value.details()
         # Another live replica answered for each lost session; new sessions and stateless calls work.
         alive = {r.address for r in replicas} - {victim.address}
         for session in lost:

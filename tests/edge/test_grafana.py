@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-import socket
 import urllib.request
 from collections.abc import Iterator
 
@@ -18,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cosserve import Client
-from tests.conftest import start_process, stop_process
+from tests.conftest import free_port, start_process, stop_process
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "cosserve.json"
@@ -113,10 +112,14 @@ def test_the_parser_and_the_walk_catch_what_they_must() -> None:
 def exported() -> dict[str, list[dict[str, str]]]:
     """Sample name -> the label sets of its samples, scraped from `cosserve serve --metrics-port`
     while a session holds blobs, after an operator run, fetches and a refused call."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        metrics_port = probe.getsockname()[1]
-    proc, address = start_process("--metrics-port", str(metrics_port))
+    for attempt in range(5):  # a port probed free may be taken before the server binds it: take another
+        metrics_port = free_port()
+        try:
+            proc, address = start_process("--metrics-port", str(metrics_port))
+            break
+        except AssertionError:  # it exited, saying the port is in use
+            if attempt == 4:
+                raise
     try:
         with Client(address) as client, client.session("cpu") as ws:
             x = np.ones((4, 8), np.float32)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
-import urllib.request
 
 import grpc
 import numpy as np
@@ -15,7 +13,7 @@ import pytest
 from cosserve import Client
 from cosserve.v1 import cosserve_pb2 as pb
 from cosserve.v1 import cosserve_pb2_grpc as pb_grpc
-from tests.conftest import start_process, start_server
+from tests.conftest import scrape_metrics, start_process, start_server, start_server_with_metrics
 
 KEY = "x-request-id"
 
@@ -78,10 +76,6 @@ def test_json_log_lines_name_the_request_id_of_their_call():
     assert "HasBlob" in mine["find-me-2"]["message"] and "NOT_FOUND" in mine["find-me-2"]["message"]
 
 
-def _scrape(port: int) -> str:
-    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-
-
 def _value(text: str, sample: str) -> float:
     match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
     assert match, f"{sample} not in the metrics"
@@ -89,10 +83,7 @@ def _value(text: str, sample: str) -> float:
 
 
 def test_metrics_show_op_time_bytes_residency_refusals_and_the_process():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        free = probe.getsockname()[1]
-    running = start_server(metrics_port=free)
+    running = start_server_with_metrics()
     try:
         with Client(running.address) as c, c.session("cpu") as s:
             x = np.ones((4, 8), np.float32)
@@ -102,7 +93,7 @@ def test_metrics_show_op_time_bytes_residency_refusals_and_the_process():
             s.fetch_blob("cos")
             with pytest.raises(Exception):
                 s.fetch_blob("missing")
-            text = _scrape(running.metrics_port)
+            text = scrape_metrics(running.metrics_port, showing='cosserve_rpcs_total{code="NOT_FOUND",method="FetchBlobStream"}')
     finally:
         running.stop(0)
     assert _value(text, 'cosserve_op_seconds_count{device="cpu",op="CosineSimilarity"}') == 1

@@ -26,7 +26,7 @@ from cosserve import Client, CosserveRpcError, wire
 from cosserve.server.edge.status import MAX_DETAILS, bounded, wire_bytes
 from cosserve.server.state import identity
 from cosserve.v1 import cosserve_pb2 as pb
-from tests.conftest import start_process, start_server
+from tests.conftest import start_process, start_server, start_server_with_metrics
 
 pytest.importorskip("torch")
 
@@ -216,6 +216,7 @@ SESSION_CALLS: dict[str, Callable[[str], Any]] = {
         session_id=sid, op=_op("CosineSimilarity", ["x", "x"], ["s"]), step_size=1e-3
     ),
     "ScoreTopK": lambda sid: [pb.TopKRequest(session_id=sid, corpus="x", k=1, queries=_tensor(np.ones((1, 4))))],
+    "ScoreRange": lambda sid: [pb.RangeRequest(session_id=sid, corpus="x", min_score=-2.0, queries=_tensor(np.ones((1, 4))))],
     "SaveWorkspace": lambda sid: pb.SaveWorkspaceRequest(session_id=sid, name="theft"),
     "LoadWorkspace": lambda sid: pb.LoadWorkspaceRequest(session_id=sid, name="theft"),
     "PublishCorpus": lambda sid: pb.PublishCorpusRequest(session_id=sid, blob="x", name="theft"),
@@ -377,10 +378,7 @@ def _metrics(port: int) -> dict[str, float]:
 
 
 def test_a_client_cancel_is_cancelled_in_metrics_and_not_logged(caplog):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        free = probe.getsockname()[1]
-    running = start_server(metrics_port=free, max_workers=2)
+    running = start_server_with_metrics(max_workers=2)
     caplog.set_level(logging.INFO)
     try:
         with Client(running.address) as c, c.session("cpu") as s, grpc.insecure_channel(running.address) as channel:

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from cosserve import Client, CosserveRpcError
 from cosserve.server.state.workspace import BLOB_OVERHEAD_BYTES
 from cosserve.v1 import cosserve_pb2 as pb
-from tests.conftest import start_process, start_server
+from tests.conftest import scrape_metrics, start_process, start_server, start_server_with_metrics
 
 pytest.importorskip("torch")
 
@@ -173,7 +173,7 @@ def test_serve_without_torch_says_which_extra_to_install():
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
-    assert "cosserve[server]" in out.stderr and "Traceback" not in out.stderr
+    assert 'python3 -m pip install -e ".[server]"' in out.stderr and "Traceback" not in out.stderr
 
 
 def test_operator_list_is_sorted_and_has_cos(client):
@@ -204,13 +204,7 @@ def test_health_command_exits_zero_when_serving_and_one_when_down(server):
 
 
 def test_metrics_count_calls_by_method_and_code():
-    import socket
-    import urllib.request
-
-    with socket.socket() as probe:  # a free port for the metrics endpoint
-        probe.bind(("127.0.0.1", 0))
-        free = probe.getsockname()[1]
-    running = start_server(metrics_port=free)
+    running = start_server_with_metrics()
     try:
         with Client(running.address) as c, c.session("cpu") as s:
             s.feed_blob("x", np.ones(3, np.float32))
@@ -218,8 +212,7 @@ def test_metrics_count_calls_by_method_and_code():
             assert s.fetch_blob("big").nbytes == 3 * 1024 * 1024
             with pytest.raises(CosserveRpcError):
                 s.fetch_blob("missing")
-            url = f"http://127.0.0.1:{running.metrics_port}/metrics"
-            text = urllib.request.urlopen(url, timeout=10).read().decode()
+            text = scrape_metrics(running.metrics_port, showing='cosserve_rpcs_total{code="NOT_FOUND",method="FetchBlobStream"}')
         assert 'cosserve_rpcs_total{code="OK",method="FeedBlob"} 1.0' in text
         assert 'cosserve_rpcs_total{code="OK",method="FetchBlobStream"} 1.0' in text
         assert 'cosserve_rpcs_total{code="NOT_FOUND",method="FetchBlobStream"} 1.0' in text

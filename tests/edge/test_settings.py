@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import typing
 from pathlib import Path
 
 import pytest
 
+from cosserve.limits import readable_bytes
 from cosserve.server import settings
 from cosserve.server.edge import tls
 from cosserve.server.settings import SettingError, Settings
@@ -50,7 +52,7 @@ BAD: dict[str, list[tuple[str, str]]] = {
     "max_connection_age_s": [("-1", "must be a number of seconds ≥ 0")],
     "state_dir": [("a\x00b", "must be a file path")],
     "durability": [("always", "must be one of auto, none, snapshot, sync")],
-    "corpus": [("novalue", "must be NAME=FILE"), ("a=x.txt", "must be a .npy or .safetensors file"),
+    "corpus": [("novalue", "must be NAME=FILE"), ("a=x.txt", "must be a .npy, .safetensors or .parquet file"),
                ("@a=x.npy", "corpus name '@a' must be"), ("a=", "must be NAME=FILE")],
     "max_published_bytes": [("-1", "must be a number of bytes")],
     "snapshot_interval_s": [("-1", "must be a number of seconds ≥ 0")],
@@ -140,7 +142,8 @@ def test_every_field_has_a_bad_value_here():
 
 
 def test_no_flags_and_no_environment_give_the_defaults():
-    assert _parse([]) == Settings()
+    # The command derives --max-total-bytes from the machine; Settings() in Python keeps 0 (no limit).
+    assert _parse([]) == dataclasses.replace(Settings(), max_total_bytes=settings.derived_total_bytes())
 
 
 @pytest.mark.parametrize("field", FIELDS, ids=lambda f: f.name)
@@ -282,6 +285,8 @@ def test_tls_watcher_takes_changed_files_only_once_they_match(certs, tmp_path):
 
 
 def _readable_default(name: str) -> str:
+    if name == "max_total_bytes":
+        return "auto"  # derived from the machine at start
     default = getattr(DEFAULTS, name)
     if name in SIZES:
         return settings.format_size(default)
@@ -315,3 +320,87 @@ def test_help_hides_the_auth_token():
     shown = " ".join(_parser({"COSSERVE_AUTH_TOKEN": "s3cret"}).format_help().split())
     assert "s3cret" not in shown
     assert "[env COSSERVE_AUTH_TOKEN; default (set)]" in shown
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("16G", 16 * 10**9), ("16g", 16 * 10**9), ("16Gi", 16 * 2**30), ("16gi", 16 * 2**30), ("16GI", 16 * 2**30),
+     ("16gb", 16 * 10**9), ("16 GiB", 16 * 2**30), ("16 gib", 16 * 2**30), ("512Mi", 512 * 2**20), ("512M", 512 * 10**6),
+     ("2k", 2000), ("2Ki", 2048), ("1T", 10**12), ("1Ti", 2**40), ("1.5Gi", 3 * 2**29)],
+)
+def test_sizes_take_the_units_people_write_in_any_case(text, expected):
+    """`16G` and Kubernetes' `16Gi` were refused while `16gb` and `16 GiB` were taken (issue 21, item 8)."""
+    assert settings.parse_size(text) == expected
+    assert _parse(["--max-session-bytes", text]).max_session_bytes == expected
+
+
+def test_the_size_units_are_documented_in_the_readme_and_the_refusal():
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    assert "`Ki`, `Mi`, `Gi`, `Ti` or `KiB`, `MiB`, `GiB`, `TiB` are powers of 1024" in readme
+    assert "`K`, `M`, `G`, `T` or `KB`, `MB`, `GB`, `TB` powers of 1000" in readme
+    with pytest.raises(SettingError, match=r"16Gi or 16GiB \(1024-based: Ki, Mi, Gi, Ti\), 16G or 16GB \(1000-based: K, M, G, T\)"):
+        _parse(["--max-session-bytes", "16 gigs"])
+
+
+def test_help_metavars_say_what_a_value_is():
+    """--state-dir's metavar said FILE (issue 21, item 13)."""
+    shown = " ".join(_parser().format_help().split())
+    assert "--state-dir DIR" in shown
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "api_keys_file"):
+        assert f"{_flag(name)} FILE" in shown
+    for name in SIZES:
+        assert f"{_flag(name)} BYTES" in shown
+
+
+# ---- defaults that fit the machine (issue 21, item 6) ----
+
+
+def _cgroups(tmp_path: Path, proc: str, limits: dict[str, str]) -> tuple[str, str]:
+    for relative, text in limits.items():
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text(text + "\n")
+    (tmp_path / "proc-cgroup").write_text(proc)
+    return str(tmp_path), str(tmp_path / "proc-cgroup")
+
+
+def test_the_memory_a_process_may_use_is_its_lowest_cgroup_limit_else_the_hosts(tmp_path):
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    v2 = _cgroups(tmp_path / "v2", "0::/pod/app\n", {"pod/app/memory.max": "max", "pod/memory.max": "1073741824", "memory.max": "max"})
+    assert settings.memory_limit(*v2) == (2**30, f"the cgroup memory limit in {tmp_path}/v2/pod/memory.max")
+    v1 = _cgroups(tmp_path / "v1", "5:cpu:/x\n4:memory:/x\n", {"memory/x/memory.limit_in_bytes": "9223372036854771712",
+                                                             "memory/memory.limit_in_bytes": "2147483648"})
+    assert settings.memory_limit(*v1) == (2 * 2**30, f"the cgroup memory limit in {tmp_path}/v1/memory/memory.limit_in_bytes")
+    unlimited = _cgroups(tmp_path / "none", "0::/\n", {"memory.max": "max"})
+    assert settings.memory_limit(*unlimited) == (physical, "the host's physical memory")
+    assert settings.memory_limit(str(tmp_path / "absent"), str(tmp_path / "absent")) == (physical, "the host's physical memory")
+    assert settings.memory_limit(*_cgroups(tmp_path / "above", "0::/\n", {"memory.max": str(physical * 2)}))[0] == physical
+
+
+def test_max_total_bytes_defaults_to_three_quarters_of_the_memory_the_process_may_use():
+    """The default was 0, no limit at all: a few sessions could take the host."""
+    derived = settings.memory_limit()[0] * 3 // 4
+    assert settings.derived_total_bytes() == derived > 0
+    assert _parse([]).max_total_bytes == derived
+    assert _parse(["--max-total-bytes", "auto"]).max_total_bytes == derived
+    assert _parse([], {"COSSERVE_MAX_TOTAL_BYTES": "AUTO"}).max_total_bytes == derived
+    assert _parse(["--max-total-bytes", "0"]).max_total_bytes == 0  # no limit, when asked for
+    assert _parse(["--max-total-bytes", "8Gi"]).max_total_bytes == 8 * 2**30
+    with pytest.raises(SettingError, match="must be a number of bytes"):
+        _parse(["--max-session-bytes", "auto"])  # the one setting derived from the machine
+
+
+def test_the_server_logs_the_limits_it_chose_at_start():
+    from tests.conftest import start_process, stop_process
+
+    import time
+
+    log: list[str] = []
+    proc, _ = start_process(log=log)
+    stop_process(proc)
+    deadline = time.monotonic() + 10  # the lines after "listening" come through a thread that drains the pipe
+    while not any("cosserve stopped" in line for line in log) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    memory, source = settings.memory_limit()
+    want = (f"sessions may hold {readable_bytes(memory * 3 // 4)} in all (--max-total-bytes), 16 GiB each "
+            f"(--max-session-bytes); this process may use {readable_bytes(memory)} ({source})")
+    assert any(want in line for line in log), log

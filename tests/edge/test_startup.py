@@ -243,3 +243,28 @@ def test_ping_flood_without_calls_is_told_to_calm_down():
         peer.close()
         running.stop(0)
     assert (how, code) == ("goaway", _ENHANCE_YOUR_CALM), (how, code, debug)
+
+
+def test_stopping_a_server_whose_work_is_done_abandons_nothing():
+    """An idle server logged "abandoning work still running on cosserve-score_0, cosserve-work_0"
+    at SIGTERM: its pools' idle threads read as lost work (issue 21, item 11)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from cosserve import Client
+    from tests.conftest import start_process, stop_process
+
+    log: list[str] = []
+    proc, address = start_process("--inline-op-bytes", "0", "--max-workers", "16", log=log)  # every op on a worker thread
+    try:
+        with Client(address) as client, client.session("cpu") as ws:
+            ws.feed_blob("C", np.ones((8, 4), np.float32))
+            with ThreadPoolExecutor(16) as calls:  # ops at once: several cosserve-work threads, all idle at the end
+                list(calls.map(lambda i: ws.run_operator("Cos", ["C"], [f"Y{i}"]), range(64)))
+            ws.top_k(np.ones((2, 4), np.float32), "C", k=2)  # the cosserve-score thread
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0
+    text = "".join(log)
+    assert "cosserve stopped" in text and "abandoning" not in text, text

@@ -397,6 +397,12 @@ class Strategies:
                 k=st.one_of(INTS, st.sampled_from([16, 17])),
                 queries=st.one_of(tensors(), st.builds(valid_tensor, st.sampled_from([1, 2, 5]), st.sampled_from([8, 7]))),
             ), max_size=4),
+            "ScoreRange": st.lists(st.builds(
+                pb.RangeRequest, session_id=sid, corpus=st.one_of(st.sampled_from(["C", "X", "L", "D", "@C"]), name),
+                min_score=st.one_of(FLOATS, st.sampled_from([-2.0, 0.0, 0.99, math.nan, math.inf, -math.inf])),
+                max_per_query=st.one_of(INTS, st.sampled_from([0, 1, 3])), with_ids=st.booleans(),
+                queries=st.one_of(tensors(), st.builds(valid_tensor, st.sampled_from([1, 2, 5]), st.sampled_from([8, 7]))),
+            ), max_size=4),
             "SaveWorkspace": one(st.builds(pb.SaveWorkspaceRequest, session_id=sid, name=self.snapshot_names())),
             "LoadWorkspace": one(st.builds(pb.LoadWorkspaceRequest, session_id=sid, name=self.snapshot_names())),
             "ListCorpora": one(st.just(pb.ListCorporaRequest())),
@@ -490,13 +496,16 @@ class RawBytes:
     """Raw bytes for a method: random bytes, truncated valid encodings, encodings of the wrong
     message, known-nasty byte strings and oversized messages."""
 
-    def __init__(self, messages: dict[str, st.SearchStrategy[list[pb.Message]]]) -> None:
+    def __init__(self, messages: dict[str, st.SearchStrategy[list[pb.Message]]], playground: str = "") -> None:
         self.messages = messages
+        self.playground = playground
 
     def one(self, method: str) -> st.SearchStrategy[tuple[bytes, str]]:
         encoded = self.messages[method].filter(bool).map(lambda ms: ms[0].SerializeToString())
         others = st.sampled_from(sorted(set(self.messages) - {method})).flatmap(
             lambda other: self.messages[other].filter(bool).map(lambda ms: ms[0].SerializeToString()))
+        if method == "CloseSession":  # another RPC's request naming the playground reads as closing it
+            others = others.filter(lambda b: self.playground.encode() not in b)
         return st.one_of(
             st.binary(max_size=256).map(lambda b: (b, "random")),
             st.tuples(encoded, st.floats(0, 1)).filter(lambda t: len(t[0]) > 1).map(
@@ -533,7 +542,7 @@ def strategies_of(state: Fuzzed) -> tuple[dict[str, st.SearchStrategy[list[pb.Me
     runs much faster on strategies it has seen)."""
     if state.strategies is None:
         structured = Strategies(state).messages()
-        raw = RawBytes(structured)
+        raw = RawBytes(structured, state.playground)
         state.strategies = (structured, {method: raw.call(method) for method in METHODS})
     return state.strategies
 

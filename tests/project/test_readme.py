@@ -67,6 +67,8 @@ def test_every_python_example_of_the_client_sections_runs_as_written(server, cap
         corpus / np.linalg.norm(corpus, axis=1, keepdims=True)
     ).T
     np.testing.assert_array_equal(namespace["indices"], np.argsort(-sims, axis=1, kind="stable")[:, :10])
+    above = np.flatnonzero(sims[0] >= 0.3)
+    np.testing.assert_array_equal(namespace["rows"], above[np.argsort(-sims[0, above], kind="stable")][:100])
 
 
 def test_the_client_error_table_names_every_exported_exception():

@@ -10,6 +10,8 @@ The hostile bytes are sent from this process, through grpc with cosserve's own s
 from __future__ import annotations
 
 import json
+import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -25,7 +27,7 @@ from cosserve.inference import grpc_service_pb2 as pb
 from cosserve.server.compute.registry import REGISTRY
 from cosserve.server.edge.app import RunningServer
 from tests import toolenv
-from tests.conftest import start_server
+from tests.conftest import start_server, start_server_with_metrics
 from tests.op_db import OP_DB
 
 TRITONCLIENT = ["tritonclient[grpc]==2.73.0"]
@@ -440,7 +442,7 @@ def test_metrics_request_ids_and_message_limits_cover_inference_calls() -> None:
     from cosserve import limits
     from cosserve.server.edge.observability import REQUEST_ID_KEY
 
-    running = start_server(metrics_port=_free_port())
+    running = start_server_with_metrics()
     try:
         with grpc.insecure_channel(running.address, options=[("grpc.max_send_message_length", -1)]) as channel:
             live = channel.unary_unary(SERVICE + "ServerLive", pb.ServerLiveRequest.SerializeToString, pb.ServerLiveResponse.FromString)
@@ -460,14 +462,6 @@ def test_metrics_request_ids_and_message_limits_cover_inference_calls() -> None:
     assert 'cosserve_rpcs_total{code="OK",method="ModelInfer"} 1.0' in text
     assert 'cosserve_op_seconds_count{device="cpu",op="Cos"} 1.0' in text
     assert f'cosserve_tensor_bytes_total{{direction="in",method="ModelInfer"}} {float(X.nbytes)}' in text
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---- hostile bytes ----------------------------------------------------------------------------
@@ -685,3 +679,21 @@ def test_fuzzed_infer_requests_get_precise_codes(server: RunningServer) -> None:
         one()
         reply = _infer_raw(channel, _cos_request(X))
     np.testing.assert_allclose(np.frombuffer(reply.raw_output_contents[0], np.float32), np.cos(X).reshape(-1), rtol=1e-6)
+
+
+README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_the_readme_says_perf_analyzer_works_only_once_model_config_is_served(server):
+    """perf_analyzer asks for ModelConfig first; the README said it worked while ModelConfig was
+    UNIMPLEMENTED (issue 21, item 9)."""
+    with grpc.insecure_channel(server.address) as channel:
+        try:
+            channel.unary_unary(SERVICE + "ModelConfig")(b"", timeout=10)  # an empty ModelConfigRequest
+            served = True
+        except grpc.RpcError as err:
+            served = err.code() != grpc.StatusCode.UNIMPLEMENTED  # NOT_FOUND for model '' is served
+    sentences = [s for s in re.split(r"(?<=\.)\s+", " ".join(README.read_text().split())) if "perf_analyzer" in s]
+    assert sentences, "the README no longer names perf_analyzer"
+    if not served:
+        assert all("does not work yet" in s and "UNIMPLEMENTED" in s for s in sentences), sentences

@@ -155,7 +155,7 @@ def test_a_session_this_replica_does_not_hold_is_not_found_saying_so_the_same_fo
         err = refusal(stub.ListBlobs, pb.ListBlobsRequest(session_id=session_id), metadata("alice", session_id))
         assert err.code() == grpc.StatusCode.NOT_FOUND
         answers.append(err.details().replace(session_id, "ID"))
-    assert answers[0] == answers[1] and "does not exist on this replica" in answers[0], answers
+    assert answers[0] == answers[1] and "does not exist on this server" in answers[0], answers
 
 
 def test_ids_restored_or_unrestorable_after_a_restart_are_taken(tmp_path: Path):

@@ -127,10 +127,11 @@ def test_sigterm_snapshot_then_restart_restores_every_session_bit_exact(state: P
         stop(proc, signal.SIGTERM)
 
 
-def _stamp(path: Path) -> tuple[int, int]:
-    """Which file `path` names now: its inode and its change time."""
-    st = path.stat()
-    return st.st_ino, st.st_ctime_ns
+def _stamp(path: Path) -> bytes:
+    """Which writing of a session file `path` holds: its bytes, which record when it was written
+    (`written_at`, and the idle time left), so two writings never hold the same. An inode number
+    is reused once freed, and a change time has the clock's coarse tick: both can repeat."""
+    return path.read_bytes()
 
 
 def test_periodic_snapshots_write_changed_sessions_only(state: Path) -> None:
@@ -147,8 +148,7 @@ def test_periodic_snapshots_write_changed_sessions_only(state: Path) -> None:
                 time.sleep(0.05)
             assert written.exists() and busy_file.exists(), "no periodic snapshot within 10 s"
             time.sleep(0.1)  # the pass that wrote them is over
-            # A rewrite is a new file renamed over the old one. Its inode number alone can repeat
-            # (the filesystem reuses the one freed by the rewrite before), so the change time too.
+            # A rewrite is a new file renamed over the old one, with a new `written_at` in it.
             first = _stamp(written)
             busy_first = _stamp(busy_file)
             for i in range(15):  # several periods, busy changing all the time

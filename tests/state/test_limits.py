@@ -163,3 +163,32 @@ def test_a_gradient_check_past_its_deadline_frees_its_worker_at_once():
             assert freed_after < 1.0, f"the worker was busy {freed_after:.2f} s after the deadline"
     finally:
         running.stop(0)
+
+
+def test_sizes_in_messages_are_readable_and_exact_where_rounded():
+    """'18253611008 bytes is more than the 17179869184 a session may hold' (issue 21, item 7)."""
+    from cosserve.limits import readable_bytes
+
+    assert [readable_bytes(n) for n in (0, 1, 1000, 2048, 1536, 16 * 2**30, 17 * 2**30 + 1, 6_400_000_000)] == [
+        "0 bytes", "1 byte", "1000 bytes", "2 KiB", "1.5 KiB (1536 bytes)", "16 GiB", "17.0 GiB (18253611009 bytes)",
+        "6.0 GiB (6400000000 bytes)",
+    ]  # fmt: skip
+    running = start_server(max_session_bytes=2**20, max_published_bytes=2**20)
+    try:
+        with Client(running.address) as c, c.session("cpu") as s:
+            refusals = []
+            for call in (
+                lambda: s.feed_blob("big", np.ones(3 * 2**19, np.uint8)),  # announced, refused before it is received
+                lambda: s.run_operator("CosineSimilarityMatrix", ["q", "q"], ["S"]),  # outputs refused before they exist
+            ):
+                s.feed_blob("q", np.ones((600, 4), np.float32))
+                with pytest.raises(CosserveRpcError) as err:
+                    call()
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                refusals.append(err.value.details())
+    finally:
+        running.stop(0)
+    for details in refusals:
+        assert "1 MiB" in details and "(--max-session-bytes)" in details and "1048576" not in details, details
+    assert "blob 'big': 1.5 MiB (1572864 bytes) is more than the 1 MiB a session may hold" in refusals[0], refusals[0]
+    assert "above its limit of 1 MiB (--max-session-bytes)" in refusals[1], refusals[1]

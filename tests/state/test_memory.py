@@ -108,7 +108,7 @@ def test_names_count_against_the_limit_and_are_bounded():
             with pytest.raises(CosserveRpcError) as err:
                 session.feed_blob("last" + "n" * 996, np.ones(1, np.float32))
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "above its limit of 1048576" in err.value.details()
+            assert "above its limit of 1 MiB" in err.value.details()
             assert len(session.blobs()) == fits + 1
     finally:
         running.stop(0)
@@ -194,7 +194,7 @@ def test_concurrent_streams_cannot_together_pass_the_limit():
                 with pytest.raises(grpc.RpcError) as err:
                     feed(_stream(session.id, "b", 700_000, 700_000, []), timeout=30)
                 assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert "above its limit of 1048576" in err.value.details()
+                assert "above its limit of 1 MiB" in err.value.details()
             finally:
                 first.cancel()
                 hold.set()
