@@ -80,11 +80,9 @@ def inverse_norms(x: torch.Tensor) -> torch.Tensor:
 
 
 def _plan(n: int, d: int, device: torch.device, ct: torch.dtype) -> tuple[int, int]:
-    """(query rows, corpus rows) of one tile, so the tile and a converted chunk stay bounded."""
-    block = CUDA_BLOCK_BYTES if device.type == "cuda" else CPU_BLOCK_BYTES
-    query_rows = max(1, min(n, QUERY_BLOCK_ROWS))
-    corpus_rows = min(block // (query_rows * ct.itemsize), CORPUS_CHUNK_BYTES // max(1, d * ct.itemsize))
-    return query_rows, max(1, corpus_rows)
+    """(query rows, corpus rows) of one tile, so the tile and a converted chunk stay bounded: the
+    blocks and chunks of a top-k pass, so that every score is the one top-k sees."""
+    return max(1, min(n, QUERY_BLOCK_ROWS)), _chunk_rows(d, device, ct)
 
 
 def _normalized(queries: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
@@ -125,24 +123,32 @@ def _shaped(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 def _tiles(
     queries: torch.Tensor, corpus: torch.Tensor, inv_norms: torch.Tensor, query_rows: int, corpus_rows: int
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """(query start, corpus start, tile of scores) for every tile, query blocks outermost.
+    """(query start, corpus start, tile of scores) for every tile, query blocks outermost. The
+    queries are normalized together and each block is padded to a tile height of a pass, as
+    top_k_pass does for one part, so a score here is bit for bit the one top-k reports.
 
     On the matmul path every tile is written into one buffer, overwritten by the next tile: a
     fresh block per tile would leave the allocator's freed blocks resident, growing the server's
-    memory for nothing. oneDNN's inner product returns a new tile each time (small: 2 MiB).
+    memory for nothing. oneDNN's inner product returns a new tile each time (small: 4 MiB).
     """
     ct = compute_dtype(corpus.dtype)
     m, d = corpus.shape
-    tiles = torch.empty(min(query_rows, queries.shape[0]) * min(corpus_rows, m), dtype=ct, device=corpus.device)
+    heights = _heights()
+    tiles = torch.empty(max(heights) * min(corpus_rows, m), dtype=ct, device=corpus.device)
     converted = None if corpus.dtype == ct else torch.empty(min(corpus_rows, m) * d, dtype=ct, device=corpus.device)
+    everything = _normalized(queries, ct)
     for qs in range(0, queries.shape[0], query_rows):
-        qn = _normalized(queries[qs : qs + query_rows], ct)
+        rows = min(query_rows, queries.shape[0] - qs)
+        height = next((h for h in heights if h >= rows), rows)
+        qn = everything[qs : qs + rows]
+        if height > rows:
+            qn = torch.cat([qn, torch.zeros((height - rows, d), dtype=ct, device=corpus.device)])
         for cs in range(0, m, corpus_rows):
             chunk = corpus[cs : cs + corpus_rows]
             if converted is not None:
                 chunk = _shaped(converted, chunk.shape[0], d).copy_(chunk)
             # S = (q / |q|) · c * (1 / |c|): the corpus is never copied normalized, only its norms are kept
-            tile = _gemm(qn, chunk, tiles)
+            tile = _gemm(qn, chunk, tiles)[:rows]
             tile.mul_(inv_norms[cs : cs + corpus_rows])
             yield qs, cs, tile
 

@@ -105,6 +105,20 @@ def test_a_rows_scores_do_not_depend_on_the_tile_it_shares(d):
             assert torch.equal(got, first), (h, place)
 
 
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("n", [1, 3, 300])
+def test_the_tiles_of_the_matrix_and_range_search_give_top_ks_scores(dtype_name, n):
+    """similarity._tiles (CosineSimilarityMatrix, range search) lays its queries as a pass does,
+    so the score of every pair is the one top-k reports, bit for bit."""
+    rng = np.random.default_rng(n)
+    dtype = TORCH_DTYPES[dtype_name]
+    corpus = torch.from_numpy(rng.standard_normal((5000, 33))).to(dtype)
+    q = torch.from_numpy(rng.standard_normal((n, 33))).to(dtype)
+    norms = similarity.inverse_norms(corpus)
+    scores, indices = similarity.top_k(q, corpus, 7, norms)
+    assert torch.equal(similarity.similarity_matrix(q, corpus, norms).gather(1, indices), scores)
+
+
 def test_where_rows_would_differ_each_part_is_scored_by_itself(monkeypatch):
     """MKL's float64 GEMM gives some rows other bits in another tile height: there, a pass scores
     each part alone, whole, and the result is still each part's own."""
