@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The GPU checks, in under 8 minutes on one CUDA device, each step bounded by `timeout`:
+# The GPU checks, in under 9 minutes on one CUDA device, each step bounded by `timeout`:
 #   1. the CUDA tests: every test parametrized over the "cuda" device or marked `cuda`
 #      (pytest -k cuda: -k matches parameter ids and marker names alike);
 #   2. the device's matmul peak: a large torch.matmul in float32 (TF32 off), TF32 and bfloat16,
 #      and one at W4's shape;
 #   3. the bench, W1-W4 on a cuda session (python -m bench --quick --device cuda), with W4's
-#      GEMM rate against the peak.
+#      GEMM rate against the peak;
+#   4. W5 (python -m bench.many --device cuda): 1, 8 and 64 clients of one query each against a
+#      shared corpus of 200,000 and 1,000,000 x 384, against in-process scoring of C per call;
+#   5. W4 by batch size (python -m bench.w4 --device cuda): 1, 16 and 256 queries per batch
+#      against 1,000,000 x 384, the service against in-process torch (and faiss-cpu if installed).
 # Writes a short Markdown report to $1 (default gpu-report.md) and to stdout.
 #
 #   bench/gpu.sh [REPORT.md]
@@ -24,15 +28,21 @@ report=$(realpath -m "${1:-gpu-report.md}")
 python=${PYTHON:-python}
 dry_run=${COSSERVE_GPU_SH_DRY_RUN:-0}
 cd "$repo" || exit 2
-deadline=$((SECONDS + 450))  # the steps end by then; the checks before them and the report fit in 8 minutes
+deadline=$((SECONDS + 510))  # the steps end by then; the checks before them and the report fit in 9 minutes
 work=$(mktemp -d "${TMPDIR:-/tmp}/cosserve-gpu.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
 if [[ $dry_run == 1 ]]; then
     device=cpu matmul_n=512 bench_size=--tiny
+    w5_size=(--corpus-rows 2000 --clients 1 2 --seconds 0.5)
+    w4_size=(--corpus-rows 2000 --batches 1 4 --seconds 0.5 --repeat 1)
 else
     device=cuda matmul_n=8192 bench_size=--quick
+    w5_size=(--corpus-rows 200000 1000000 --clients 1 8 64 --seconds 3)
+    w4_size=(--corpus-rows 1000000 --batches 1 16 256 --seconds 3 --repeat 1)
 fi
+faiss=--skip-faiss
+timeout 30 "$python" -c 'import faiss' 2>/dev/null && faiss=''  # faiss-cpu, if this machine has it
 
 # ---- 0. a CUDA device, and this checkout's cosserve -------------------------------------------
 if ! timeout 30 "$python" -c 'import torch' 2>/dev/null; then
@@ -96,9 +106,9 @@ step() {
     echo "gpu.sh: $name: exit ${rc[$name]} after ${seconds[$name]} s" >&2
 }
 
-# 150 + 60 + 210 s at most, and never past the deadline.
-step tests 150 "$python" -m pytest -q -k cuda -p no:cacheprovider -rfEs tests
-step peak 60 "$python" - "$device" "$matmul_n" "$work/peak.json" <<'EOF'
+# 140 + 40 + 150 + 90 + 90 s at most, and never past the deadline.
+step tests 140 "$python" -m pytest -q -k cuda -p no:cacheprovider -rfEs tests
+step peak 40 "$python" - "$device" "$matmul_n" "$work/peak.json" <<'EOF'
 """Matmul peak of the device: n x n x n in float32 (TF32 off), TF32, bfloat16; and W4's shape."""
 import json, sys, time
 import torch
@@ -138,7 +148,9 @@ json.dump({"device": name, "torch": torch.__version__, "cuda": torch.version.cud
 for p in peaks:
     print(f"{p['name']:>24} {p['shape']:>16}: {p['tflops']:8.2f} TFLOP/s")
 EOF
-step bench 210 "$python" -m bench "$bench_size" --device "$device" --json "$work/bench.json"
+step bench 150 "$python" -m bench "$bench_size" --device "$device" --json "$work/bench.json"
+step w5 90 "$python" -m bench.many "${w5_size[@]}" --device "$device" --json "$work/w5.json"
+step w4 90 "$python" -m bench.w4 "${w4_size[@]}" $faiss --device "$device" --json "$work/w4.json"
 
 # ---- the report ---------------------------------------------------------------------------------
 status=0
@@ -209,6 +221,14 @@ log = read("bench.log")
 table = log[log.find("| workload"):] if "| workload" in log else log[-3000:]
 print("```\n" + table.rstrip() + "\n```")
 print()
+for name, title in (("w5", "W5: many clients, one query each (`python -m bench.many`)"),
+                    ("w4", "W4 by batch size (`python -m bench.w4`)")):
+    print(f"## {title}")
+    print()
+    log = read(f"{name}.log")
+    table = log[log.find("\n|") + 1:] if "\n|" in log else log[-3000:]
+    print("```\n" + table.rstrip() + "\n```")
+    print()
 if bench and peak:
     fp32 = next(p["tflops"] for p in peak["peaks"] if p["name"].startswith("float32 (TF32"))
     tf32 = next(p["tflops"] for p in peak["peaks"] if p["name"] == "TF32")

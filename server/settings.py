@@ -318,6 +318,18 @@ class Settings:
     sync_log_max_bytes: int = _setting(
         1024**3, "with --durability sync, compact the change log into a snapshot past this size", _at_least(1), size=True
     )
+    score_pass_queries: int = _setting(
+        1024,
+        "queries one ScoreTopK pass over a corpus scores at most, from every stream waiting for that corpus "
+        "together; each waiting batch gets an equal share, the rest of a larger one goes in later passes",
+        _between(1, 65536),
+    )
+    score_max_queue_delay_s: float = _setting(
+        0.0,
+        "a ScoreTopK pass that is not full waits up to this long after its oldest batch arrived for more "
+        "(0: an idle scorer starts at once, and what arrives during a pass goes into the next)",
+        _seconds(60.0),
+    )
     metrics_port: int = _setting(0, "serve Prometheus metrics on this port at /metrics (0: off)", _PORT)
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR", _one_of("DEBUG", "INFO", "WARNING", "ERROR"))
     log_format: str = _setting("text", "text, or json: one JSON object per log line", _one_of("text", "json"))

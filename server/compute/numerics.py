@@ -62,7 +62,7 @@ def shape_of(t: torch.Tensor) -> tuple[int, ...]:
 
 # ---- shape checks ------------------------------------------------------------------------
 # Messages leave out the op's name: engine.check_inputs puts it in front (and the blob names
-# after), so it is written once; similarity.score_blob puts "ScoreTopK: " in front.
+# after), so it is written once; similarity.check_batch puts "ScoreTopK: " in front.
 
 
 def check_gradient_input(name: str, g: torch.Tensor, n: int, x: torch.Tensor) -> None:

@@ -227,7 +227,12 @@ async def _start(settings: Settings, loop: asyncio.AbstractEventLoop, thread: th
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     workers = Workers(settings.max_workers, settings.inline_op_bytes)
-    scorer = Scorer(limits.INLINE_BYTES)
+    scorer = Scorer(
+        limits.INLINE_BYTES,
+        settings.score_pass_queries,
+        settings.score_max_queue_delay_s,
+        metrics.observe_pass if metrics is not None else None,
+    )
     cosserve_servicer.add_to_server(CosserveServicer(store, settings, workers, scorer, metrics), server)
     # The Open Inference Protocol (KServe v2 / Triton) on the same port, behind the same interceptors.
     inference = inference_servicer.InferenceServicer(settings, workers, metrics)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -304,24 +305,33 @@ class CosserveServicer:
     # ---- scoring -------------------------------------------------------------------------
 
     async def ScoreTopK(self, requests: AsyncIterator[pb.TopKRequest], context: aio.ServicerContext) -> AsyncIterator[pb.TopKResponse]:
+        # Batches of every stream that wait for the same corpus at once are scored in one pass.
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
         # The ids each batch asked for (None: none), in the order the scorer answers the batches.
         wanted: collections.deque[tuple[Workspace, RowIds | None]] = collections.deque()
-        async for scores, indices in self.scorer.score(self._batches(requests, wanted)):
-            response = pb.TopKResponse()
-            codec.tensor_to_wire(scores, response.scores)
-            codec.tensor_to_wire(indices, response.indices)
-            workspace, ids = wanted.popleft()
-            if ids is not None:
-                rows = indices.reshape(-1).cpu().numpy()
-                room = range_search.MAX_REPLY_BYTES - len(response.scores.data) - len(response.indices.data)
-                with workspace.transaction() as held:  # the ids are charged while they are held
-                    held.expect((), ids.bytes_of(rows), "ScoreTopK's ids")
-                    codec.ids_to_wire(ids.take_within(rows, room, "ScoreTopK"), response.ids)
-            self._count("out", "ScoreTopK", len(response.scores.data) + len(response.indices.data) + _ids_bytes(response.ids))
-            yield response
+        try:
+            async for scores, indices in self.scorer.score(self._batches(requests, wanted, deadline)):
+                response = pb.TopKResponse()
+                codec.tensor_to_wire(scores, response.scores)
+                codec.tensor_to_wire(indices, response.indices)
+                workspace, ids = wanted.popleft()
+                if ids is not None:
+                    rows = indices.reshape(-1).cpu().numpy()
+                    room = range_search.MAX_REPLY_BYTES - len(response.scores.data) - len(response.indices.data)
+                    with workspace.transaction() as held:  # the ids are charged while they are held
+                        held.expect((), ids.bytes_of(rows), "ScoreTopK's ids")
+                        codec.ids_to_wire(ids.take_within(rows, room, "ScoreTopK"), response.ids)
+                self._count("out", "ScoreTopK", len(response.scores.data) + len(response.indices.data) + _ids_bytes(response.ids))
+                yield response
+        except Stopped:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "ScoreTopK: the deadline passed before the batch was scored")
 
     async def _batches(
-        self, requests: AsyncIterator[pb.TopKRequest], wanted: collections.deque[tuple[Workspace, RowIds | None]]
+        self,
+        requests: AsyncIterator[pb.TopKRequest],
+        wanted: collections.deque[tuple[Workspace, RowIds | None]],
+        deadline: float | None,
     ) -> AsyncIterator[Batch]:
         async for request in requests:
             workspace = self._session(request.session_id)
@@ -329,7 +339,7 @@ class CosserveServicer:
             queries = codec.tensor_from_wire("ScoreTopK queries", request.queries, _CPU)
             self._count("in", "ScoreTopK", len(request.queries.data))
             wanted.append((workspace, _ids(workspace, request.corpus, request.with_ids, "ScoreTopK")))
-            yield Batch(workspace, request.corpus, corpus, queries, request.k, _norms(workspace, request.corpus))
+            yield Batch(workspace, request.corpus, corpus, queries, request.k, _norms(workspace, request.corpus), deadline)
 
     async def ScoreRange(
         self, requests: AsyncIterator[pb.RangeRequest], context: aio.ServicerContext

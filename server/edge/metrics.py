@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -54,6 +54,18 @@ class Metrics:
             ["direction", "method"],
             registry=self.registry,
         )
+        self.pass_queries = prom.Histogram(
+            "cosserve_score_pass_queries",
+            "Queries scored by one ScoreTopK pass over a corpus, every waiting stream's together",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384),
+            registry=self.registry,
+        )
+        self.pass_wait = prom.Histogram(
+            "cosserve_score_pass_wait_seconds",
+            "Time a ScoreTopK batch (or the rest of one) waited in the queue for its pass",
+            buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
         registry = self.registry
         prom.ProcessCollector(registry=registry)
         prom.PlatformCollector(registry=registry)
@@ -73,6 +85,12 @@ class Metrics:
 
     def observe_op(self, op: str, device: str, seconds: float) -> None:
         self.op_seconds.labels(op, device).observe(seconds)
+
+    def observe_pass(self, queries: int, waits: Sequence[float]) -> None:
+        """One ScoreTopK pass (called on the scoring thread; the collectors are thread-safe)."""
+        self.pass_queries.observe(queries)
+        for seconds in waits:
+            self.pass_wait.observe(seconds)
 
     def count_bytes(self, direction: str, method: str, nbytes: int) -> None:
         self.tensor_bytes.labels(direction, method).inc(nbytes)

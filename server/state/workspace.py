@@ -200,6 +200,13 @@ class Workspace:
             self._reserved += charge
         return Reservation(self, name, charge)
 
+    def hold(self, nbytes: int, what: str) -> Reservation:
+        """Charge nbytes of working memory that is no blob (a ScoreTopK batch in flight: its
+        queries and results), or raise as a blob would be refused. Released on leaving a with
+        block or by `release`; never stored."""
+        self._reserve(nbytes, f"{what} ({nbytes} bytes)", "send smaller batches or raise the limit")
+        return Reservation(self, "", nbytes)
+
     def _reserve(self, delta: int, what: str, tail: str) -> None:
         """Grow (or shrink, delta < 0) the unnamed reservation of a transaction."""
         with self._lock:

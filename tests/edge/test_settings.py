@@ -58,6 +58,8 @@ BAD: dict[str, list[tuple[str, str]]] = {
     "max_published_bytes": [("-1", "must be a number of bytes")],
     "snapshot_interval_s": [("-1", "must be a number of seconds ≥ 0")],
     "sync_log_max_bytes": [("0", "must be at least 1")],
+    "score_pass_queries": [("0", "must be 1–65536"), ("65537", "must be 1–65536")],
+    "score_max_queue_delay_s": [("61", "must be a number of seconds ≥ 0, at most 60"), ("-1", "must be a number of seconds")],
     "metrics_port": [("65536", "must be 0–65535")],
     "log_level": [("LOUD", "must be one of DEBUG, INFO, WARNING, ERROR")],
     "log_format": [("xml", "must be one of text, json")],

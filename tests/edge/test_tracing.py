@@ -215,8 +215,9 @@ def test_work_that_takes_time_has_child_spans(receiver: Receiver, traced: str) -
     (journal,) = _children(receiver, _server_span(receiver, "FeedBlob", **by_session), "cosserve.journal.append")
     assert journal["attributes"]["cosserve.bytes"] > corpus.nbytes
     (score,) = _children(receiver, _server_span(receiver, "ScoreTopK", **by_session), "cosserve.score")
-    assert {k: score["attributes"][k] for k in ("cosserve.queries", "cosserve.k", "cosserve.corpus", "cosserve.corpus.rows")} == {
-        "cosserve.queries": 5, "cosserve.k": 3, "cosserve.corpus": "C", "cosserve.corpus.rows": 50,
+    keys = ("cosserve.queries", "cosserve.k", "cosserve.corpus", "cosserve.corpus.rows", "cosserve.callers")
+    assert {k: score["attributes"][k] for k in keys} == {
+        "cosserve.queries": 5, "cosserve.k": 3, "cosserve.corpus": "C", "cosserve.corpus.rows": 50, "cosserve.callers": 1,
     }  # fmt: skip
     (written,) = _children(receiver, _server_span(receiver, "SaveWorkspace", **by_session), "cosserve.snapshot.write")
     assert written["attributes"]["cosserve.blobs"] == 1 and written["attributes"]["cosserve.bytes"] > corpus.nbytes
