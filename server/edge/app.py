@@ -305,19 +305,8 @@ def serve(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT, then drain in-flight calls; 0 after SIGTERM, 130 after SIGINT
     (Ctrl-C), as the `cosserve` command exits after it."""
     running = build_server(settings)
-    log.info("cosserve listening on %s (default device %s)", running.address, settings.device)
-    memory, source = settings_mod.memory_limit()
-    total = readable_bytes(settings.max_total_bytes) if settings.max_total_bytes else "no limit"
-    log.info(
-        "sessions may hold %s in all (--max-total-bytes), %s each (--max-session-bytes); this process may use %s (%s)",
-        total, readable_bytes(settings.max_session_bytes), readable_bytes(memory), source,
-    )  # fmt: skip
-    if running.metrics_port:
-        log.info("metrics at http://%s:%d/metrics", settings.host, running.metrics_port)
-    if running.http_port is not None:
-        scheme = "https" if settings.tls_cert else "http"
-        host = f"[{settings.host}]" if ":" in settings.host else settings.host
-        log.info("Open Inference Protocol over HTTP/REST at %s://%s:%d/v2", scheme, host, running.http_port)
+    # The handlers go in before the address is announced: a SIGTERM sent as soon as a process
+    # manager reads it (a test, an orchestrator) drains the server instead of killing it mid-start.
     stop = threading.Event()
     received: list[int] = []
 
@@ -334,6 +323,19 @@ def serve(settings: Settings) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
+    log.info("cosserve listening on %s (default device %s)", running.address, settings.device)
+    memory, source = settings_mod.memory_limit()
+    total = readable_bytes(settings.max_total_bytes) if settings.max_total_bytes else "no limit"
+    log.info(
+        "sessions may hold %s in all (--max-total-bytes), %s each (--max-session-bytes); this process may use %s (%s)",
+        total, readable_bytes(settings.max_session_bytes), readable_bytes(memory), source,
+    )  # fmt: skip
+    if running.metrics_port:
+        log.info("metrics at http://%s:%d/metrics", settings.host, running.metrics_port)
+    if running.http_port is not None:
+        scheme = "https" if settings.tls_cert else "http"
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        log.info("Open Inference Protocol over HTTP/REST at %s://%s:%d/v2", scheme, host, running.http_port)
     try:
         while not stop.wait(1.0):
             pass
