@@ -18,7 +18,7 @@ import torch
 
 from cosserve import limits
 from cosserve.server.compute.numerics import check_query_corpus, compute_dtype
-from cosserve.server.compute.similarity import _plan, _tiles, check_dtypes, inverse_norms
+from cosserve.server.compute.similarity import check_dtypes, inverse_norms, score_tiles, tile_plan
 from cosserve.server.errors import InvalidArgument, ResourceExhausted
 from cosserve.server.memory import is_out_of_memory
 from cosserve.server.state.norm_cache import NormCache
@@ -87,7 +87,7 @@ def range_search(
     m = corpus.shape[0]
     ct = compute_dtype(corpus.dtype)
     norms = inverse_norms(corpus) if inv_norms is None else inv_norms
-    query_rows, corpus_rows = _plan(n, d, corpus.device, ct)
+    query_rows, corpus_rows = tile_plan(n, d, corpus.device, ct)
     cap = max_per_query if max_per_query > 0 else None
     threshold = torch.tensor(min_score, dtype=ct).item()  # rounded to the compute dtype, as compared
     counts = torch.zeros(n, dtype=torch.int64, device=corpus.device)
@@ -114,7 +114,7 @@ def range_search(
             rows, cols, vals = rows[keep], cols[keep], vals[keep]
         held, held_count = [(rows, cols, vals)], rows.shape[0]
 
-    for qs, cs, tile in _tiles(queries, corpus, norms, query_rows, corpus_rows):
+    for qs, cs, tile in score_tiles(queries, corpus, norms, query_rows, corpus_rows):
         block = tile.shape[0]
         rows, cols = (tile >= threshold).nonzero(as_tuple=True)
         found = rows.shape[0]

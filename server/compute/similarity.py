@@ -19,8 +19,10 @@ __all__ = [
     "check_dtypes",
     "inverse_norms",
     "normalized",
+    "score_tiles",
     "shares_passes",
     "similarity_matrix",
+    "tile_plan",
     "to_device",
     "top_k",
     "top_k_pass",
@@ -79,7 +81,7 @@ def inverse_norms(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _plan(n: int, d: int, device: torch.device, ct: torch.dtype) -> tuple[int, int]:
+def tile_plan(n: int, d: int, device: torch.device, ct: torch.dtype) -> tuple[int, int]:
     """(query rows, corpus rows) of one tile, so the tile and a converted chunk stay bounded: the
     blocks and chunks of a top-k pass, so that every score is the one top-k sees."""
     return max(1, min(n, QUERY_BLOCK_ROWS)), _chunk_rows(d, device, ct)
@@ -120,7 +122,7 @@ def _shaped(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return buffer.view(-1)[: rows * cols].view(rows, cols)
 
 
-def _tiles(
+def score_tiles(
     queries: torch.Tensor, corpus: torch.Tensor, inv_norms: torch.Tensor, query_rows: int, corpus_rows: int
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(query start, corpus start, tile of scores) for every tile, query blocks outermost. The
@@ -170,8 +172,8 @@ def similarity_matrix(
             f"CosineSimilarityMatrix: the ({n}, {m}) output does not fit in memory; CosineTopK keeps only "
             f"the best k per query ({err.__class__.__name__})"
         ) from None
-    query_rows, corpus_rows = _plan(n, d, corpus.device, ct)
-    for qs, cs, tile in _tiles(queries, corpus, norms, query_rows, corpus_rows):
+    query_rows, corpus_rows = tile_plan(n, d, corpus.device, ct)
+    for qs, cs, tile in score_tiles(queries, corpus, norms, query_rows, corpus_rows):
         out[qs : qs + tile.shape[0], cs : cs + tile.shape[1]] = tile
     return out
 

@@ -108,7 +108,7 @@ def test_a_rows_scores_do_not_depend_on_the_tile_it_shares(d):
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize("n", [1, 3, 300])
 def test_the_tiles_of_the_matrix_and_range_search_give_top_ks_scores(dtype_name, n):
-    """similarity._tiles (CosineSimilarityMatrix, range search) lays its queries as a pass does,
+    """similarity.score_tiles (CosineSimilarityMatrix, range search) lays its queries as a pass does,
     so the score of every pair is the one top-k reports, bit for bit."""
     rng = np.random.default_rng(n)
     dtype = TORCH_DTYPES[dtype_name]

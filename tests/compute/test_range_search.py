@@ -122,7 +122,7 @@ def test_the_core_compacts_hits_to_the_cap_and_charges_before_keeping():
     assert torch.equal(hits.indices.view(64, 5), indices) and torch.equal(hits.scores.view(64, 5), scores)
     # Every pair passes (4,480,000), but the hits held are cut to the cap after each tile: the
     # high-water mark is about one tile's hits (64 x 8192 here), charged before they were kept.
-    _, tile_rows = similarity._plan(64, 4, c.device, torch.float32)
+    _, tile_rows = similarity.tile_plan(64, 4, c.device, torch.float32)
     assert charges == sorted(charges) and len(charges) > 1
     assert max(charges) <= (64 * tile_rows + range_search._MIN_COMPACT) * range_search.HIT_BYTES < 64 * 70000 * range_search.HIT_BYTES
     with pytest.raises(Exception, match="raise min_score"):
