@@ -320,20 +320,38 @@ def _code_name(context: aio.ServicerContext, error: BaseException | None) -> str
     return code.name if isinstance(code, grpc.StatusCode) else "INTERNAL"
 
 
+class _WrappedHandlers:
+    """An interceptor's wrapped handler of each inner handler, made once: the inner interceptors
+    and the servicer hand out the same handler object for a method on every call, so the wrapping
+    (a few closures) is paid once per method. Keyed by identity, holding the handler too, so a
+    recycled id() never returns another handler's wrapper."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def get(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler | None:
+        entry = self._by_id.get(id(handler))
+        return entry[1] if entry is not None and entry[0] is handler else None
+
+    def keep(self, handler: grpc.RpcMethodHandler, wrapped: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        self._by_id[id(handler)] = (handler, wrapped)
+        return wrapped
+
+
 class MetricsInterceptor(aio.ServerInterceptor):
     """Reports every call's method, final status code and duration to `observe`."""
 
     def __init__(self, observe: Observer) -> None:
         self._observe = observe
-        self._wrapped: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped = _WrappedHandlers()
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         if handler is None:
             return None
-        entry = self._wrapped.get(id(handler))  # inner interceptors hand out cached handlers
-        if entry is not None and entry[0] is handler:
-            return entry[1]
+        cached = self._wrapped.get(handler)
+        if cached is not None:
+            return cached
         method = details.method
         observe = self._observe
 
@@ -341,8 +359,7 @@ class MetricsInterceptor(aio.ServerInterceptor):
             observe(method, _code_name(context, error), seconds)
 
         wrapped = rewrap(handler, _around(None, _reraise, done))
-        self._wrapped[id(handler)] = (handler, wrapped)
-        return wrapped
+        return self._wrapped.keep(handler, wrapped)
 
 
 # The call's `cosserve-session-id` metadata values (limits.SESSION_ID_METADATA), the key a load
@@ -357,7 +374,7 @@ class RequestIdInterceptor(aio.ServerInterceptor):
     It also records the call's routing metadata in SESSION_METADATA."""
 
     def __init__(self) -> None:
-        self._wrapped: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped = _WrappedHandlers()
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         # Set here, in the call's own task before its handler runs (as identity.CALLER is).
@@ -368,9 +385,9 @@ class RequestIdInterceptor(aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        entry = self._wrapped.get(id(handler))
-        if entry is not None and entry[0] is handler:
-            return entry[1]
+        cached = self._wrapped.get(handler)
+        if cached is not None:
+            return cached
         method = details.method
 
         async def returned(request: Any, context: aio.ServicerContext) -> None:
@@ -382,8 +399,7 @@ class RequestIdInterceptor(aio.ServerInterceptor):
                 log.debug("%s %s %.1f ms", method, _code_name(context, error), seconds * 1e3)
 
         wrapped = rewrap(handler, _around(returned, _reraise, done))
-        self._wrapped[id(handler)] = (handler, wrapped)
-        return wrapped
+        return self._wrapped.keep(handler, wrapped)
 
 
 # The codes OpenTelemetry's gRPC conventions count as a server's error; the others are the caller's.
@@ -398,15 +414,15 @@ class TracingInterceptor(aio.ServerInterceptor):
     and only while traces are on (tracing.enabled)."""
 
     def __init__(self) -> None:
-        self._wrapped: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped = _WrappedHandlers()
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         if handler is None:
             return None
-        entry = self._wrapped.get(id(handler))
-        if entry is not None and entry[0] is handler:
-            return entry[1]
+        cached = self._wrapped.get(handler)
+        if cached is not None:
+            return cached
         service, _, method = details.method.lstrip("/").rpartition("/")
 
         def wrap(behavior: Behavior, generator: bool) -> Behavior:
@@ -434,5 +450,4 @@ class TracingInterceptor(aio.ServerInterceptor):
             return traced
 
         wrapped = rewrap(handler, wrap)
-        self._wrapped[id(handler)] = (handler, wrapped)
-        return wrapped
+        return self._wrapped.keep(handler, wrapped)
