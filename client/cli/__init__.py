@@ -147,11 +147,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(default_job(sys.argv[1:] if argv is None else argv))
     try:
         return _run(ns)
+    except Exception as err:
+        if not _interrupted(err):
+            raise
     except KeyboardInterrupt:
-        # Ctrl-C: what the command opened was closed on the way here (a score's sessions and its
-        # embedded server); one line and the shell's status for SIGINT, not a traceback.
-        print(f"cosserve {ns.command}: interrupted", file=sys.stderr)
-        return INTERRUPTED
+        pass
+    # Ctrl-C: what the command opened was closed on the way here (a score's sessions and its
+    # embedded server); one line and the shell's status for SIGINT, not a traceback.
+    print(f"cosserve {ns.command}: interrupted", file=sys.stderr)
+    return INTERRUPTED
+
+
+def _interrupted(err: BaseException) -> bool:
+    """Whether `err` was raised while a KeyboardInterrupt unwound: Ctrl-C landing inside grpc's
+    wait on a stream leaves its lock released, and its `with` then raises RuntimeError in the
+    interrupt's place."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__context__
+    return False
 
 
 def _run(ns: argparse.Namespace) -> int:

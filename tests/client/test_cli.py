@@ -313,3 +313,27 @@ def test_health_refuses_a_url_naming_host_port():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip() == "cosserve health: 'http://127.0.0.1:50051' is a URL; the server address is host:port, here '127.0.0.1:50051'"
+
+
+def test_an_interrupt_that_surfaces_as_another_error_still_exits_130(monkeypatch, capsys):
+    """Ctrl-C landing inside grpc's wait on a stream broke its lock, and the job ended with
+    `RuntimeError: cannot release un-acquired lock` raised while the KeyboardInterrupt unwound: a
+    traceback and exit 1 (a clean-clone CI run of test_jobs' Ctrl-C test)."""
+    from cosserve import cli
+
+    def interrupted_then_broken(ns):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("cannot release un-acquired lock")  # noqa: B904  (as grpc's `with` exit does)
+
+    monkeypatch.setattr(cli, "_run", interrupted_then_broken)
+    assert cli.main(["health"]) == 130
+    assert capsys.readouterr().err.strip() == "cosserve health: interrupted"
+
+    def plainly_broken(ns):
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(cli, "_run", plainly_broken)
+    with pytest.raises(RuntimeError, match="a bug of ours"):
+        cli.main(["health"])
